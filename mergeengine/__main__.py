@@ -1,0 +1,5 @@
+"""``python -m mergeengine`` entry point."""
+
+from mergeengine.cli import main
+
+raise SystemExit(main())

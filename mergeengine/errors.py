@@ -1,0 +1,70 @@
+"""One exception hierarchy. Each error carries its context (step, tensor, file) and renders as one line."""
+
+from __future__ import annotations
+
+
+class MergeEngineError(Exception):
+    """Base class of every error mergeengine raises on purpose.
+
+    Args:
+        message: what went wrong and, where possible, how to fix it.
+        step: id of the recipe step concerned.
+        tensor: name of the tensor concerned.
+        file: path of the file concerned.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        tensor: str | None = None,
+        file: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+        self.tensor = tensor
+        self.file = file
+
+    def __str__(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(f"{self.file}")
+        if self.step:
+            parts.append(f"step '{self.step}'")
+        if self.tensor:
+            parts.append(f"tensor '{self.tensor}'")
+        prefix = ": ".join(parts)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class RecipeError(MergeEngineError):
+    """The recipe is invalid. ``problems`` holds one formatted line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems in recipe")
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+class ModelError(MergeEngineError):
+    """A model cannot be found, read or resolved."""
+
+
+class ShapeError(MergeEngineError):
+    """Tensors that must line up do not (names, shapes, vocabularies)."""
+
+
+class NonFiniteError(MergeEngineError):
+    """A result contains NaN or Inf."""
+
+
+class OutputError(MergeEngineError):
+    """The output cannot be written (exists, disk full, permission denied)."""
+
+
+class ExecutionError(MergeEngineError):
+    """An op failed while computing a tensor."""

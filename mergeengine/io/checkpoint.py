@@ -1,0 +1,108 @@
+"""The reader interface every input format implements (safetensors folders, single files, GGUF).
+
+A checkpoint is opened from headers only: names, shapes and dtypes are known without reading data,
+so the whole plan (and its memory estimate) can be built before any weight is touched. Data is
+read one tensor at a time with :meth:`Checkpoint.read`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPE_BYTES: dict[torch.dtype, int] = {
+    torch.float64: 8,
+    torch.float32: 4,
+    torch.float16: 2,
+    torch.bfloat16: 2,
+    torch.int64: 8,
+    torch.int32: 4,
+    torch.int16: 2,
+    torch.int8: 1,
+    torch.uint8: 1,
+    torch.bool: 1,
+}
+
+# safetensors dtype strings <-> torch dtypes
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the headers say about one tensor.
+
+    Attributes:
+        shape: the tensor's shape.
+        dtype: the dtype :meth:`Checkpoint.read` returns.
+        file: the file holding it (for messages and provenance).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str = ""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor as :meth:`Checkpoint.read` returns it."""
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+class Checkpoint(ABC):
+    """A model on disk, opened lazily.
+
+    Implementations: :class:`mergeengine.io.safetensors_reader.SafetensorsCheckpoint`,
+    :class:`mergeengine.io.gguf_reader.GGUFCheckpoint`.
+    """
+
+    #: where the model came from (a folder, a file); used in messages.
+    source: str
+
+    @abstractmethod
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names -> header information, in the checkpoint's natural order. Reads no tensor data."""
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (CPU), in the dtype given by :meth:`tensors`."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any] | None:
+        """The model's Hugging Face ``config.json`` as a dict, or None when there is none."""
+
+    @abstractmethod
+    def weight_files(self) -> list[Path]:
+        """The files tensor data is read from (hashed for provenance)."""
+
+    @abstractmethod
+    def write_support_files(self, dest: Path) -> list[str]:
+        """Write tokenizer and generation files (not config.json, not weights) into ``dest``.
+
+        Returns the names of the files written. Folders copy what they have; GGUF files build
+        them from metadata.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open file handles."""
