@@ -1,21 +1,360 @@
-"""Exact order statistics of magnitudes, fast on large tensors."""
+"""Exact order statistics of magnitudes, fast on large tensors.
+
+Every function here ranks entries by the IEEE-754 bit pattern of ``|x|`` read as a non-negative
+int32. For non-negative floats that order is the numeric order, so the results are exact (never
+approximate) and agree with ``torch.sort(x.abs())``; it also fixes the corner cases once:
+
+* ``-0.0`` and ``+0.0`` have the same magnitude (both are bit pattern 0) and tie;
+* subnormals rank between 0 and the smallest normal number, as they should;
+* NaN ranks above ``+inf`` (as in ``torch.sort``). Deltas with NaN are an error upstream; this
+  module only guarantees that they do not make selection crash or go out of range.
+
+Large tensors (more than :data:`HISTOGRAM_MIN_NUMEL` entries) use a two-pass radix select instead
+of a sort: pass 1 histograms the high 16 bits of every bit pattern (65536 bins), a cumulative sum
+finds the bin that holds the wanted rank, pass 2 histograms the low 16 bits of the few entries in
+that bin. Both passes are linear and need no comparison sort; on a 5632x2048 float32 tensor with
+one thread this is several times faster than ``torch.kthvalue`` and ~25x faster than the
+``argsort`` mergekit uses (``benchmarks/kernels_selection.py`` prints the figures). The same two
+histograms, summed over tensors, give a model-wide quantile: see :mod:`mergeengine.kernels.quantile`.
+
+Rounding of "a fraction of the entries" to a count is done in one place, :func:`keep_count`.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+#: Tensors with at most this many entries are ranked with ``torch.kthvalue`` on the bit patterns:
+#: below this size the 65536-bin histograms cost more than they save. Results are identical.
+HISTOGRAM_MIN_NUMEL = 1 << 16
+
+#: Number of bins of each histogram (16 bits of the float32 bit pattern).
+HISTOGRAM_BINS = 1 << 16
+
+# Entries per chunk for chunked elementwise passes on CPU: 256 KiB of float32, cache-resident.
+_CHUNK_NUMEL = 1 << 16
+_ABS_MASK = 0x7FFFFFFF  # clears the sign bit: the bit pattern of |x|
+# Position of the high 16-bit half of each float32 when viewed as int16 pairs.
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+
+
+def keep_count(numel: int, fraction: float) -> int:
+    """How many of ``numel`` entries a keep fraction means: ``floor(fraction * numel + 0.5)``.
+
+    Round half up, not ``int()``: ``int(0.3 * 10)`` is 2 because ``0.3 * 10`` is
+    2.9999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
+    within ``0.5 / numel`` of the requested one.
+
+    Args:
+        numel: number of entries, >= 0.
+        fraction: keep fraction in [0, 1].
+
+    Returns:
+        An int in ``[0, numel]``.
+
+    Raises:
+        ValueError: when ``fraction`` is not a finite number in [0, 1] or ``numel`` < 0.
+    """
+    check_fraction(fraction, "density")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return min(numel, math.floor(fraction * numel + 0.5))
+
+
+def check_fraction(value: float, name: str) -> float:
+    """Validate a fraction parameter (density, gamma).
+
+    Args:
+        value: the value to check.
+        name: parameter name used in the error message.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        ValueError: when ``value`` is not a finite real number in [0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of ``|x|`` as a flat int32 tensor (monotone in the magnitude).
+
+    Args:
+        x: any float tensor; non-float32 inputs are converted to float32 first.
+
+    Returns:
+        A new 1-D int32 tensor of ``x.numel()`` non-negative values on ``x``'s device.
+    """
+    return _flat_float32(x).view(torch.int32) & _ABS_MASK
+
+
+def abs_high_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts of the high 16 bits of the bit patterns of ``|x|``: pass 1 of the radix select.
+
+    Bin ``b`` counts the entries whose magnitude lies in
+    ``[bits_to_float(b << 16), bits_to_float((b + 1) << 16))``. The sign bit of ``|x|`` is 0, so
+    bins 32768 and above are always empty; 65536 bins keep the layout "one bin per 16-bit
+    pattern". Histograms of different tensors add up to the histogram of their concatenation.
+
+    Args:
+        x: any float tensor.
+
+    Returns:
+        An int64 tensor of :data:`HISTOGRAM_BINS` counts on ``x``'s device.
+    """
+    return torch.bincount(_high_keys(_flat_float32(x)), minlength=HISTOGRAM_BINS)
+
+
+def abs_low_histogram(x: torch.Tensor, high_bin: int) -> torch.Tensor:
+    """Counts of the low 16 bits of ``|x|``'s bit patterns, over entries in ``high_bin`` only.
+
+    Pass 2 of the radix select. Bin ``j`` counts the entries whose magnitude has bit pattern
+    exactly ``(high_bin << 16) | j``, so this histogram resolves ties exactly.
+
+    Args:
+        x: any float tensor.
+        high_bin: a bin of :func:`abs_high_histogram`, in ``[0, 65535]``.
+
+    Returns:
+        An int64 tensor of :data:`HISTOGRAM_BINS` counts on ``x``'s device.
+    """
+    flat = _flat_float32(x)
+    candidates = flat.view(torch.int32)[_high_keys(flat) == high_bin]
+    return torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS)
+
+
+def locate_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int, int]:
+    """Find the bin that holds the entry of a given 1-based rank (counting from the smallest).
+
+    Args:
+        histogram: 1-D integer counts, bins in increasing order of value.
+        rank: 1-based rank, ``1 <= rank <= histogram.sum()``.
+
+    Returns:
+        ``(bin, count_below, count_in_bin)``: the bin index, the number of entries in lower bins,
+        and the number of entries in that bin. The rank within the bin is ``rank - count_below``.
+
+    Raises:
+        ValueError: when ``rank`` is out of range.
+    """
+    cumulative = histogram.detach().to("cpu", torch.int64).cumsum(0)
+    total = int(cumulative[-1]) if cumulative.numel() else 0
+    if not 1 <= rank <= total:
+        raise ValueError(f"rank {rank} out of range for {total} counted entries")
+    # First bin whose cumulative count reaches the rank.
+    bin_index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=torch.int64))[0])
+    count_below = int(cumulative[bin_index - 1]) if bin_index > 0 else 0
+    return bin_index, count_below, int(cumulative[bin_index]) - count_below
+
+
+def bits_to_float(bits: int) -> float:
+    """The float32 value with a given bit pattern (as a Python float, exact).
+
+    Args:
+        bits: a 32-bit pattern, ``0 <= bits < 2**32``.
+
+    Returns:
+        The float32 value, widened exactly to a Python float.
+    """
+    signed = bits - (1 << 32) if bits >= (1 << 31) else bits
+    return float(torch.tensor(signed, dtype=torch.int32).view(torch.float32))
+
+
+@dataclass(frozen=True)
+class RankSelection:
+    """Where an order statistic of ``|x|`` sits among the entries of ``x``.
+
+    Attributes:
+        bits: bit pattern of the selected magnitude (non-negative int32 value).
+        count_less: entries whose magnitude is strictly smaller.
+        count_equal: entries whose magnitude is equal (including the selected one).
+    """
+
+    bits: int
+    count_less: int
+    count_equal: int
+
+    @property
+    def value(self) -> float:
+        """The selected magnitude as a Python float (exact)."""
+        return bits_to_float(self.bits)
+
+
+def select_abs_rank(x: torch.Tensor, k: int) -> RankSelection:
+    """The k-th smallest magnitude of ``x`` (1-based) with its tie counts, exactly.
+
+    Args:
+        x: any float tensor.
+        k: rank from the smallest, ``1 <= k <= x.numel()``.
+
+    Returns:
+        A :class:`RankSelection`.
+
+    Raises:
+        ValueError: when ``k`` is out of range.
+    """
+    flat = _flat_float32(x)
+    numel = flat.numel()
+    if isinstance(k, bool) or not 1 <= k <= numel:
+        raise ValueError(f"k={k} out of range for {numel} elements")
+    if numel <= HISTOGRAM_MIN_NUMEL:
+        bits = flat.view(torch.int32) & _ABS_MASK
+        selected = int(torch.kthvalue(bits, k).values)
+        return RankSelection(
+            bits=selected,
+            count_less=int((bits < selected).sum()),
+            count_equal=int((bits == selected).sum()),
+        )
+    keys = _high_keys(flat)
+    high_bin, below_high, _ = locate_rank(torch.bincount(keys, minlength=HISTOGRAM_BINS), k)
+    candidates = flat.view(torch.int32)[keys == high_bin]
+    low_histogram = torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS)
+    low_bin, below_low, equal = locate_rank(low_histogram, k - below_high)
+    return RankSelection(
+        bits=(high_bin << 16) | low_bin, count_less=below_high + below_low, count_equal=equal
+    )
 
 
 def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value of ``|x|`` (1-based), exactly.
+
+    Same value as ``torch.kthvalue(x.abs().flatten().float(), k).values``; ``-0.0`` counts as 0.
 
     Args:
         x: any float tensor.
         k: rank, 1 <= k <= x.numel().
 
     Returns:
-        A 0-d float32 tensor.
+        A 0-d float32 tensor on ``x``'s device.
+
+    Raises:
+        ValueError: when ``k`` is out of range.
+
+    Example:
+        >>> kth_smallest_abs(torch.tensor([-3.0, 1.0, 2.0]), 2)
+        tensor(2.)
     """
-    flat = x.detach().reshape(-1).abs().float()
-    if not 1 <= k <= flat.numel():
-        raise ValueError(f"k={k} out of range for {flat.numel()} elements")
-    return torch.kthvalue(flat, k).values
+    selected = select_abs_rank(x, k)
+    return torch.tensor(selected.bits, dtype=torch.int32, device=x.device).view(torch.float32)
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of ``|x|`` (1-based), exactly: ``kth_smallest_abs(x, numel - k + 1)``.
+
+    Args:
+        x: any float tensor.
+        k: rank from the largest, 1 <= k <= x.numel().
+
+    Returns:
+        A 0-d float32 tensor on ``x``'s device.
+
+    Raises:
+        ValueError: when ``k`` is out of range.
+    """
+    numel = x.numel()
+    if isinstance(k, bool) or not 1 <= k <= numel:
+        raise ValueError(f"k={k} out of range for {numel} elements")
+    return kth_smallest_abs(x, numel - k + 1)
+
+
+def topk_abs_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the ``k`` entries of largest magnitude.
+
+    Tie rule: entries are ranked by magnitude, descending, and among equal magnitudes by flat
+    (row-major) index, ascending; the first ``k`` in that total order are kept. So exactly ``k``
+    entries are True even when many magnitudes tie at the threshold (zeros, bf16-quantised
+    deltas), the result is deterministic, and masks for ``k1 < k2`` are nested.
+
+    Args:
+        x: any float tensor.
+        k: number of entries to keep, ``0 <= k <= x.numel()``.
+
+    Returns:
+        A bool tensor of ``x``'s shape, on ``x``'s device, with exactly ``k`` True entries.
+
+    Raises:
+        ValueError: when ``k`` is out of range.
+
+    Example:
+        >>> topk_abs_mask(torch.tensor([1.0, -3.0, 3.0, 0.5]), 2)
+        tensor([False,  True,  True, False])
+        >>> topk_abs_mask(torch.tensor([2.0, 1.0, -2.0, 2.0]), 2)  # tie at 2: lowest indices win
+        tensor([ True, False,  True, False])
+    """
+    numel = x.numel()
+    if isinstance(k, bool) or not 0 <= k <= numel:
+        raise ValueError(f"k={k} out of range for {numel} elements")
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if k == numel:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    flat = _flat_float32(x)
+    selected = select_abs_rank(flat, numel - k + 1)  # the k-th largest
+    count_greater = numel - selected.count_less - selected.count_equal
+    needed_ties = k - count_greater  # 1 <= needed_ties <= count_equal
+    if needed_ties == selected.count_equal:
+        return _compare_magnitude_bits(flat, selected.bits, torch.ge).view(x.shape)
+    mask = _compare_magnitude_bits(flat, selected.bits, torch.gt)
+    # Ties at the threshold: keep the first ones in flat order, stopping once enough are found.
+    step = _chunk_numel(flat)
+    bits_chunk = torch.empty(min(numel, step), dtype=torch.int32, device=flat.device)
+    for start in range(0, numel, step):
+        end = min(start + step, numel)
+        chunk = bits_chunk[: end - start]
+        torch.bitwise_and(flat.view(torch.int32)[start:end], _ABS_MASK, out=chunk)
+        tie_index = torch.nonzero(chunk == selected.bits).view(-1)[:needed_ties]
+        mask[start:end][tie_index] = True
+        needed_ties -= tie_index.numel()
+        if needed_ties == 0:
+            break
+    return mask.view(x.shape)
+
+
+def _compare_magnitude_bits(
+    flat: torch.Tensor, bits: int, compare: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``compare(bit pattern of |flat|, bits)`` as a new bool tensor, computed chunk by chunk.
+
+    Chunks small enough to stay in cache, written into one preallocated output, run ~2-3x faster
+    than the same two ops on the whole tensor (no large temporaries to fault in).
+    """
+    numel = flat.numel()
+    out = torch.empty(numel, dtype=torch.bool, device=flat.device)
+    step = _chunk_numel(flat)
+    bits_chunk = torch.empty(min(numel, step), dtype=torch.int32, device=flat.device)
+    for start in range(0, numel, step):
+        end = min(start + step, numel)
+        chunk = bits_chunk[: end - start]
+        torch.bitwise_and(flat.view(torch.int32)[start:end], _ABS_MASK, out=chunk)
+        compare(chunk, bits, out=out[start:end])
+    return out
+
+
+def _chunk_numel(flat: torch.Tensor) -> int:
+    """Chunk length for chunked passes: cache-sized on CPU, one chunk on accelerators."""
+    return _CHUNK_NUMEL if flat.device.type == "cpu" else max(1, flat.numel())
+
+
+def _flat_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous 1-D float32 tensor (a view when it already is one)."""
+    return x.detach().to(torch.float32).contiguous().view(-1)
+
+
+def _high_keys(flat: torch.Tensor) -> torch.Tensor:
+    """High 16 bits of the bit patterns of ``|flat|``, as int16 values in [0, 32767].
+
+    Reading the high halves through an int16 view and clearing the sign bit does one strided copy
+    and one in-place op at half the width, instead of abs, shift and a 4-byte key array.
+    """
+    keys = flat.view(torch.int16)[_HIGH_HALF::2].clone(memory_format=torch.contiguous_format)
+    return keys.bitwise_and_(0x7FFF)

@@ -1,0 +1,115 @@
+"""Command line: ``mergeengine run | validate | plan``. Errors become one line and exit code 1.
+
+A traceback is shown only with ``-vv`` or ``MERGEENGINE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from mergeengine import __version__
+from mergeengine.errors import MergeEngineError, RecipeError
+
+LOG = logging.getLogger("mergeengine")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergeengine", description="Merge fine-tuned LLMs from YAML recipes.")
+    p.add_argument("--version", action="version", version=f"mergeengine {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug and tracebacks")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars, errors only")
+
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="output folder (overrides the save step's path)")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    r.add_argument("--dry-run", action="store_true", help="show the plan and estimates; read no tensor data")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    r.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in results")
+    common(r)
+
+    v = sub.add_parser("validate", help="check a recipe without reading weights")
+    v.add_argument("recipe")
+    common(v)
+
+    pl = sub.add_parser("plan", help="show the step DAG, tensor counts, I/O and peak-memory estimate")
+    pl.add_argument("recipe")
+    pl.add_argument("--out", help="output folder (as for run)")
+    pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
+    common(pl)
+    return p
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mergeengine`` console script. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    debug = args.verbose >= 2 or os.environ.get("MERGEENGINE_DEBUG") == "1"
+    try:
+        return _dispatch(args)
+    except RecipeError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    except MergeEngineError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output was left behind", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless debugging
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with -vv for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from mergeengine import api
+
+    if args.command == "validate":
+        steps = api.validate(args.recipe)
+        if not args.quiet:
+            print(f"{args.recipe}: ok ({len(steps.ops)} steps)")
+        return 0
+    if args.command == "plan" or (args.command == "run" and args.dry_run):
+        from mergeengine.graph.report import plan_dot, plan_json, plan_text
+
+        plan = api.plan_recipe(args.recipe, out=args.out)
+        fmt = getattr(args, "format", "text")
+        print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
+        return 0
+    result = api.run_recipe(
+        args.recipe,
+        out=args.out,
+        device=args.device,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(api.summary_line(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

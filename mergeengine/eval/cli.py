@@ -1,0 +1,72 @@
+"""``mergeengine eval MODEL --tasks TASKS.yaml``: evaluate a model folder and print a table.
+
+Two ways in: :func:`main_eval` parses its own ``argv`` (standalone), while
+:func:`add_eval_arguments` + :func:`run_eval_command` plug into the main CLI's subparsers, which
+then maps :class:`mergeengine.errors.MergeEngineError` to a one-line message and exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mergeengine.errors import MergeEngineError
+from mergeengine.eval.evaluate import evaluate, format_table, to_json
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` arguments to ``parser`` (an ``argparse`` subcommand parser)."""
+    parser.add_argument("model", help="model folder (config.json, safetensors, tokenizer files)")
+    parser.add_argument("--tasks", required=True, help="task file (YAML)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype to run in (default: float32 on CPU, the checkpoint's elsewhere)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many records per task")
+    parser.add_argument("--no-samples", action="store_true", help="leave per-record details out of --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """Run ``eval`` from parsed arguments: print the table, write ``--out``; returns 0.
+
+    Raises:
+        MergeEngineError: anything the user can fix (missing transformers, bad task file, model).
+    """
+    result = evaluate(
+        args.model,
+        None,
+        args.tasks,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    print(format_table(result))
+    if args.out:
+        to_json(result, args.out, samples=not args.no_samples)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: parse ``argv``, run, print errors as one line.
+
+    Returns:
+        0 on success, 1 on a :class:`MergeEngineError` (message on stderr), 2 on bad arguments.
+    """
+    parser = argparse.ArgumentParser(prog="mergeengine eval", description=__doc__.splitlines()[0])
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_eval_command(args)
+    except MergeEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

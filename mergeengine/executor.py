@@ -1,0 +1,156 @@
+"""Runs a plan: one task at a time in schedule order, freeing every value after its last use.
+
+The executor accounts the bytes of live tensors (the values held between tasks) and reports the
+peak; with the same rules, :func:`mergeengine.graph.plan.simulate` predicts it exactly from the
+headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from mergeengine.errors import ExecutionError, MergeEngineError, NonFiniteError
+from mergeengine.graph.plan import Plan, TaskKey, uses
+from mergeengine.ops.base import TaskContext
+from mergeengine.ops.load import LoadOp
+from mergeengine.ops.save import SaveOp
+
+LOG = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where a save step's tensors go: a :class:`~mergeengine.io.writer.ShardedWriter` or a dict."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class DictSink:
+    """Collects a save step's tensors in memory (used to build candidates without touching disk)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+
+@dataclass
+class RunStats:
+    """What a run did."""
+
+    tensors_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_live_bytes: int = 0
+    wall_seconds: float = 0.0
+    tasks: int = 0
+    statistics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def execute(
+    plan: Plan,
+    sinks: dict[str, Sink],
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: Callable[[TaskKey, int, int], None] | None = None,
+) -> RunStats:
+    """Execute every task of ``plan`` in order.
+
+    Args:
+        plan: from :func:`mergeengine.graph.plan.build_plan`.
+        sinks: save step id -> where its tensors go.
+        device: where the math runs; tensors are moved per task, never the whole model.
+        seed: the recipe seed (per-tensor generators derive from it).
+        allow_nonfinite: accept NaN/Inf in saved tensors.
+        progress: called after each task with (task, bytes read by it, bytes written by it).
+
+    Returns:
+        Counts, bytes and the peak of live tensor bytes.
+
+    Raises:
+        MergeEngineError: with the step and tensor that failed.
+    """
+    dev = torch.device(device)
+    stats = RunStats()
+    start = time.perf_counter()
+    remaining = uses(plan)
+    values: dict[TaskKey, Any] = {}
+    step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
+    accs: dict[tuple[str, str], Any] = {}
+    live = 0
+    ops = plan.ops
+    for key in plan.order:
+        op = ops[key.step]
+        read = written = 0
+        try:
+            if key.kind == "reduce":
+                name = key.tensor[1:]
+                red = plan.reductions[(key.step, name)]
+                acc = accs.pop((key.step, name), None)
+                step_stats[key.step][name] = red.finish(red.initial() if acc is None else acc, step_stats[key.step])
+            else:
+                inputs = [values[s] for s in plan.sources[key]]
+                if key.kind == "map":
+                    rname = key.pass_.split("/", 1)[1]
+                    red = plan.reductions[(key.step, rname)]
+                    partial = red.map(key.tensor, inputs, step_stats[key.step])
+                    acc = accs.get((key.step, rname))
+                    accs[(key.step, rname)] = red.fold_partial(red.initial() if acc is None else acc, key.tensor, partial)
+                else:
+                    ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
+                    out = op.compute(inputs, ctx)
+                    size = out.nbytes if isinstance(out, torch.Tensor) else 0
+                    live += size
+                    stats.peak_live_bytes = max(stats.peak_live_bytes, live)
+                    if isinstance(op, LoadOp):
+                        read = size
+                        stats.bytes_read += size
+                    if isinstance(op, SaveOp):
+                        if not allow_nonfinite and out.dtype.is_floating_point:
+                            _check_finite(out, op.step.input, key.tensor)
+                        sinks[key.step].write(key.tensor, out)
+                        written = size
+                        stats.bytes_written += size
+                        stats.tensors_written += 1
+                    if remaining[key] > 0:
+                        values[key] = out
+                    else:
+                        live -= size
+                for s in plan.sources[key]:
+                    remaining[s] -= 1
+                    if remaining[s] == 0:
+                        v = values.pop(s)
+                        live -= v.nbytes if isinstance(v, torch.Tensor) else 0
+        except MergeEngineError as exc:
+            exc.step = exc.step or key.step
+            exc.tensor = exc.tensor or (key.tensor if key.kind != "reduce" else None)
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise ExecutionError("out of GPU memory; run with --device cpu", step=key.step, tensor=key.tensor) from None
+        except Exception as exc:  # an op bug or a torch error: keep the context, one line
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step=key.step, tensor=key.tensor) from exc
+        stats.tasks += 1
+        if progress is not None:
+            progress(key, read, written)
+    stats.wall_seconds = time.perf_counter() - start
+    stats.statistics = step_stats
+    return stats
+
+
+def _check_finite(t: torch.Tensor, step: str, name: str) -> None:
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise NonFiniteError(
+            f"result has {bad} NaN/Inf value(s) of {t.numel()}; check the inputs (NaN/Inf weights?) "
+            "or pass --allow-nonfinite",
+            step=step,
+            tensor=name,
+        )

@@ -1,0 +1,1 @@
+"""Step DAG (one node per recipe step), tensor-level plan, and schedule."""

@@ -1,0 +1,310 @@
+"""The tensor-level plan: per-tensor tasks, their schedule, and an exact memory/I-O estimate.
+
+Every step is expanded into one task per tensor name. A task is identified by
+``(step, tensor, pass)``: the main pass has ``pass == ""``; a step with a whole-model statistic
+(:class:`~mergeengine.ops.base.Reduction`) gets a *statistics pass* named ``"<step>/<reduction>"``
+in which its inputs are recomputed tensor by tensor, mapped to small partial results, and folded
+into one reduce node. Recomputing (rather than keeping every delta until the statistic is known)
+is what keeps memory at a few tensors. See docs/architecture.md for a worked example.
+
+The schedule is networkx's lexicographic topological sort keyed by
+``(phase, tensor rank, step rank)``: a statistics pass runs before everything that needs its
+result, and within a pass each tensor's chain (load -> diff -> ... -> save) finishes before the
+next tensor is loaded. Values are freed after their last consumer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import networkx as nx
+import torch
+
+from mergeengine.errors import MergeEngineError, RecipeError
+from mergeengine.graph.steps import StepGraph
+from mergeengine.io.checkpoint import Checkpoint
+from mergeengine.io.resolve import open_checkpoint
+from mergeengine.ops.base import Op, Reduction, TensorMeta
+from mergeengine.ops.load import LoadOp
+from mergeengine.ops.save import SaveOp
+
+TaskKind = Literal["compute", "map", "reduce"]
+
+
+@dataclass(frozen=True, order=True)
+class TaskKey:
+    """One unit of work: a step's tensor in a pass, a reduction's map on a tensor, or a reduce."""
+
+    step: str
+    tensor: str
+    pass_: str = ""
+    kind: TaskKind = "compute"
+
+    def __str__(self) -> str:
+        where = f" [{self.pass_}]" if self.pass_ else ""
+        return f"{self.kind} {self.step}:{self.tensor}{where}"
+
+
+@dataclass
+class Estimate:
+    """What a run will do, from headers alone."""
+
+    tensors_written: int = 0
+    bytes_read: int = 0
+    bytes_read_unique: int = 0
+    bytes_written: int = 0
+    peak_live_bytes: int = 0
+    largest_tensor_bytes: int = 0
+    passes: int = 1
+
+
+@dataclass
+class Plan:
+    """Everything the executor needs.
+
+    Attributes:
+        steps: the validated step graph.
+        active: step ids that contribute to a save (recipe order).
+        metas: step id -> tensor name -> shape/dtype of what the step produces.
+        graph: task DAG (edges from producer to consumer).
+        order: the schedule.
+        sources: task -> the tasks whose values it receives, in the op's order.
+        reductions: (step, reduction name) -> Reduction.
+        phase: task -> the pass it belongs to (0-based; statistics passes first).
+        save_order: save step id -> tensor names in the order they will be written.
+        checkpoints: load step id -> opened checkpoint.
+        estimate: bytes read/written and peak live memory.
+    """
+
+    steps: StepGraph
+    active: list[str]
+    metas: dict[str, dict[str, TensorMeta]]
+    graph: nx.DiGraph
+    order: list[TaskKey]
+    sources: dict[TaskKey, list[TaskKey]]
+    reductions: dict[tuple[str, str], Reduction]
+    phase: dict[TaskKey, int]
+    save_order: dict[str, list[str]]
+    checkpoints: dict[str, Checkpoint]
+    save_paths: dict[str, Path] = field(default_factory=dict)
+    estimate: Estimate = field(default_factory=Estimate)
+
+    @property
+    def ops(self) -> dict[str, Op]:
+        return self.steps.ops
+
+    def phase_labels(self) -> list[str]:
+        """A label per pass, e.g. ``["statistics p_math/module outliers", "merge"]``."""
+        n = max(self.phase.values(), default=0) + 1
+        labels: list[list[str]] = [[] for _ in range(n)]
+        for key, ph in self.phase.items():
+            if key.kind == "reduce":
+                red = self.reductions[(key.step, key.tensor[1:])]
+                labels[ph].append(f"{key.step}/{red.label or red.name}")
+        return [f"statistics {', '.join(sorted(ls))}" if ls else "merge" for ls in labels]
+
+
+def natural_key(name: str) -> tuple:
+    """Sort ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def build_plan(
+    steps: StepGraph,
+    *,
+    out: str | Path | None = None,
+    checkpoints: dict[str, Checkpoint] | None = None,
+    roots: list[str] | None = None,
+) -> Plan:
+    """Open the inputs' headers, expand steps into tensor tasks, schedule them and estimate costs.
+
+    Args:
+        steps: the validated step graph.
+        out: overrides the path of the (single) save step, resolved against the current folder.
+        checkpoints: already opened checkpoints by load step id (reused across plans).
+        roots: steps whose tensors are wanted (default: all save steps).
+
+    Returns:
+        The plan. Reads headers only.
+
+    Raises:
+        RecipeError: no save step, or ``out`` is ambiguous.
+        ModelError, ShapeError: an input cannot be opened, or tensors do not line up.
+    """
+    loaded = steps.loaded
+    saves = steps.saves()
+    if roots is None:
+        roots = saves
+        if not saves:
+            raise RecipeError([f"{loaded.path}: the recipe has no save step: add one "
+                               "(- {id: out, op: save, input: <step>, path: ./merged})"])
+    save_paths: dict[str, Path] = {}
+    for s in saves:
+        p = steps.ops[s].step.path  # type: ignore[attr-defined]
+        if p is not None:
+            save_paths[s] = (loaded.base_dir / p).resolve()
+    if out is not None:
+        if len(saves) != 1:
+            raise RecipeError([f"{loaded.path}: --out needs exactly one save step, the recipe has {len(saves)}"])
+        save_paths[saves[0]] = Path(out).resolve()
+    for s in saves:
+        if s in roots and s not in save_paths:
+            raise RecipeError([f"{loaded.where(('steps',))}: step '{s}': no path: set 'path' or pass --out"])
+
+    active = steps.needed(roots)
+    ckpts = dict(checkpoints or {})
+    metas: dict[str, dict[str, TensorMeta]] = {}
+    for sid in active:
+        op = steps.ops[sid]
+        if isinstance(op, LoadOp):
+            if sid not in ckpts:
+                ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision)
+            op.checkpoint = ckpts[sid]
+        if isinstance(op, SaveOp):
+            op.set_dtype(_model_dtype(ckpts[steps.kinds[sid].origin]))
+        inputs = {r: metas[r] for refs in op.references().values() for r in refs if r in metas}
+        try:
+            metas[sid] = op.plan_tensors(inputs)
+        except MergeEngineError as exc:
+            exc.step = exc.step or sid
+            raise
+        op.metas = metas[sid]
+
+    plan = _expand(steps, active, metas, roots)
+    plan.checkpoints = ckpts
+    plan.save_paths = save_paths
+    plan.estimate = simulate(plan)
+    plan.estimate.bytes_read_unique = sum(
+        m.nbytes for sid in active if isinstance(steps.ops[sid], LoadOp) for m in metas[sid].values()
+    )
+    return plan
+
+
+def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point bytes are stored in."""
+    totals: dict[torch.dtype, int] = {}
+    for info in ckpt.tensors().values():
+        if info.dtype.is_floating_point:
+            totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
+    cfg = ckpt.config() or {}
+    if ckpt.__class__.__name__ == "GGUFCheckpoint":  # dequantized to float32; store at the config's dtype
+        name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        return getattr(torch, str(name), torch.float32)
+    return max(totals, key=totals.__getitem__) if totals else torch.float32
+
+
+def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, TensorMeta]], roots: list[str]) -> Plan:
+    ops = steps.ops
+    graph = nx.DiGraph()
+    sources: dict[TaskKey, list[TaskKey]] = {}
+    reductions: dict[tuple[str, str], Reduction] = {}
+    for sid in active:
+        for red in ops[sid].reductions():
+            reductions[(sid, red.name)] = red
+
+    def need(step: str, name: str, pass_: str) -> TaskKey:
+        key = TaskKey(step, name, pass_, "compute")
+        if key in graph:
+            return key
+        graph.add_node(key)
+        srcs = [need(s, n, pass_) for s, n in ops[step].sources(name)]
+        sources[key] = srcs
+        for s in srcs:
+            graph.add_edge(s, key)
+        for (rstep, rname) in reductions:
+            if rstep == step:
+                graph.add_edge(reduce_node(step, rname), key)
+        return key
+
+    def reduce_node(step: str, rname: str) -> TaskKey:
+        key = TaskKey(step, "@" + rname, "", "reduce")
+        if key in graph:
+            return key
+        graph.add_node(key)
+        red = reductions[(step, rname)]
+        priors = [reduce_node(step, a) for a in red.after]
+        for p in priors:
+            graph.add_edge(p, key)
+        pass_ = f"{step}/{rname}"
+        for name in red.tensors:
+            m = TaskKey(step, name, pass_, "map")
+            srcs = [need(s, n, pass_) for s, n in ops[step].sources(name)]
+            sources[m] = srcs
+            for s in srcs:
+                graph.add_edge(s, m)
+            for p in priors:
+                graph.add_edge(p, m)
+            graph.add_edge(m, key)
+        return key
+
+    save_roots = [r for r in roots if r in metas]
+    for r in save_roots:
+        for name in sorted(metas[r], key=natural_key):
+            need(r, name, "")
+
+    # Phases: a reduce node runs after every reduce node it depends on.
+    rphase: dict[TaskKey, int] = {}
+    for k in nx.topological_sort(graph):
+        if k.kind == "reduce":
+            deps = [a for a in nx.ancestors(graph, k) if a.kind == "reduce"]
+            rphase[k] = 1 + max((rphase[a] for a in deps), default=-1)
+    main_phase = 1 + max(rphase.values(), default=-1)
+    pass_phase = {f"{k.step}/{k.tensor[1:]}": ph for k, ph in rphase.items()}
+    phase = {k: (rphase[k] if k.kind == "reduce" else pass_phase.get(k.pass_, main_phase)) for k in graph}
+
+    names = sorted({k.tensor for k in graph if k.kind != "reduce"}, key=natural_key)
+    tensor_rank = {n: i for i, n in enumerate(names)}
+    step_rank = {s: i for i, s in enumerate(ops)}
+    inf = len(names) + 1
+
+    def sort_key(k: TaskKey) -> tuple:
+        t = inf if k.kind == "reduce" else tensor_rank[k.tensor]
+        return (phase[k], t, step_rank[k.step], k.kind == "map")
+
+    order = list(nx.lexicographical_topological_sort(graph, key=sort_key))
+    save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
+    return Plan(steps, active, metas, graph, order, sources, reductions, phase, save_order, {})
+
+
+def uses(plan: Plan) -> dict[TaskKey, int]:
+    """How many times each task's value is consumed (a source listed twice counts twice)."""
+    count = dict.fromkeys(plan.order, 0)
+    for srcs in plan.sources.values():
+        for s in srcs:
+            count[s] += 1
+    return count
+
+
+def value_bytes(plan: Plan, key: TaskKey) -> int:
+    """Bytes a task's result keeps alive (reductions' partials are scalars: counted as 0)."""
+    if key.kind != "compute":
+        return 0
+    return plan.metas[key.step][key.tensor].nbytes
+
+
+def simulate(plan: Plan) -> Estimate:
+    """Walk the schedule with the executor's accounting rules and return the exact figures."""
+    est = Estimate(passes=max(plan.phase.values(), default=0) + 1)
+    remaining = uses(plan)
+    live = 0
+    for key in plan.order:
+        size = value_bytes(plan, key)
+        live += size
+        est.peak_live_bytes = max(est.peak_live_bytes, live)
+        est.largest_tensor_bytes = max(est.largest_tensor_bytes, size)
+        op = plan.ops[key.step]
+        if key.kind == "compute" and isinstance(op, LoadOp):
+            est.bytes_read += size
+        if key.kind == "compute" and isinstance(op, SaveOp):
+            est.bytes_written += size
+            est.tensors_written += 1
+        if remaining[key] == 0:  # a save's result goes to the writer and is dropped
+            live -= size
+        for src in plan.sources.get(key, []):
+            remaining[src] -= 1
+            if remaining[src] == 0:
+                live -= value_bytes(plan, src)
+    return est

@@ -1,0 +1,97 @@
+"""Render a plan as text, JSON or Graphviz DOT (``mergeengine plan --format``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mergeengine.graph.plan import Plan
+
+
+def _fmt(n: float) -> str:
+    from mergeengine.api import fmt_bytes
+
+    return fmt_bytes(n)
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as plain data."""
+    est = plan.estimate
+    steps = []
+    for sid in plan.active:
+        op = plan.ops[sid]
+        kind = plan.steps.kinds[sid]
+        metas = plan.metas[sid]
+        steps.append(
+            {
+                "id": sid,
+                "op": op.name,
+                "method": getattr(op, "method", None),
+                "kind": kind.kind,
+                "uses": [r for refs in op.references().values() for r in refs],
+                "tensors": len(metas),
+                "bytes": sum(m.nbytes for m in metas.values()),
+                "params": op.describe(),
+                "notes": getattr(op, "plan_notes", lambda: [])(),
+            }
+        )
+    unused = [s for s in plan.ops if s not in plan.active]
+    return {
+        "recipe": plan.steps.loaded.recipe.name,
+        "file": plan.steps.loaded.path,
+        "steps": steps,
+        "unused_steps": unused,
+        "passes": plan.phase_labels(),
+        "tasks": len(plan.order),
+        "tensors_written": est.tensors_written,
+        "bytes_read": est.bytes_read,
+        "bytes_read_unique": est.bytes_read_unique,
+        "bytes_written": est.bytes_written,
+        "peak_live_bytes": est.peak_live_bytes,
+        "largest_tensor_bytes": est.largest_tensor_bytes,
+        "outputs": {s: str(p) for s, p in plan.save_paths.items() if s in plan.save_order},
+    }
+
+
+def plan_json(plan: Plan) -> str:
+    """JSON rendering of :func:`plan_dict`."""
+    return json.dumps(plan_dict(plan), indent=2)
+
+
+def plan_text(plan: Plan) -> str:
+    """Human-readable plan."""
+    d = plan_dict(plan)
+    lines = [f"recipe '{d['recipe']}' ({d['file']})", "steps:"]
+    width = max(len(s["id"]) for s in d["steps"])
+    for s in d["steps"]:
+        op = s["op"] + (f":{s['method']}" if s["method"] else "")
+        uses = ", ".join(s["uses"]) or s["params"].get("model", "")
+        lines.append(f"  {s['id']:<{width}}  {op:<22} {s['kind']:<5}  {s['tensors']:>5} tensors  "
+                     f"{_fmt(s['bytes']):>10}  <- {uses}")
+        lines.extend(f"      {n}" for n in s["notes"])
+    if d["unused_steps"]:
+        lines.append(f"unused steps (not needed by any save): {', '.join(d['unused_steps'])}")
+    lines.append(f"passes: {len(d['passes'])} ({'; '.join(d['passes'])})")
+    lines.append(f"tasks: {d['tasks']}; tensors written: {d['tensors_written']}")
+    lines.append(f"bytes to read: {_fmt(d['bytes_read'])} (inputs hold {_fmt(d['bytes_read_unique'])}); "
+                 f"bytes to write: {_fmt(d['bytes_written'])}")
+    lines.append(f"estimated peak live memory: {_fmt(d['peak_live_bytes'])} "
+                 f"(largest tensor {_fmt(d['largest_tensor_bytes'])})")
+    for s, p in d["outputs"].items():
+        lines.append(f"output '{s}': {p}")
+    return "\n".join(lines)
+
+
+def plan_dot(plan: Plan) -> str:
+    """The step DAG in Graphviz DOT."""
+    lines = ["digraph recipe {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
+    for sid in plan.active:
+        op = plan.ops[sid]
+        label = f"{sid}\\n{op.name}" + (f":{op.method}" if getattr(op, "method", None) else "")
+        shape = "ellipse" if plan.steps.kinds[sid].kind == "delta" else "box"
+        lines.append(f'  "{sid}" [label="{label}", shape={shape}];')
+    for a, b in plan.steps.graph.edges:
+        if a in plan.active and b in plan.active:
+            lines.append(f'  "{a}" -> "{b}";')
+    lines.append("}")
+    return "\n".join(lines)

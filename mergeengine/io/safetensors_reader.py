@@ -1,0 +1,184 @@
+"""Lazy reader for safetensors checkpoints: a single file, or a folder (single or sharded)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mergeengine.errors import ModelError
+from mergeengine.io.checkpoint import ST_TO_TORCH, Checkpoint, TensorInfo
+
+LOG = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files copied from a model folder into the output next to the weights.
+SUPPORT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors file's JSON header without reading tensor data.
+
+    Raises:
+        ModelError: the file is missing, truncated or not safetensors.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError("file is too short to be safetensors (truncated?)", file=str(path))
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise ModelError("header length exceeds file size: not safetensors or truncated", file=str(path))
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ModelError("file not found", file=str(path)) from None
+    except PermissionError:
+        raise ModelError("permission denied", file=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError("header is not valid JSON: not a safetensors file", file=str(path)) from None
+    data_len = size - 8 - n
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if end > data_len:
+        raise ModelError(
+            f"truncated: header describes {end} data bytes but the file holds {data_len}", file=str(path)
+        )
+    return header
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A safetensors model: a folder with ``model.safetensors`` or shards + index, or one file.
+
+    Args:
+        path: the folder or the ``.safetensors`` file.
+
+    Raises:
+        ModelError: nothing readable at ``path``.
+
+    Example:
+        >>> ckpt = SafetensorsCheckpoint(Path("models/base"))  # doctest: +SKIP
+        >>> ckpt.tensors()["model.norm.weight"].shape  # doctest: +SKIP
+        (64,)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.source = str(path)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        files = self._find_files()
+        self._infos: dict[str, TensorInfo] = {}
+        self._file_of: dict[str, Path] = {}
+        self._files = files
+        for file in files:
+            header = read_safetensors_header(file)
+            items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+            items.sort(key=lambda kv: kv[1]["data_offsets"][0])
+            for name, entry in items:
+                dtype = ST_TO_TORCH.get(entry["dtype"])
+                if dtype is None:
+                    raise ModelError(f"tensor '{name}' has unsupported dtype {entry['dtype']}", file=str(file))
+                if name in self._infos:
+                    raise ModelError(f"tensor '{name}' appears in two shards", file=str(file))
+                self._infos[name] = TensorInfo(tuple(entry["shape"]), dtype, str(file))
+                self._file_of[name] = file
+        self._handles: dict[Path, Any] = {}
+
+    def _find_files(self) -> list[Path]:
+        p = self.path
+        if not p.exists():
+            raise ModelError("model not found (no such file or folder)", file=str(p))
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise ModelError("expected a .safetensors file or a model folder", file=str(p))
+            return [p]
+        index = p / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ModelError("index is not valid (no weight_map)", file=str(index)) from None
+            names = list(dict.fromkeys(weight_map.values()))
+            files = [p / n for n in names]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ModelError(f"shards listed in the index are missing: {', '.join(missing)}", file=str(index))
+            return files
+        if (p / SINGLE_NAME).is_file():
+            return [p / SINGLE_NAME]
+        found = sorted(p.glob("*.safetensors"))
+        if found:
+            return found
+        if any(p.glob("*.bin")):
+            raise ModelError(
+                "folder holds only PyTorch .bin weights; set 'allow_pickle: true' on the load step to read them",
+                file=str(p),
+            )
+        raise ModelError("no model.safetensors, shards or index in this folder", file=str(p))
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names -> header information, in file order."""
+        return self._infos
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor through a memory-mapped ``safe_open`` handle."""
+        file = self._file_of.get(name)
+        if file is None:
+            raise ModelError(f"tensor '{name}' not in checkpoint", file=self.source)
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own types
+                raise ModelError(f"cannot open: {exc}", file=str(file)) from None
+            self._handles[file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
+
+    def config(self) -> dict[str, Any] | None:
+        """The folder's config.json, if any."""
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"config.json is not valid JSON: {exc}", file=str(cfg)) from None
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files read."""
+        return list(self._files)
+
+    def write_support_files(self, dest: Path) -> list[str]:
+        """Copy tokenizer and generation files found beside the weights."""
+        written = []
+        for name in SUPPORT_FILES:
+            src = self.folder / name
+            if src.is_file():
+                shutil.copyfile(src, dest / name)
+                written.append(name)
+        return written
+
+    def close(self) -> None:
+        """Drop the open ``safe_open`` handles."""
+        self._handles.clear()

@@ -1,0 +1,226 @@
+"""Streaming sharded safetensors writer and the atomic output folder.
+
+The plan knows every output tensor's name, shape, dtype and write order before anything runs, so
+each shard's header is written first and tensors are appended as they are computed: no shard is
+ever buffered in memory. The folder is assembled under a temporary sibling and renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mergeengine.errors import MergeEngineError, OutputError
+from mergeengine.io.checkpoint import TORCH_TO_ST
+from mergeengine.ops.base import TensorMeta
+
+LOG = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class Shard:
+    """One output file: its tensors in write order with their byte offsets."""
+
+    file: str
+    names: list[str] = field(default_factory=list)
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    data_bytes: int = 0
+
+    def header(self, metas: dict[str, TensorMeta]) -> bytes:
+        """The safetensors header (length prefix + JSON padded to 8 bytes)."""
+        head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for n in self.names:
+            m = metas[n]
+            head[n] = {"dtype": TORCH_TO_ST[m.dtype], "shape": list(m.shape), "data_offsets": list(self.offsets[n])}
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+
+def layout_shards(order: list[str], metas: dict[str, TensorMeta], max_shard_bytes: int) -> list[Shard]:
+    """Split tensors (in write order) into shards of at most ``max_shard_bytes`` of data.
+
+    A tensor larger than the limit gets a shard of its own.
+    """
+    shards: list[Shard] = []
+    cur = Shard("")
+    for name in order:
+        n = metas[name].nbytes
+        if cur.names and cur.data_bytes + n > max_shard_bytes:
+            shards.append(cur)
+            cur = Shard("")
+        cur.offsets[name] = (cur.data_bytes, cur.data_bytes + n)
+        cur.names.append(name)
+        cur.data_bytes += n
+    if cur.names or not shards:
+        shards.append(cur)
+    total = len(shards)
+    for i, s in enumerate(shards):
+        s.file = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+    return shards
+
+
+class ShardedWriter:
+    """Append tensors, in the planned order, into pre-laid-out safetensors shards.
+
+    Args:
+        folder: where the shard files go (the temporary output folder).
+        order: tensor names in the order :meth:`write` will receive them.
+        metas: shape and dtype of each tensor as it will be written.
+        max_shard_bytes: largest data size of one shard.
+        step: save step id, for messages.
+    """
+
+    def __init__(
+        self, folder: Path, order: list[str], metas: dict[str, TensorMeta], max_shard_bytes: int, step: str = ""
+    ) -> None:
+        self.folder = folder
+        self.metas = metas
+        self.step = step
+        self.shards = layout_shards(order, metas, max_shard_bytes)
+        self._queue = [(s, n) for s in self.shards for n in s.names]
+        self._pos = 0
+        self._file: BinaryIO | None = None
+        self._hash: Any = None
+        self.sha256: dict[str, str] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor. It must be the next one in the planned order, with the planned shape/dtype."""
+        shard, expected = self._queue[self._pos]
+        if name != expected:
+            raise MergeEngineError(f"writer got '{name}' but the plan expected '{expected}'", step=self.step)
+        meta = self.metas[name]
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise MergeEngineError(
+                f"computed {list(tensor.shape)} {tensor.dtype} but planned {list(meta.shape)} {meta.dtype}",
+                step=self.step, tensor=name,
+            )
+        try:
+            if shard.names[0] == name:
+                self._open(shard)
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            assert self._file is not None
+            self._file.write(memoryview(data))
+            self._hash.update(memoryview(data))
+            self.bytes_written += data.nbytes
+            if shard.names[-1] == name:
+                self._close(shard)
+        except OSError as exc:
+            raise _os_error(exc, self.folder / shard.file) from None
+        self._pos += 1
+
+    def _open(self, shard: Shard) -> None:
+        header = shard.header(self.metas)
+        self._file = open(self.folder / shard.file, "wb")
+        self._hash = hashlib.sha256(header)
+        self._file.write(header)
+        self.bytes_written += len(header)
+
+    def _close(self, shard: Shard) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.sha256[shard.file] = self._hash.hexdigest()
+
+    @property
+    def done(self) -> bool:
+        return self._pos == len(self._queue)
+
+    def write_index(self) -> None:
+        """Write ``model.safetensors.index.json`` when there is more than one shard."""
+        if len(self.shards) < 2:
+            return
+        total = sum(s.data_bytes for s in self.shards)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: s.file for s in self.shards for n in s.names},
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close an open file after a failure."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _os_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError("disk full while writing; free space and rerun", file=str(path))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError("permission denied", file=str(path))
+    return OutputError(f"cannot write: {exc.strerror or exc}", file=str(path))
+
+
+class OutputFolder:
+    """A destination folder that appears only when complete.
+
+    Work happens in ``.<name>.partial`` beside the destination; :meth:`commit` renames it into
+    place (replacing an existing folder only with ``overwrite``); :meth:`discard` removes it.
+
+    Raises:
+        OutputError: the destination exists (without ``overwrite``) or its parent is not writable.
+    """
+
+    def __init__(self, dest: Path, *, overwrite: bool = False, step: str = "") -> None:
+        self.dest = Path(dest)
+        self.overwrite = overwrite
+        self.step = step
+        self.tmp = self.dest.parent / f".{self.dest.name}.partial"
+
+    def check(self) -> None:
+        """Fail early (before any computation) when the destination cannot be written."""
+        if self.dest.exists() and not self.overwrite:
+            raise OutputError("output path exists; pass --overwrite to replace it", file=str(self.dest), step=self.step)
+        parent = self.dest.parent
+        probe = parent
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise OutputError("permission denied: cannot create the output folder here", file=str(parent), step=self.step)
+
+    def create(self) -> Path:
+        """Create (fresh) the temporary folder and return it."""
+        self.check()
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise _os_error(exc, self.tmp) from None
+        return self.tmp
+
+    def commit(self) -> Path:
+        """Move the finished folder into place."""
+        old = None
+        if self.dest.exists():
+            if not self.overwrite:
+                raise OutputError("output path appeared during the run; pass --overwrite", file=str(self.dest))
+            old = self.dest.parent / f".{self.dest.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.dest, old)
+        os.replace(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.dest
+
+    def discard(self) -> None:
+        """Remove the temporary folder."""
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,601 @@
+"""DPPA kernels: Dynamic Pruning (DP) statistics and masks, Dynamic Partition Amplification (DPA).
+
+Pure tensor math for arXiv 2403.02799, as specified in ``shared/DPPA.md`` (steps 1-6 below refer
+to that file). Nothing here reads files or recipes. DP needs statistics over the whole model
+before any module is pruned, so the engine streams over the deltas in three passes and never
+holds more than one delta at a time; between passes only scalars are kept::
+
+    groups = decoder_linear_groups({name: shape for name, shape in ...})   # what DP prunes
+    # pass 1, per tensor in groups: module statistics from that tensor alone
+    partials = {name: module_partial(delta(name), module_threshold=5.0) for name in groups}
+    means = layer_means(partials, groups)
+    # pass 2, per tensor: contribution to its layer's outlier count (L = 3 in the release)
+    counts = {name: layer_outlier_partial(delta(name), 3.0 * means[groups[name][0]]) for name in groups}
+    dens = dp_densities(partials, layer_outlier_counts(counts, groups), groups, density=0.2, lamda=0.08)
+    # pass 3, per tensor: prune (DP) or partition and rescale (DPA)
+    pruned = dp_prune_tensor(delta(name), dens.module_density[name])
+
+For DPA with partitions ``[(d_1, s_1), (d_2, s_2), ...]`` the engine calls :func:`dp_densities`
+once per ``d_k`` (cheap: scalars only) and passes this module's densities to
+:func:`dpa_amplify_tensor`. The layer and module offsets do not depend on ``d``, and clamping is
+monotone, so a module's densities are non-decreasing in ``d_k`` and the masks are nested.
+
+Where DPPA.md needs a guard it does not state (each is tested):
+
+* Steps 1-4 are computed exactly, in rational arithmetic from the integer outlier counts and
+  element counts, and only converted to float at the end. "All ``c`` are 0" and "all ``r`` are
+  equal" are then exact tests: in floating point, equal ratios leave ~1e-16 residues that the
+  division by ``max |c|`` or ``max |r|`` would blow up to ``+-lamda``. It also makes the result
+  independent of the order in which tensors were streamed.
+* Step 2: ``max_l |c_l| = 0`` (one layer, or all layers with the same ratio): layer offsets 0
+  (stated in DPPA.md).
+* Step 4: ``mean(r) = 0`` (no module has an outlier): module offsets 0. After centring,
+  ``max |r| = 0`` (all modules have the same ratio): module offsets 0.
+* A tensor (or layer) with no elements has outlier ratio 0.
+* Step 5: ``d_lj`` is clamped to [0, 1] and a :class:`DensityClampedWarning` (a ``UserWarning``,
+  via :mod:`warnings`, so callers and tests can filter or escalate it) names the clamped
+  modules; they are also listed in :attr:`DPDensities.clamped` for the engine to report.
+* Step 6: ``k = floor(numel * (1 - d))`` is computed with a 1e-6 tolerance below integers, so that
+  ``d = 0.9`` on 10 elements drops 1 element, not 0 (``10 * (1 - 0.9) = 0.9999999999999998``).
+* Outlier thresholds (``M * mean``, ``L * layer_mean``) are float64; counts compare the float32
+  magnitudes against them exactly, not against the threshold rounded to float32.
+* Ties: an entry is kept iff its magnitude is strictly above the k-th smallest magnitude, so with
+  ties at the threshold fewer than ``d * numel`` entries are kept. The same rule at every density
+  keeps masks nested even with ties (a lower density has a larger k, hence a threshold that is
+  not smaller).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from mergeengine.kernels.selection import kth_smallest_abs
+
+__all__ = [
+    "DEFAULT_LAMDA",
+    "DEFAULT_LAYER_THRESHOLD",
+    "DEFAULT_MODULE_THRESHOLD",
+    "DPDensities",
+    "DensityClampedWarning",
+    "ModulePartial",
+    "decoder_linear_groups",
+    "dp_densities",
+    "dp_keep_mask",
+    "dp_prune_tensor",
+    "dpa_amplify_magnitude_tensor",
+    "dpa_amplify_tensor",
+    "layer_means",
+    "layer_outlier_counts",
+    "layer_outlier_partial",
+    "module_partial",
+    "prune_count",
+    "release_factors",
+]
+
+DEFAULT_LAMDA = 0.08
+DEFAULT_MODULE_THRESHOLD = 5.0  # M: the release's module-level outlier threshold
+DEFAULT_LAYER_THRESHOLD = 3.0  # L: hard-coded to 3 at layer level in the release
+
+# Absorbs the float rounding of numel * (1 - d) when it is mathematically an integer.
+_RANK_TOLERANCE = 1e-6
+# Float64 sums are taken in chunks so that no float64 copy of a whole tensor is made.
+_SUM_CHUNK_NUMEL = 1 << 22
+# First all-digit dotted segment: model.layers.3.mlp..., transformer.h.3.attn..., blocks.3...
+_LAYER_INDEX = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
+
+Groups = Mapping[str, tuple[str, str]]
+
+
+class DensityClampedWarning(UserWarning):
+    """A DP module density fell outside [0, 1] and was clamped (the release would crash)."""
+
+
+@dataclass(frozen=True)
+class ModulePartial:
+    """Pass-1 statistics of one prunable tensor, computed from that tensor alone.
+
+    Attributes:
+        sum_abs: sum of ``|D|`` (accumulated in float64).
+        numel: number of elements.
+        outlier_count: ``count(|D| > M * mean(|D|))``, mean over this tensor (DPPA.md step 3).
+    """
+
+    sum_abs: float
+    numel: int
+    outlier_count: int
+
+    @property
+    def mean_abs(self) -> float:
+        """``mean(|D|)``; 0 for an empty tensor."""
+        return self.sum_abs / self.numel if self.numel else 0.0
+
+    @property
+    def outlier_ratio(self) -> float:
+        """``r_lj = 100 * outlier_count / numel`` (percent); 0 for an empty tensor."""
+        return float(_percent(self.outlier_count, self.numel))
+
+
+@dataclass(frozen=True)
+class DPDensities:
+    """DP keep fractions for one target density (DPPA.md steps 1-5).
+
+    Layer dicts are keyed by layer key and module dicts by tensor name, both in the order of
+    ``groups`` (layers numerically).
+
+    Attributes:
+        density: the target density ``d``.
+        lamda: the offset amplitude.
+        layer_ratio: ``o_l``, percent of the layer's entries above ``L * layer mean``.
+        layer_density: ``D_l = d + lamda * c_l / max |c|``.
+        module_ratio: ``r_lj`` as in step 3 (percent), before normalisation.
+        module_offset: the step-4 offset ``lamda * r / max |r|``, in ``[-lamda, lamda]``.
+        module_density: ``d_lj = D_l + offset``, clamped to [0, 1].
+        clamped: tensor names whose ``d_lj`` was clamped.
+    """
+
+    density: float
+    lamda: float
+    layer_ratio: dict[str, float]
+    layer_density: dict[str, float]
+    module_ratio: dict[str, float]
+    module_offset: dict[str, float]
+    module_density: dict[str, float]
+    clamped: list[str]
+
+
+def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tuple[str, str]]:
+    """Select the tensors DP prunes and group them by decoder layer.
+
+    A tensor is prunable when it is 2-D, is not a bias, and its name contains a layer index: a
+    dotted segment made only of digits (``model.layers.3.``, ``transformer.h.3.``, ``blocks.3.``,
+    ``encoder.layer.3.``). The first such segment is the layer; later ones (MoE experts, T5
+    sub-layers) stay inside the module key. Llama/Mistral/Qwen names
+    (``model.layers.N.(self_attn|mlp).X_proj.weight``) are the common case of this rule.
+    Embeddings, lm_head (no layer index), norms and biases (1-D) are not prunable.
+
+    Args:
+        tensors: tensor name -> shape, e.g. from checkpoint headers.
+
+    Returns:
+        Prunable tensor name -> (layer key, module key), ordered by layer prefix, then layer
+        index numerically (2 before 10), then input order. The layer key is the name up to the
+        index (``model.layers.3``); the module key is the rest without ``.weight``
+        (``self_attn.q_proj``).
+
+    Example:
+        >>> decoder_linear_groups({"model.layers.0.mlp.up_proj.weight": (8, 4), "lm_head.weight": (9, 4)})
+        {'model.layers.0.mlp.up_proj.weight': ('model.layers.0', 'mlp.up_proj')}
+    """
+    found: list[tuple[str, int, int, str, str]] = []
+    for position, (name, shape) in enumerate(tensors.items()):
+        if len(tuple(shape)) != 2 or name.endswith(".bias"):
+            continue
+        match = _LAYER_INDEX.match(name)
+        if match is None:
+            continue
+        prefix, index, rest = match.group("prefix"), match.group("index"), match.group("rest")
+        module = rest[: -len(".weight")] if rest.endswith(".weight") else rest
+        found.append((prefix, int(index), position, name, module))
+    found.sort(key=lambda item: (item[0], item[1], item[2]))
+    return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
+
+
+def module_partial(delta: torch.Tensor, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
+    """Pass 1: the statistics DP needs from one prunable tensor.
+
+    Args:
+        delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast).
+        module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
+
+    Returns:
+        ``ModulePartial(sum_abs, numel, outlier_count)``.
+
+    Example:
+        >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
+        ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
+    """
+    magnitudes = _abs_flat(delta)
+    numel = magnitudes.numel()
+    sum_abs = _sum_float64(magnitudes)
+    outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
+    return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+
+
+def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[str, float]:
+    """After pass 1: ``mean(|D|)`` over each layer's concatenated modules.
+
+    Args:
+        partials: tensor name -> pass-1 statistics, one per tensor of ``groups``.
+        groups: from :func:`decoder_linear_groups`.
+
+    Returns:
+        Layer key -> ``sum of sum_abs / sum of numel`` (0 for a layer without elements), in
+        the order of ``groups``.
+
+    Raises:
+        ValueError: ``partials`` and ``groups`` do not name the same tensors.
+    """
+    _check_same_names(partials, groups, "partials")
+    sums: dict[str, float] = {}
+    numels: dict[str, int] = {}
+    for name, (layer, _) in groups.items():
+        sums[layer] = sums.get(layer, 0.0) + partials[name].sum_abs
+        numels[layer] = numels.get(layer, 0) + partials[name].numel
+    return {layer: (sums[layer] / numels[layer] if numels[layer] else 0.0) for layer in sums}
+
+
+def layer_outlier_partial(delta: torch.Tensor, threshold_value: float) -> int:
+    """Pass 2: this tensor's contribution to its layer's outlier count.
+
+    Args:
+        delta: the tensor's delta.
+        threshold_value: ``L * layer_mean`` for the tensor's layer (see :func:`layer_means`).
+
+    Returns:
+        ``count(|D| > threshold_value)``, compared exactly against the float64 threshold.
+    """
+    return _count_above(_abs_flat(delta), threshold_value)
+
+
+def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> dict[str, int]:
+    """Sum the pass-2 counts of each layer's tensors.
+
+    Args:
+        tensor_counts: tensor name -> :func:`layer_outlier_partial` result, one per tensor of
+            ``groups``.
+        groups: from :func:`decoder_linear_groups`.
+
+    Returns:
+        Layer key -> outlier count, in the order of ``groups``.
+
+    Raises:
+        ValueError: ``tensor_counts`` and ``groups`` do not name the same tensors.
+    """
+    _check_same_names(tensor_counts, groups, "tensor_counts")
+    counts: dict[str, int] = {}
+    for name, (layer, _) in groups.items():
+        counts[layer] = counts.get(layer, 0) + int(tensor_counts[name])
+    return counts
+
+
+def dp_densities(
+    partials: Mapping[str, ModulePartial],
+    layer_counts: Mapping[str, int],
+    groups: Groups,
+    density: float,
+    lamda: float = DEFAULT_LAMDA,
+) -> DPDensities:
+    """After pass 2: DP's per-layer and per-module keep fractions (DPPA.md steps 1-5).
+
+    1. ``o_l = 100 * layer_counts[l] / numel_l``.
+    2. ``c = o - mean_l(o)`` (unweighted over layers); ``D_l = d + lamda * c_l / max_l |c_l|``,
+       or ``D_l = d`` when all ``c`` are 0.
+    3. ``r_lj = 100 * outlier_count / numel``.
+    4. ``r = r / mean(r)`` (unweighted over all modules of all layers); ``r = r - sum(n * r) /
+       sum(n)`` with ``n`` the element counts; ``r = lamda * r / max |r|``. Offsets are 0 when
+       ``mean(r) = 0`` or when all ``r`` are equal. (The first division cancels in the last one;
+       it is kept to follow the paper literally.)
+    5. ``d_lj = D_l + r_lj``, clamped to [0, 1] with a :class:`DensityClampedWarning`.
+
+    Steps 1-4 are exact (rational arithmetic); see the module docstring. No offset depends on
+    ``d``, so calling this for several ``d`` gives module densities that are non-decreasing in
+    ``d`` (what DPA relies on). Because the module offsets have zero numel-weighted mean over
+    the model, the numel-weighted mean of ``d_lj`` equals ``d`` when all layers hold the same
+    number of elements and nothing is clamped (it is not ``D_l`` layer by layer).
+
+    Args:
+        partials: tensor name -> pass-1 statistics (:func:`module_partial`).
+        layer_counts: layer key -> pass-2 outlier count (:func:`layer_outlier_counts`).
+        groups: from :func:`decoder_linear_groups`; defines the modules and layers.
+        density: target keep fraction ``d`` in [0, 1].
+        lamda: offset amplitude (the paper's lambda), >= 0.
+
+    Returns:
+        A :class:`DPDensities`.
+
+    Raises:
+        ValueError: a parameter is out of range, or the inputs do not name the same tensors and
+            layers, or a count exceeds its element count.
+
+    Example:
+        >>> dens = dp_densities(partials, layer_outlier_counts(counts, groups), groups, 0.2, lamda=0.08)
+        >>> dens.module_density[name]  # 0.2 + layer offset + module offset, each within +-0.08
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not (math.isfinite(lamda) and lamda >= 0.0):
+        raise ValueError(f"lamda must be a finite number >= 0, got {lamda}")
+    _check_same_names(partials, groups, "partials")
+
+    layer_numel: dict[str, int] = {}
+    for name, (layer, _) in groups.items():
+        layer_numel[layer] = layer_numel.get(layer, 0) + partials[name].numel
+    missing = [layer for layer in layer_numel if layer not in layer_counts]
+    extra = [layer for layer in layer_counts if layer not in layer_numel]
+    if missing or extra:
+        raise ValueError(f"layer_counts does not match groups: missing {missing}, unexpected {extra}")
+    for layer, numel in layer_numel.items():
+        if not 0 <= layer_counts[layer] <= numel:
+            raise ValueError(f"layer '{layer}': outlier count {layer_counts[layer]} not in [0, {numel}]")
+    for name in groups:
+        part = partials[name]
+        if not 0 <= part.outlier_count <= part.numel:
+            raise ValueError(f"'{name}': outlier count {part.outlier_count} not in [0, {part.numel}]")
+
+    # Steps 1-2: layer ratios and layer offsets.
+    layer_ratio = {layer: _percent(layer_counts[layer], numel) for layer, numel in layer_numel.items()}
+    layer_offset = _normalised(_centred(layer_ratio, {layer: 1 for layer in layer_ratio}))
+    layer_density = {layer: density + lamda * float(offset) for layer, offset in layer_offset.items()}
+
+    # Steps 3-4: module ratios and module offsets.
+    module_ratio = {name: _percent(partials[name].outlier_count, partials[name].numel) for name in groups}
+    module_offset = {name: Fraction(0) for name in groups}
+    ratio_mean = sum(module_ratio.values(), Fraction(0)) / len(module_ratio) if module_ratio else Fraction(0)
+    if ratio_mean != 0:
+        scaled = {name: ratio / ratio_mean for name, ratio in module_ratio.items()}
+        module_offset = _normalised(_centred(scaled, {name: partials[name].numel for name in groups}))
+
+    # Step 5: module densities.
+    raw = {
+        name: layer_density[layer] + lamda * float(module_offset[name]) for name, (layer, _) in groups.items()
+    }
+    module_density = {name: min(1.0, max(0.0, value)) for name, value in raw.items()}
+    clamped = [name for name in groups if module_density[name] != raw[name]]
+    if clamped:
+        shown = ", ".join(f"{name} ({raw[name]:.4g})" for name in clamped[:10])
+        more = f" and {len(clamped) - 10} more" if len(clamped) > 10 else ""
+        warnings.warn(
+            f"DP module density outside [0, 1] clamped for {len(clamped)} module(s) at density={density}, "
+            f"lamda={lamda}: {shown}{more}. Lower lamda or move density away from 0 and 1 to avoid it.",
+            DensityClampedWarning,
+            stacklevel=2,
+        )
+    return DPDensities(
+        density=density,
+        lamda=lamda,
+        layer_ratio={layer: float(ratio) for layer, ratio in layer_ratio.items()},
+        layer_density=layer_density,
+        module_ratio={name: float(ratio) for name, ratio in module_ratio.items()},
+        module_offset={name: lamda * float(offset) for name, offset in module_offset.items()},
+        module_density=module_density,
+        clamped=clamped,
+    )
+
+
+def prune_count(numel: int, density: float) -> int:
+    """Step 6's rank ``k = floor(numel * (1 - density))``: how many smallest magnitudes are dropped.
+
+    The floor tolerates float rounding just below an integer (1e-6), so that density 0.9 on 10
+    elements gives 1, not 0. With ties at the k-th magnitude more entries are dropped (see
+    :func:`dp_keep_mask`).
+
+    Args:
+        numel: number of elements.
+        density: keep fraction in [0, 1].
+
+    Returns:
+        ``k`` in ``[0, numel]``.
+
+    Raises:
+        ValueError: ``density`` is outside [0, 1].
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return min(numel, max(0, math.floor(numel * (1.0 - density) + _RANK_TOLERANCE)))
+
+
+def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Step 6's mask: entries whose magnitude is strictly above the k-th smallest magnitude.
+
+    ``k = prune_count(numel, density)``; ``k = 0`` keeps everything. Magnitudes are ranked in
+    float32. Masks at increasing density are nested, ties included.
+
+    Args:
+        delta: any float tensor.
+        density: keep fraction in [0, 1].
+
+    Returns:
+        A bool tensor of ``delta``'s shape.
+
+    Raises:
+        ValueError: ``density`` is outside [0, 1].
+    """
+    k = prune_count(delta.numel(), density)
+    if k == 0:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    threshold = kth_smallest_abs(delta, k)
+    return delta.detach().abs().float() > threshold.to(delta.device)
+
+
+def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Pass 3 (DPPA.md step 6): magnitude-prune one delta at its DP module density, no rescale.
+
+    Args:
+        delta: the tensor's delta.
+        density: its ``d_lj`` from :func:`dp_densities` (``DPDensities.module_density[name]``).
+
+    Returns:
+        ``delta`` where :func:`dp_keep_mask` holds, 0 elsewhere; same shape and dtype.
+
+    Raises:
+        ValueError: ``density`` is outside [0, 1].
+
+    Example:
+        >>> dp_prune_tensor(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+        tensor([ 0., -3.,  2.,  0.])
+    """
+    return torch.where(
+        dp_keep_mask(delta, density), delta, torch.zeros((), dtype=delta.dtype, device=delta.device)
+    )
+
+
+def dpa_amplify_tensor(
+    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
+) -> torch.Tensor:
+    """DPA with DP selection: rescale each partition of one delta by its own factor.
+
+    Partition k holds the entries kept at ``densities[k]`` but not at ``densities[k-1]`` (by
+    :func:`dp_keep_mask`, so nested even with ties); they are multiplied by ``scales[k]``.
+    Entries not kept at the last density are 0.
+
+    Args:
+        delta: the tensor's delta.
+        densities: this module's DP densities ``d_lj(d_k)``, one per partition (call
+            :func:`dp_densities` once per partition target ``d_k``). Non-decreasing: clamping can
+            make two equal, which leaves the later partition empty.
+        scales: the factor of each partition. For the release's behaviour pass
+            ``release_factors(s)[0]``.
+
+    Returns:
+        The rescaled, pruned delta; same shape and dtype.
+
+    Raises:
+        ValueError: lengths differ, no partition, a density outside [0, 1] or decreasing.
+    """
+    _check_partitions(densities, scales, strictly_increasing=False)
+    return _scale_partitions(delta, densities, scales)
+
+
+def dpa_amplify_magnitude_tensor(
+    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
+) -> torch.Tensor:
+    """DPA with plain per-tensor magnitude selection.
+
+    Same partition rule as :func:`dpa_amplify_tensor`, but every tensor uses the partition
+    targets ``d_k`` themselves (no DP offsets).
+
+    Args:
+        delta: the tensor's delta.
+        densities: partition targets ``d_1 < d_2 < ...`` in [0, 1].
+        scales: the factor of each partition.
+
+    Returns:
+        The rescaled, pruned delta; same shape and dtype.
+
+    Raises:
+        ValueError: lengths differ, no partition, a density outside [0, 1] or not increasing.
+
+    Example:
+        >>> dpa_amplify_magnitude_tensor(torch.tensor([4.0, -1.0, 3.0, 2.0]), [0.25, 0.5], [2.0, 0.5])
+        tensor([8.0000, 0.0000, 1.5000, 0.0000])
+    """
+    _check_partitions(densities, scales, strictly_increasing=True)
+    return _scale_partitions(delta, densities, scales)
+
+
+def release_factors(scales: Sequence[float]) -> tuple[list[float], float]:
+    """The factors that reproduce the release's DPA, given the recipe's partition scales.
+
+    The release runs DP once per partition ``j`` (at ``d_j``, scaled by ``s_j``) and merges the
+    runs element-wise with "larger magnitude wins". An entry of partition ``k`` is kept by the
+    runs ``j >= k`` (masks are nested), where it is worth ``s_j * D``; the pick therefore gives it
+    ``max(s_k, ..., s_n)``: a running maximum taken from the last partition backwards. With
+    two partitions that is ``(max(s_1, s_2), s_2)``. The tensors DP leaves dense (embeddings,
+    norms, lm_head) are dense in every run, so they get ``max(s_1, ..., s_n)``.
+
+    Args:
+        scales: ``s_1, ..., s_n`` in partition order, each >= 0 (with negative factors the
+            magnitude pick would be sign-ambiguous).
+
+    Returns:
+        ``(partition_factors, dense_factor)``: pass ``partition_factors`` as ``scales`` to
+        :func:`dpa_amplify_tensor` and multiply non-prunable deltas by ``dense_factor``.
+
+    Raises:
+        ValueError: no scale, or a negative or non-finite scale.
+
+    Example:
+        >>> release_factors([1.8, 0.0])  # release defaults
+        ([1.8, 0.0], 1.8)
+        >>> release_factors([1.0, 1.5])
+        ([1.5, 1.5], 1.5)
+    """
+    if not scales:
+        raise ValueError("release_factors needs at least one scale")
+    if any(not (math.isfinite(s) and s >= 0.0) for s in scales):
+        raise ValueError(f"DPA scales must be finite and >= 0, got {list(scales)}")
+    factors = [float(s) for s in scales]
+    for k in range(len(factors) - 2, -1, -1):
+        factors[k] = max(factors[k], factors[k + 1])
+    return factors, factors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _abs_flat(delta: torch.Tensor) -> torch.Tensor:
+    magnitudes = delta.detach().reshape(-1).abs()
+    return magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()
+
+
+def _sum_float64(values: torch.Tensor) -> float:
+    return float(sum(chunk.sum(dtype=torch.float64).item() for chunk in values.split(_SUM_CHUNK_NUMEL)))
+
+
+def _count_above(values: torch.Tensor, threshold: float) -> int:
+    """``count(values > threshold)`` with ``threshold`` taken exactly, not rounded to values' dtype."""
+    rounded = torch.tensor(threshold, dtype=values.dtype, device=values.device)
+    count = int((values > rounded).sum().item())
+    if rounded.item() > threshold:  # rounded up: entries equal to it are above the true threshold
+        count += int((values == rounded).sum().item())
+    return count
+
+
+def _percent(count: int, numel: int) -> Fraction:
+    return Fraction(100 * int(count), int(numel)) if numel else Fraction(0)
+
+
+def _centred(values: dict[str, Fraction], weights: Mapping[str, int]) -> dict[str, Fraction]:
+    total_weight = sum(weights[key] for key in values)
+    if total_weight == 0:
+        return dict(values)
+    mean = sum((weights[key] * value for key, value in values.items()), Fraction(0)) / total_weight
+    return {key: value - mean for key, value in values.items()}
+
+
+def _normalised(values: dict[str, Fraction]) -> dict[str, Fraction]:
+    largest = max((abs(value) for value in values.values()), default=Fraction(0))
+    if largest == 0:
+        return {key: Fraction(0) for key in values}
+    return {key: value / largest for key, value in values.items()}
+
+
+def _check_same_names(values: Mapping[str, object], groups: Groups, what: str) -> None:
+    missing = [name for name in groups if name not in values]
+    extra = [name for name in values if name not in groups]
+    if missing or extra:
+        raise ValueError(f"{what} does not match groups: missing {missing[:5]}, unexpected {extra[:5]}")
+
+
+def _check_partitions(
+    densities: Sequence[float], scales: Sequence[float], *, strictly_increasing: bool
+) -> None:
+    if len(densities) != len(scales) or not densities:
+        raise ValueError(
+            f"need one scale per density and at least one partition: {list(densities)}, {list(scales)}"
+        )
+    if any(not 0.0 <= d <= 1.0 for d in densities):
+        raise ValueError(f"densities must be in [0, 1], got {list(densities)}")
+    for low, high in zip(densities, densities[1:], strict=False):
+        if high < low or (strictly_increasing and high == low):
+            order = "increasing" if strictly_increasing else "non-decreasing"
+            raise ValueError(f"partition densities must be {order}, got {list(densities)}")
+
+
+def _scale_partitions(
+    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
+) -> torch.Tensor:
+    result = torch.zeros_like(delta)
+    # Widest partition first; each narrower (nested) mask overwrites, so an entry ends with the
+    # factor of the first partition it enters.
+    for density, scale in reversed(list(zip(densities, scales, strict=True))):
+        result = torch.where(dp_keep_mask(delta, density), delta * scale, result)
+    return result

@@ -1,0 +1,206 @@
+"""What an op is: a pydantic step schema plus per-tensor behaviour.
+
+An op class declares its step schema (``Step``), checks the kinds of its inputs, says which tensors
+it produces (from its inputs' headers alone), which input tensors each output tensor needs, and
+computes one output tensor at a time. Ops that need whole-model statistics declare
+:class:`Reduction` objects; the planner turns each into a streaming pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeengine.errors import ShapeError
+
+STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+
+
+class StepModel(BaseModel):
+    """Fields shared by every step. Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique name of the step; other steps refer to it.")
+    op: str
+
+
+Kind = Literal["model", "delta"]
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """What a step's output is.
+
+    Attributes:
+        kind: ``model`` (full weights) or ``delta`` (a task vector relative to ``base``).
+        origin: the load step whose config.json and tokenizer describe this output.
+        base: for deltas, the step holding the model the delta is relative to.
+    """
+
+    kind: Kind
+    origin: str
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of one tensor a step produces (known before any data is read)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+Source = tuple[str, str]  # (step id, tensor name)
+
+
+@dataclass
+class Reduction:
+    """A whole-model statistic computed in a streaming pass before the per-tensor work.
+
+    The planner runs ``map`` on every tensor in ``tensors`` (fed with the same inputs the op's
+    ``compute`` gets for that tensor), folds each result into an accumulator with ``fold`` as soon
+    as it is produced (so partial results never pile up), then calls ``finish``. ``after`` names
+    earlier reductions of the same step whose results ``map`` and ``finish`` need.
+
+    Attributes:
+        name: unique within the step, e.g. ``"module_stats"``.
+        tensors: output tensor names to visit.
+        map: (tensor name, input tensors, results of earlier reductions) -> partial.
+        finish: (accumulator, results of earlier reductions) -> result.
+        fold: (accumulator, tensor name, partial) -> accumulator; default collects a dict.
+        after: names of this step's reductions that must finish first.
+        label: shown on the progress bar.
+    """
+
+    name: str
+    tensors: list[str]
+    map: Callable[[str, list[torch.Tensor], Mapping[str, Any]], Any]
+    finish: Callable[[Any, Mapping[str, Any]], Any]
+    fold: Callable[[Any, str, Any], Any] | None = None
+    after: list[str] = field(default_factory=list)
+    label: str = ""
+
+    def initial(self) -> Any:
+        return {}
+
+    def fold_partial(self, acc: Any, name: str, partial: Any) -> Any:
+        if self.fold is not None:
+            return self.fold(acc, name, partial)
+        acc[name] = partial
+        return acc
+
+
+@dataclass
+class TaskContext:
+    """What a per-tensor computation may use besides its input tensors.
+
+    Attributes:
+        step: the step id.
+        tensor: the tensor name.
+        seed: the recipe seed.
+        device: where math runs.
+        stats: results of this step's reductions, by name.
+    """
+
+    step: str
+    tensor: str
+    seed: int
+    device: torch.device
+    stats: Mapping[str, Any]
+
+
+class Op:
+    """Base class of all ops. Subclasses set ``name`` and ``Step`` and override what they need."""
+
+    name: ClassVar[str]
+    Step: ClassVar[type[StepModel]]
+
+    def __init__(self, step: StepModel) -> None:
+        self.step = step
+        self.kind: StepKind | None = None
+        self.metas: dict[str, TensorMeta] = {}
+
+    # ---- validation (no data) -------------------------------------------------------------
+    def references(self) -> dict[str, list[str]]:
+        """Step ids this step refers to, by field name (``{"inputs": ["a", "b"]}``)."""
+        return {}
+
+    def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind | None, list[tuple[str, str]]]:
+        """Check input kinds. Returns (this step's kind, [(field, problem), ...])."""
+        raise NotImplementedError
+
+    # ---- planning (headers only) -------------------------------------------------------------
+    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
+        """Output tensors from the input steps' tensors. Raise ShapeError listing every mismatch."""
+        raise NotImplementedError
+
+    def sources(self, name: str) -> list[Source]:
+        """The input tensors ``compute`` receives for output tensor ``name``, in order."""
+        raise NotImplementedError
+
+    def reductions(self) -> list[Reduction]:
+        """Whole-model statistics this step needs; empty for purely per-tensor ops."""
+        return []
+
+    # ---- execution ---------------------------------------------------------------------------
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor | None:
+        """Compute output tensor ``ctx.tensor`` from its sources."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Resolved parameters (defaults filled in), for plans and provenance."""
+        return self.step.model_dump(by_alias=True, mode="json")
+
+
+def same_tensors(
+    step: str,
+    named_inputs: list[tuple[str, dict[str, TensorMeta]]],
+    *,
+    dtype: torch.dtype | None = torch.float32,
+) -> dict[str, TensorMeta]:
+    """Check that all inputs have the same tensor names and shapes; return the first's (as ``dtype``).
+
+    Every mismatch is listed in one error, so a user sees them all at once.
+
+    Raises:
+        ShapeError: names or shapes differ.
+    """
+    ref_id, ref = named_inputs[0]
+    problems: list[str] = []
+    for other_id, other in named_inputs[1:]:
+        missing = [n for n in ref if n not in other]
+        extra = [n for n in other if n not in ref]
+        if missing:
+            problems.append(f"'{other_id}' lacks {_names(missing)} present in '{ref_id}'")
+        if extra:
+            problems.append(f"'{other_id}' has {_names(extra)} absent from '{ref_id}'")
+        for n, meta in ref.items():
+            if n in other and other[n].shape != meta.shape:
+                problems.append(
+                    f"tensor '{n}': shape {list(other[n].shape)} in '{other_id}' vs {list(meta.shape)} in '{ref_id}'"
+                )
+    if problems:
+        raise ShapeError("; ".join(problems), step=step)
+    return {n: TensorMeta(m.shape, dtype or m.dtype) for n, m in ref.items()}
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} tensor(s) ({shown}{more})"

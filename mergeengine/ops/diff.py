@@ -1,0 +1,78 @@
+"""``diff``: the task vector of a fine-tuned model, ``delta = model - base`` in float32.
+
+```yaml
+- {id: d_math, op: diff, model: math, base: base}
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergeengine.errors import ShapeError
+from mergeengine.ops import register
+from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta, same_tensors
+from mergeengine.ops.vocab import VocabPolicy, align_vocab, aligned_meta, vocab_shapes
+
+
+class DiffStep(StepModel):
+    """Subtract a base model from a fine-tuned one."""
+
+    op: Literal["diff"]
+    model: str = Field(description="Step id of the fine-tuned model.")
+    base: str = Field(description="Step id of the base model.")
+    vocab: VocabPolicy = Field(
+        "error",
+        description="When the fine-tune has more embedding/lm_head rows than the base: "
+        "error, truncate (drop the extra rows, as the DPPA release does) or pad_base.",
+    )
+
+
+@register
+class DiffOp(Op):
+    """Per tensor: ``model.float() - base.float()``."""
+
+    name = "diff"
+    Step = DiffStep
+    step: DiffStep
+
+    def references(self) -> dict[str, list[str]]:
+        return {"model": [self.step.model], "base": [self.step.base]}
+
+    def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind | None, list[tuple[str, str]]]:
+        problems = []
+        for field in ("model", "base"):
+            ref = getattr(self.step, field)
+            if ref in kinds and kinds[ref].kind != "model":
+                problems.append((field, f"'{ref}' is a {kinds[ref].kind}; diff takes two models"))
+        if problems or self.step.model not in kinds:
+            return None, problems
+        return StepKind("delta", origin=kinds[self.step.model].origin, base=self.step.base), []
+
+    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
+        model, base = inputs[self.step.model], inputs[self.step.base]
+        self.row_mismatch = vocab_shapes(self.step.id, self.step.vocab, model, base, self.step.model, self.step.base)
+        if self.row_mismatch:
+            # Both sides take the aligned shape, so the usual name/shape check covers the rest.
+            fixed = {n: aligned_meta(self.step.vocab, model[n], base[n]) for n in self.row_mismatch}
+            model = {**model, **fixed}
+            base = {**base, **fixed}
+        try:
+            return same_tensors(self.step.id, [(self.step.base, base), (self.step.model, model)])
+        except ShapeError as exc:
+            raise ShapeError(exc.message, step=self.step.id) from None
+
+    row_mismatch: dict[str, tuple[int, int]] = {}
+
+    def sources(self, name: str) -> list[tuple[str, str]]:
+        return [(self.step.model, name), (self.step.base, name)]
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        model, base = inputs
+        if ctx.tensor in self.row_mismatch:
+            model, base = align_vocab(self.step.vocab, model, base)
+        return model.float() - base.float()

@@ -1,0 +1,76 @@
+"""``dp_prune``: DPPA's Dynamic Pruning (DPPA.md, "dp_prune").
+
+Magnitude pruning of a delta with a keep fraction that varies per decoder layer and per linear
+module according to their outlier ratios. Embeddings, norms and lm_head pass through dense.
+
+```yaml
+- {id: p_math, op: dp_prune, input: d_math, density: 0.2, lamda: 0.08, module_threshold: 5, layer_threshold: 3}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from mergeengine.kernels import dppa
+from mergeengine.ops import register
+from mergeengine.ops.base import Reduction, TaskContext
+from mergeengine.ops.delta_op import DeltaOp, DeltaStep
+from mergeengine.ops.dp_stats import (
+    Lamda,
+    LayerThreshold,
+    ModuleThreshold,
+    density_report,
+    dp_reductions,
+    log_summary,
+)
+
+
+class DpPruneStep(DeltaStep):
+    """DP parameters; defaults are the release's."""
+
+    op: Literal["dp_prune"]
+    density: float = Field(gt=0, le=1, description="Target keep fraction d.")
+    lamda: float = Lamda
+    module_threshold: float = ModuleThreshold
+    layer_threshold: float = LayerThreshold
+
+
+@register
+class DpPrune(DeltaOp):
+    """Two statistics passes (module then layer outliers), then per-tensor pruning."""
+
+    name = "dp_prune"
+    Step = DpPruneStep
+    step: DpPruneStep
+
+    def __init__(self, step: DpPruneStep) -> None:
+        super().__init__(step)
+        self.kept: dict[str, int] = {}
+
+    def reductions(self) -> list[Reduction]:
+        s = self.step
+        return dp_reductions(s.id, self.groups, [s.density], lamda=s.lamda,
+                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold)
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        delta = inputs[0]
+        if ctx.tensor not in self.groups:
+            return delta
+        densities: dppa.DPDensities = ctx.stats["layer_outliers"][0]
+        if ctx.tensor == next(iter(self.groups)):
+            log_summary(self.step.id, densities, self.groups)
+        out = dppa.dp_prune_tensor(delta, densities.module_density[ctx.tensor])
+        self.kept[ctx.tensor] = int(torch.count_nonzero(out))
+        return out
+
+    def plan_notes(self) -> list[str]:
+        return self.group_notes()
+
+    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Per-module outlier ratio, density and kept count (``dppa_report.json``)."""
+        numels = {n: self.metas[n].numel for n in self.groups}
+        return {"op": self.name, **density_report(stats["layer_outliers"][0], self.groups, self.kept, numels)}

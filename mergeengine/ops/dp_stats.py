@@ -1,0 +1,99 @@
+"""DP's whole-model statistics as two streaming reductions (shared by dp_prune and dpa_amplify).
+
+Pass 1 (``module_stats``): per decoder-linear tensor, sum |D|, numel and the module outlier count.
+Pass 2 (``layer_outliers``): per tensor, count(|D| > L * layer mean), the layer mean coming from
+pass 1. ``finish`` of pass 2 yields the module densities for each requested target density.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from mergeengine.kernels import dppa
+from mergeengine.ops.base import Reduction
+
+LOG = logging.getLogger(__name__)
+
+Lamda = Field(dppa.DEFAULT_LAMDA, ge=0, le=1, description="Spread of the per-layer / per-module densities.")
+ModuleThreshold = Field(dppa.DEFAULT_MODULE_THRESHOLD, gt=0, description="Module outlier: |D| > this * module mean.")
+LayerThreshold = Field(dppa.DEFAULT_LAYER_THRESHOLD, gt=0, description="Layer outlier: |D| > this * layer mean.")
+
+
+def dp_reductions(
+    step: str,
+    groups: dict[str, tuple[str, str]],
+    targets: list[float],
+    *,
+    lamda: float,
+    module_threshold: float,
+    layer_threshold: float,
+) -> list[Reduction]:
+    """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target."""
+    names = list(groups)
+
+    def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> dppa.ModulePartial:
+        return dppa.module_partial(inputs[0], module_threshold)
+
+    def finish_module(acc: dict[str, dppa.ModulePartial], stats: Mapping[str, Any]) -> dict[str, Any]:
+        return {"partials": acc, "layer_means": dppa.layer_means(acc, groups)}
+
+    def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> int:
+        mean = stats["module_stats"]["layer_means"][groups[name][0]]
+        return dppa.layer_outlier_partial(inputs[0], layer_threshold * mean)
+
+    def finish_layer(acc: dict[str, int], stats: Mapping[str, Any]) -> list[dppa.DPDensities]:
+        counts = dppa.layer_outlier_counts(acc, groups)
+        partials = stats["module_stats"]["partials"]
+        out = []
+        for d in targets:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", dppa.DensityClampedWarning)
+                out.append(dppa.dp_densities(partials, counts, groups, d, lamda))
+            for w in caught:
+                LOG.warning("step '%s': %s", step, w.message)
+        return out
+
+    return [
+        Reduction("module_stats", names, map_module, finish_module, label="module outliers"),
+        Reduction("layer_outliers", names, map_layer, finish_layer, after=["module_stats"], label="layer outliers"),
+    ]
+
+
+def density_report(densities: dppa.DPDensities, groups: dict[str, tuple[str, str]], kept: dict[str, int],
+                   numels: dict[str, int]) -> dict[str, Any]:
+    """JSON-ready per-layer and per-module figures for ``dppa_report.json``."""
+    layers: dict[str, Any] = {}
+    for layer in densities.layer_density:
+        layers[layer] = {
+            "outlier_ratio": densities.layer_ratio[layer],
+            "density": densities.layer_density[layer],
+            "modules": {},
+        }
+    for name, (layer, module) in groups.items():
+        layers[layer]["modules"][module] = {
+            "tensor": name,
+            "outlier_ratio": densities.module_ratio[name],
+            "offset": densities.module_offset[name],
+            "density": densities.module_density[name],
+            "numel": numels[name],
+            "kept": kept.get(name),
+        }
+    return {"target_density": densities.density, "lamda": densities.lamda, "clamped": densities.clamped,
+            "layers": layers}
+
+
+def log_summary(step: str, densities: dppa.DPDensities, groups: dict[str, tuple[str, str]]) -> None:
+    """``run -v``: min/mean/max module density per layer."""
+    per_layer: dict[str, list[float]] = {}
+    for name, (layer, _) in groups.items():
+        per_layer.setdefault(layer, []).append(densities.module_density[name])
+    LOG.info("step '%s': DP at density %.3f (lamda %.3f)", step, densities.density, densities.lamda)
+    for layer, ds in per_layer.items():
+        LOG.info("  %s: outlier ratio %.3f%%, density min %.4f mean %.4f max %.4f", layer,
+                 densities.layer_ratio[layer], min(ds), sum(ds) / len(ds), max(ds))

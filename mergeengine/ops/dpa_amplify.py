@@ -1,0 +1,125 @@
+"""``dpa_amplify``: DPPA's Dynamic Partition Amplification (DPPA.md, "dpa_amplify").
+
+Partition k holds the entries kept at density d_k but not at d_(k-1) (DP ranking by default, so
+masks are nested); each partition is multiplied by its own factor; entries outside the last
+density are 0; tensors DP leaves dense are multiplied by ``dense_scale``.
+
+```yaml
+- id: a_math
+  op: dpa_amplify
+  input: d_math
+  partitions: [{density: 0.1, scale: 1.8}, {density: 0.2, scale: 1.0}]
+  dense_scale: max
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mergeengine.kernels import dppa
+from mergeengine.ops import register
+from mergeengine.ops.base import Reduction, TaskContext
+from mergeengine.ops.delta_op import DeltaOp, DeltaStep
+from mergeengine.ops.dp_stats import (
+    Lamda,
+    LayerThreshold,
+    ModuleThreshold,
+    density_report,
+    dp_reductions,
+    log_summary,
+)
+
+
+class Partition(BaseModel):
+    """One partition: the density at which its entries enter, and their factor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    density: float = Field(gt=0, le=1)
+    scale: float = Field(ge=0)
+
+
+class DpaAmplifyStep(DeltaStep):
+    """DPA parameters; the DP ranking's parameters are those of dp_prune."""
+
+    op: Literal["dpa_amplify"]
+    select: Literal["dp", "magnitude"] = Field("dp", description="Ranking that defines the partitions.")
+    lamda: float = Lamda
+    module_threshold: float = ModuleThreshold
+    layer_threshold: float = LayerThreshold
+    partitions: list[Partition] = Field(min_length=1, description="Ascending densities, each with its factor.")
+    factors: Literal["own", "release"] = Field(
+        "own",
+        description="own: each partition gets its scale. release: the release's 'larger magnitude wins' "
+        "pick (partition k gets max(s_k..s_n)).",
+    )
+    dense_scale: Literal["max"] | float = Field(
+        "max", description="Factor for tensors DP leaves dense: max (release) or a number."
+    )
+
+    @field_validator("partitions")
+    @classmethod
+    def _ascending(cls, parts: list[Partition]) -> list[Partition]:
+        ds = [p.density for p in parts]
+        if any(b <= a for a, b in zip(ds, ds[1:], strict=False)):
+            raise ValueError(f"partition densities must be strictly ascending, got {ds}")
+        return parts
+
+
+@register
+class DpaAmplify(DeltaOp):
+    """Statistics passes as dp_prune (for select: dp), then per-tensor partition scaling."""
+
+    name = "dpa_amplify"
+    Step = DpaAmplifyStep
+    step: DpaAmplifyStep
+
+    def __init__(self, step: DpaAmplifyStep) -> None:
+        super().__init__(step)
+        self.kept: dict[str, int] = {}
+        scales = [p.scale for p in step.partitions]
+        self.scales = dppa.release_factors(scales)[0] if step.factors == "release" else scales
+        self.dense = max(self.scales) if step.dense_scale == "max" else float(step.dense_scale)
+
+    @property
+    def targets(self) -> list[float]:
+        return [p.density for p in self.step.partitions]
+
+    def reductions(self) -> list[Reduction]:
+        s = self.step
+        if s.select != "dp":
+            return []
+        return dp_reductions(s.id, self.groups, self.targets, lamda=s.lamda,
+                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold)
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        delta = inputs[0]
+        if ctx.tensor not in self.groups:
+            return delta * self.dense
+        if self.step.select == "magnitude":
+            out = dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
+        else:
+            per_target: list[dppa.DPDensities] = ctx.stats["layer_outliers"]
+            if ctx.tensor == next(iter(self.groups)):
+                log_summary(self.step.id, per_target[-1], self.groups)
+            densities = [d.module_density[ctx.tensor] for d in per_target]
+            out = dppa.dpa_amplify_tensor(delta, densities, self.scales)
+        self.kept[ctx.tensor] = int(torch.count_nonzero(out))
+        return out
+
+    def plan_notes(self) -> list[str]:
+        return self.group_notes()
+
+    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Per-partition DP densities and kept counts (``dppa_report.json``)."""
+        out: dict[str, Any] = {"op": self.name, "select": self.step.select, "factors": self.scales,
+                               "dense_scale": self.dense}
+        if self.step.select == "dp":
+            numels = {n: self.metas[n].numel for n in self.groups}
+            out["partitions"] = [density_report(d, self.groups, self.kept, numels) for d in stats["layer_outliers"]]
+        else:
+            out["kept"] = self.kept
+        return out

@@ -1,0 +1,54 @@
+"""``load``: a model from a folder, a safetensors file, a GGUF file or the hub.
+
+```yaml
+- {id: base, op: load, model: ./models/base}
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergeengine.io.checkpoint import Checkpoint
+from mergeengine.ops import register
+from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta
+
+
+class LoadStep(StepModel):
+    """Read a model lazily; tensors are read one at a time when the plan needs them."""
+
+    op: Literal["load"]
+    model: str = Field(min_length=1, description="Folder, .safetensors/.gguf file, or hub repo id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    allow_pickle: bool = Field(False, description="Allow PyTorch .bin checkpoints (read with weights_only=True).")
+
+
+@register
+class LoadOp(Op):
+    """Produces the model's tensors in their stored dtype."""
+
+    name = "load"
+    Step = LoadStep
+    step: LoadStep
+
+    def __init__(self, step: LoadStep) -> None:
+        super().__init__(step)
+        self.checkpoint: Checkpoint | None = None  # opened by the planner
+
+    def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind, list[tuple[str, str]]]:
+        return StepKind("model", origin=self.step.id), []
+
+    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
+        assert self.checkpoint is not None
+        return {n: TensorMeta(i.shape, i.dtype) for n, i in self.checkpoint.tensors().items()}
+
+    def sources(self, name: str) -> list[tuple[str, str]]:
+        return []
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        assert self.checkpoint is not None
+        return self.checkpoint.read(ctx.tensor).to(ctx.device)

@@ -1,0 +1,210 @@
+"""``merge``: combine deltas (or models) onto a base. One class per method, sharing this base.
+
+```yaml
+- id: merged
+  op: merge
+  method: task_arithmetic
+  base: base
+  inputs: [d_math, d_code]   # deltas; models are diffed against base automatically
+  weights: [1.0, 0.5]
+  lambda: 0.7
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from mergeengine.errors import ShapeError
+from mergeengine.ops import register_method
+from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta, same_tensors
+from mergeengine.ops.vocab import VocabPolicy, pad_rows
+
+Density = Annotated[float, Field(gt=0, le=1)]
+
+
+class MergeStep(StepModel):
+    """Fields every merge method has."""
+
+    op: Literal["merge"]
+    method: str
+    base: str | None = Field(None, description="Step id of the base model (required except for linear).")
+    inputs: list[str] = Field(min_length=1, description="Step ids of deltas or models to merge.")
+    weights: list[float] | None = Field(None, description="One weight per input (default 1 each).")
+    lambda_: float = Field(1.0, alias="lambda", description="Scale of the merged delta added to the base.")
+    vocab: VocabPolicy = Field(
+        "error",
+        description="When inputs have more embedding/lm_head rows than the base: error, "
+        "truncate (to the base's rows) or pad_base (zero rows added, output takes the largest vocabulary).",
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> MergeStep:
+        if self.weights is not None and len(self.weights) != len(self.inputs):
+            raise ValueError(f"weights has {len(self.weights)} entries but inputs has {len(self.inputs)}")
+        for field in ("density", "gamma"):
+            value = getattr(self, field, None)
+            if isinstance(value, list) and len(value) != len(self.inputs):
+                raise ValueError(f"{field} has {len(value)} entries but inputs has {len(self.inputs)}")
+        return self
+
+
+def per_input(value: float | list[float], n: int) -> list[float]:
+    """Broadcast a scalar parameter to one value per input."""
+    return list(value) if isinstance(value, list) else [value] * n
+
+
+class MergeOp(Op):
+    """Shared behaviour: kind checks, name/shape alignment, models -> deltas, ``base + lambda * merged``.
+
+    Subclasses implement :meth:`combine` on the list of float32 deltas of one tensor.
+    """
+
+    name = "merge"
+    method: str
+    step: MergeStep
+    needs_base = True
+
+    @property
+    def weights(self) -> list[float]:
+        return self.step.weights or [1.0] * len(self.step.inputs)
+
+    def references(self) -> dict[str, list[str]]:
+        refs = {"inputs": list(self.step.inputs)}
+        if self.step.base is not None:
+            refs["base"] = [self.step.base]
+        return refs
+
+    def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind | None, list[tuple[str, str]]]:
+        problems: list[tuple[str, str]] = []
+        base = self.step.base
+        if base is None and self.needs_base:
+            return None, [("base", f"method '{self.method}' needs a base model")]
+        if base is not None and base in kinds and kinds[base].kind != "model":
+            problems.append(("base", f"'{base}' is a {kinds[base].kind}; the base must be a model"))
+        self.input_kinds = {i: kinds[i].kind for i in self.step.inputs if i in kinds}
+        if problems:
+            return None, problems
+        origin_step = base if base is not None else self.step.inputs[0]
+        if origin_step not in kinds:
+            return None, []
+        return StepKind("model", origin=kinds[origin_step].origin), []
+
+    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
+        named = [(s, inputs[s]) for s in ([self.step.base] if self.step.base else []) + self.step.inputs]
+        named = list(dict(named).items())
+        self.target_rows: dict[str, int] = {}
+        if self.step.vocab != "error":
+            named = self._align_rows(named)
+        return same_tensors(self.step.id, named)
+
+    def _align_rows(self, named: list[tuple[str, dict[str, TensorMeta]]]) -> list[tuple[str, dict[str, TensorMeta]]]:
+        ref = named[0][1]
+        for name, meta in ref.items():
+            rows = [m[name].shape[0] for _, m in named if name in m and len(m[name].shape) == len(meta.shape)]
+            if len(set(rows)) > 1 and all(
+                m[name].shape[1:] == meta.shape[1:] for _, m in named if name in m
+            ):
+                self.target_rows[name] = min(rows) if self.step.vocab == "truncate" else max(rows)
+                if self.step.base and self.step.vocab == "truncate":
+                    self.target_rows[name] = ref[name].shape[0]
+        if not self.target_rows:
+            return named
+        out = []
+        for sid, metas in named:
+            fixed = {
+                n: TensorMeta((self.target_rows[n], *m.shape[1:]), m.dtype) if n in self.target_rows else m
+                for n, m in metas.items()
+            }
+            out.append((sid, fixed))
+        return out
+
+    def sources(self, name: str) -> list[tuple[str, str]]:
+        base = [(self.step.base, name)] if self.step.base and self.needs_base else []
+        return base + [(i, name) for i in self.step.inputs]
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        rows = self.target_rows.get(ctx.tensor)
+        if rows is not None:
+            inputs = [pad_rows(t, rows) for t in inputs]
+        base = inputs[0].float()
+        deltas = []
+        for step_id, x in zip(self.step.inputs, inputs[1:], strict=True):
+            deltas.append(x.float() - base if self.input_kinds.get(step_id) == "model" else x.float())
+        merged = self.combine(deltas, ctx)
+        return base.add_(merged, alpha=self.step.lambda_) if base is not inputs[0] else base + self.step.lambda_ * merged
+
+    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        """Merge the float32 deltas of one tensor into one delta."""
+        raise NotImplementedError
+
+
+class TaskArithmeticStep(MergeStep):
+    """``base + lambda * sum_i w_i delta_i``."""
+
+    method: Literal["task_arithmetic"]
+
+
+@register_method
+class TaskArithmetic(MergeOp):
+    """Task arithmetic (Ilharco et al. 2023)."""
+
+    method = "task_arithmetic"
+    Step = TaskArithmeticStep
+
+    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        out = deltas[0] * self.weights[0]
+        for w, d in zip(self.weights[1:], deltas[1:], strict=True):
+            out.add_(d, alpha=w)
+        return out
+
+
+class LinearStep(MergeStep):
+    """``sum_i w_i M_i / sum_i w_i`` over whole models; ``base`` only names the config source."""
+
+    method: Literal["linear"]
+    lambda_: float = Field(1.0, alias="lambda", description="Not used by linear (must stay 1).")
+
+    @model_validator(mode="after")
+    def _check_linear(self) -> LinearStep:
+        if self.lambda_ != 1.0:
+            raise ValueError("linear averages models and has no lambda; use task_arithmetic to scale deltas")
+        if self.weights is not None and sum(self.weights) == 0:
+            raise ValueError("weights sum to 0: a weighted average needs a non-zero total")
+        return self
+
+
+@register_method
+class Linear(MergeOp):
+    """Weighted average of models (Wortsman et al. 2022, model soups)."""
+
+    method = "linear"
+    Step = LinearStep
+    needs_base = False
+
+    def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind | None, list[tuple[str, str]]]:
+        problems = [
+            ("inputs", f"'{i}' is a delta; linear averages models (use task_arithmetic for deltas)")
+            for i in self.step.inputs
+            if i in kinds and kinds[i].kind != "model"
+        ]
+        if problems:
+            return None, problems
+        return super().infer_kind(kinds)
+
+    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
+        try:
+            return same_tensors(self.step.id, [(s, inputs[s]) for s in self.step.inputs])
+        except ShapeError as exc:
+            raise ShapeError(exc.message, step=self.step.id) from None
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        w = self.weights
+        out = inputs[0].float() * w[0]
+        for wi, x in zip(w[1:], inputs[1:], strict=True):
+            out.add_(x.float(), alpha=wi)
+        return out.div_(sum(w))
