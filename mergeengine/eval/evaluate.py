@@ -352,6 +352,7 @@ def evaluate(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     limit: int | None = None,
+    loglik: bool = True,
     progress: bool = False,
 ) -> EvalResult:
     """Greedy exact-match accuracy and answer log-likelihood of a causal LM on each task.
@@ -367,7 +368,9 @@ def evaluate(
         batch_size: prompts per forward pass.
         device: where to run; ``None``: the in-memory model's device, else CUDA when available.
         dtype: dtype to load a folder in (see :func:`load_model`); ignored for in-memory models.
-        limit: evaluate at most this many records per task (overrides smaller task limits).
+        limit: evaluate at most this many records per task (tightens the task file's limits).
+        loglik: also compute the answer log-likelihood (one extra forward pass per batch); when
+            False, ``loglik`` / ``mean_loglik`` are NaN. Searches that only need accuracy skip it.
         progress: show a tqdm bar counted in batches.
 
     Returns:
@@ -426,7 +429,7 @@ def evaluate(
         for spec, records in batches:
             pairs = [_encode_pair(tokenizer, r.prompt, r.answer) for r in records]
             generations = _generate(model, tokenizer, [ctx for ctx, _ in pairs], spec, dev)
-            sums = _logliks(model, pairs, pad, dev)
+            sums = _logliks(model, pairs, pad, dev) if loglik else [math.nan] * len(pairs)
             for record, (_, ans), gen, total in zip(records, pairs, generations, sums, strict=True):
                 target = target_of(record, spec)
                 prediction = extract_answer(spec.extract, gen)

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from mergeengine.errors import ShapeError
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta, same_tensors
-from mergeengine.ops.vocab import VocabPolicy, pad_rows
+from mergeengine.ops.vocab import VocabPolicy, is_vocab_tensor, pad_rows
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -106,7 +106,7 @@ class MergeOp(Op):
         ref = named[0][1]
         for name, meta in ref.items():
             rows = [m[name].shape[0] for _, m in named if name in m and len(m[name].shape) == len(meta.shape)]
-            if len(set(rows)) > 1 and all(
+            if len(set(rows)) > 1 and is_vocab_tensor(name) and all(
                 m[name].shape[1:] == meta.shape[1:] for _, m in named if name in m
             ):
                 self.target_rows[name] = min(rows) if self.step.vocab == "truncate" else max(rows)

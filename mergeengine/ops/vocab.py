@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
@@ -10,6 +11,14 @@ from mergeengine.errors import ShapeError
 from mergeengine.ops.base import TensorMeta
 
 VocabPolicy = Literal["error", "truncate", "pad_base"]
+
+# Tensors whose first dimension is the vocabulary (Llama, GPT-2, BERT, GPT-NeoX names).
+VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out)\b")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Whether ``name`` is an embedding or output head (rows = vocabulary)."""
+    return bool(VOCAB_TENSOR.search(name))
 
 
 def vocab_shapes(
@@ -32,7 +41,7 @@ def vocab_shapes(
     rows: dict[str, tuple[int, int]] = {}
     for name, m in model.items():
         b = base.get(name)
-        if b is None or b.shape == m.shape or len(m.shape) != len(b.shape) or m.shape[1:] != b.shape[1:]:
+        if b is None or b.shape == m.shape or not is_vocab_tensor(name) or m.shape[1:] != b.shape[1:]:
             continue
         rows[name] = (m.shape[0], b.shape[0])
     if not rows:

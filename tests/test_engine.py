@@ -1,0 +1,217 @@
+"""End-to-end runs of the core engine on tiny real checkpoints, checked numerically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_folder, write_recipe
+from safetensors import safe_open
+
+from mergeengine import api
+from mergeengine.errors import NonFiniteError, OutputError
+from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
+from mergeengine.ops.merge import TaskArithmetic
+from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
+
+
+def load(folder):
+    c = SafetensorsCheckpoint(folder)
+    return {n: c.read(n) for n in c.tensors()}
+
+
+def ta_recipe(tmp_path, models, *, math="math", extra="", save_extra=""):
+    return write_recipe(tmp_path, f"""
+        name: t
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: math, op: load, model: {models[math]}}}
+          - {{id: code, op: load, model: {models['code']}}}
+          - {{id: d_math, op: diff, model: math, base: base}}
+          - {{id: d_code, op: diff, model: code, base: base}}
+          - {{id: merged, op: merge, method: task_arithmetic, base: base, inputs: [d_math, d_code],
+              weights: [1.0, 0.5], lambda: 0.7{extra}}}
+          - {{id: out, op: save, input: merged, path: out{save_extra}}}
+        """)
+
+
+def test_task_arithmetic_matches_direct_computation(tmp_path, models):
+    result = api.run_recipe(ta_recipe(tmp_path, models))
+    out = read_folder(tmp_path / "out")
+    b, m, c = load(models["base"]), load(models["math"]), load(models["code"])
+    assert set(out) == set(b)
+    for n in b:
+        expected = b[n].float() + 0.7 * (1.0 * (m[n].float() - b[n].float()) + 0.5 * (c[n].float() - b[n].float()))
+        assert out[n].dtype == torch.bfloat16  # the base's dtype by default
+        torch.testing.assert_close(out[n].float(), expected, atol=1e-6, rtol=8e-3)  # one bf16 ulp
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["model_type"] == "llama"
+    assert (tmp_path / "out" / "generation_config.json").exists()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as h:
+        assert h.metadata() == {"format": "pt"}
+    assert result.stats.tensors_written == len(b)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_linear_merge_and_dtype(tmp_path, models):
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: a, op: load, model: {models['base32']}}}
+          - {{id: b, op: load, model: {models['math32']}}}
+          - {{id: avg, op: merge, method: linear, inputs: [a, b], weights: [3, 1]}}
+          - {{id: out, op: save, input: avg, path: out, dtype: float16}}
+        """)
+    api.run_recipe(r)
+    out = read_folder(tmp_path / "out")
+    a, b = load(models["base32"]), load(models["math32"])
+    for n in a:
+        torch.testing.assert_close(out[n].float(), (3 * a[n] + b[n]) / 4, atol=1e-6, rtol=1e-3)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_models_as_merge_inputs_are_diffed_against_base(tmp_path, models):
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base32']}}}
+          - {{id: math, op: load, model: {models['math32']}}}
+          - {{id: merged, op: merge, method: task_arithmetic, base: base, inputs: [math], lambda: 0.5}}
+          - {{id: out, op: save, input: merged, path: out}}
+        """)
+    api.run_recipe(r)
+    out, b, m = read_folder(tmp_path / "out"), load(models["base32"]), load(models["math32"])
+    for n in b:
+        torch.testing.assert_close(out[n], b[n] + 0.5 * (m[n] - b[n]))
+
+
+def test_sharded_input_and_output_give_the_same_values(tmp_path, models):
+    api.run_recipe(ta_recipe(tmp_path, models))
+    single = read_folder(tmp_path / "out")
+    r2 = ta_recipe(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, models, math="math_sharded",
+                   save_extra=", max_shard_bytes: 50KB")
+    api.run_recipe(r2)
+    folder = tmp_path / "x" / "out"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in single.values())
+    for f in files:
+        assert (folder / f).stat().st_size <= 50_000 + 8 + 4096  # data + header
+        with safe_open(str(folder / f), framework="pt") as h:
+            assert h.metadata() == {"format": "pt"}
+    sharded = read_folder(folder)
+    assert set(sharded) == set(single)
+    for n in single:
+        assert torch.equal(sharded[n], single[n])
+
+
+def test_two_runs_give_identical_bytes(tmp_path, models):
+    r = ta_recipe(tmp_path, models)
+    api.run_recipe(r)
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    api.run_recipe(r, overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+
+
+def test_output_exists_needs_overwrite(tmp_path, models):
+    r = ta_recipe(tmp_path, models)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="exists"):
+        api.run_recipe(r)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    api.run_recipe(r, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_failure_mid_run_leaves_nothing_behind(tmp_path, models, monkeypatch):
+    calls = {"n": 0}
+    original = TaskArithmetic.combine
+
+    def failing(self, deltas, ctx):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("boom")
+        return original(self, deltas, ctx)
+
+    monkeypatch.setattr(TaskArithmetic, "combine", failing)
+    with pytest.raises(Exception, match="boom") as info:
+        api.run_recipe(ta_recipe(tmp_path, models))
+    assert "step 'merged'" in str(info.value) and "tensor '" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
+    shape = LlamaShape(num_hidden_layers=1)
+    base = make_weights(shape, 0)
+    bad = fine_tune(base, 1)
+    bad["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    write_checkpoint(tmp_path / "b", base, shape)
+    write_checkpoint(tmp_path / "f", bad, shape)
+    r = write_recipe(tmp_path, """
+        steps:
+          - {id: base, op: load, model: ./b}
+          - {id: ft, op: load, model: ./f}
+          - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}
+          - {id: out, op: save, input: m, path: out}
+        """)
+    with pytest.raises(NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
+        api.run_recipe(r)
+    assert not (tmp_path / "out").exists()
+    api.run_recipe(r, allow_nonfinite=True)
+    assert (tmp_path / "out").exists()
+
+
+def test_peak_memory_stays_a_few_tensors_on_a_deep_model(tmp_path):
+    shape = LlamaShape(num_hidden_layers=24, vocab_size=64)
+    base = make_weights(shape, 0)
+    for name, seed in [("b", None), ("f1", 1), ("f2", 2)]:
+        write_checkpoint(tmp_path / name, base if seed is None else fine_tune(base, seed), shape)
+    r = write_recipe(tmp_path, """
+        steps:
+          - {id: base, op: load, model: ./b}
+          - {id: f1, op: load, model: ./f1}
+          - {id: f2, op: load, model: ./f2}
+          - {id: d1, op: diff, model: f1, base: base}
+          - {id: d2, op: diff, model: f2, base: base}
+          - {id: p1, op: dp_prune, input: d1, density: 0.3}
+          - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [p1, d2]}
+          - {id: out, op: save, input: m, path: out}
+        """)
+    result = api.run_recipe(r)
+    largest = max(m.nbytes for m in result.plan.metas["d1"].values())
+    total = sum(m.nbytes for m in result.plan.metas["d1"].values())
+    assert result.stats.peak_live_bytes <= 6 * largest
+    assert result.stats.peak_live_bytes < total / 20
+    # the dry-run estimate is exact: same accounting, same schedule
+    assert result.plan.estimate.peak_live_bytes == result.stats.peak_live_bytes
+    assert result.plan.estimate.bytes_read == result.stats.bytes_read
+
+
+def test_schedule_finishes_each_tensor_before_loading_the_next(tmp_path, models):
+    plan = api.plan_recipe(ta_recipe(tmp_path, models))
+    seen_done: set[str] = set()
+    current = None
+    for key in plan.order:
+        if key.step in ("base", "math", "code"):
+            assert key.tensor not in seen_done
+            if current is not None and key.tensor != current:
+                assert current in seen_done, f"loaded {key.tensor} before {current} was written"
+            current = key.tensor
+        if key.step == "out":
+            seen_done.add(key.tensor)
+
+
+def test_dry_run_reads_no_tensor_data(tmp_path, models, monkeypatch, capsys):
+    from mergeengine.cli import main
+
+    def no_read(self, name):
+        raise AssertionError("tensor data read during planning")
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read", no_read)
+    r = ta_recipe(tmp_path, models)
+    assert main(["run", str(r), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated peak live memory" in text and "tensors written: 21" in text
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,228 @@
+"""Exact selection (selection.py) and the streaming model-wide quantile (quantile.py).
+
+Every fast path is compared with a direct implementation: a stable sort of ``|x|`` in float64.
+The histogram path is forced on small tensors by lowering ``HISTOGRAM_MIN_NUMEL``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergeengine.kernels import selection
+from mergeengine.kernels.quantile import MagnitudeQuantile
+from mergeengine.kernels.selection import (
+    keep_count,
+    kth_largest_abs,
+    kth_smallest_abs,
+    select_abs_rank,
+    topk_abs_mask,
+)
+from mergeengine.kernels.sparsify import threshold_prune
+
+
+@pytest.fixture(params=["sort_path", "histogram_path"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per code path: small-tensor kthvalue and the two-pass radix select."""
+    if request.param == "histogram_path":
+        monkeypatch.setattr(selection, "HISTOGRAM_MIN_NUMEL", 0)
+        monkeypatch.setattr(selection, "_CHUNK_NUMEL", 7)  # many ragged chunks on small tensors
+    return request.param
+
+
+def tricky(seed: int, numel: int = 600) -> torch.Tensor:
+    """Random values with many exact ties, zeros, negative zeros, subnormals and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g)
+    choice = torch.randint(0, 6, (numel,), generator=g)
+    pool = torch.tensor([0.0, -0.0, 0.5, -0.5, 1e-40, -3e38])  # 1e-40 is subnormal
+    picks = pool[torch.randint(0, len(pool), (numel,), generator=g)]
+    x = torch.where(choice < 3, picks, x)
+    x[:5] = torch.tensor([-0.0, 0.0, -0.0, 0.25, -0.25])
+    return x
+
+
+def reference_sorted_abs(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).double().abs().sort().values
+
+
+def reference_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k: magnitude descending, flat index ascending (the documented tie rule)."""
+    flat = x.reshape(-1).double().abs()
+    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_smallest_abs_matches_sort_on_every_rank(path: str, seed: int) -> None:
+    x = tricky(seed).view(20, 30)
+    expected = reference_sorted_abs(x)
+    for k in range(1, x.numel() + 1):
+        got = kth_smallest_abs(x, k)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert got.item() == expected[k - 1].item(), k
+    assert kth_largest_abs(x, 1).item() == expected[-1].item()
+    assert kth_largest_abs(x, x.numel()).item() == expected[0].item()
+
+
+def test_kth_smallest_abs_same_as_torch_kthvalue_on_random(path: str) -> None:
+    x = torch.randn(3, 257, generator=torch.Generator().manual_seed(9))
+    for k in [1, 2, 300, 770, 771]:
+        assert kth_smallest_abs(x, k) == torch.kthvalue(x.abs().flatten(), k).values
+
+
+def test_negative_zero_ties_with_zero_and_tie_counts(path: str) -> None:
+    x = torch.tensor([-0.0, 0.0, 1.0, -1.0, -0.0, 2.0])
+    selected = select_abs_rank(x, 2)
+    assert selected.value == 0.0
+    assert (selected.count_less, selected.count_equal) == (0, 3)
+    selected = select_abs_rank(x, 5)
+    assert (selected.value, selected.count_less, selected.count_equal) == (1.0, 3, 2)
+
+
+def test_non_float32_inputs_and_nan(path: str) -> None:
+    x = torch.tensor([0.5, -2.0, 1.0], dtype=torch.bfloat16)
+    assert kth_smallest_abs(x, 2).item() == 1.0
+    with_nan = torch.tensor([float("nan"), 1.0, -float("inf"), 0.0])
+    assert kth_smallest_abs(with_nan, 3).item() == math.inf  # NaN ranks above inf, like sort
+    assert topk_abs_mask(with_nan, 1).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("k", [0, -1, 7])
+def test_rank_out_of_range(k: int) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        kth_smallest_abs(torch.ones(6), k)
+    if k != 0:
+        with pytest.raises(ValueError, match="out of range"):
+            topk_abs_mask(torch.ones(6), k)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_abs_mask_exact_count_and_tie_rule(path: str, seed: int) -> None:
+    x = tricky(seed, 120).view(10, 12)
+    for k in range(0, x.numel() + 1, 7):
+        mask = topk_abs_mask(x, k)
+        assert mask.shape == x.shape and mask.dtype == torch.bool
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, reference_topk_mask(x, k)), k
+
+
+def test_topk_abs_mask_is_nested(path: str) -> None:
+    x = tricky(5, 200)
+    previous = topk_abs_mask(x, 0)
+    for k in range(1, 201, 3):
+        mask = topk_abs_mask(x, k)
+        assert torch.all(mask | ~previous)  # previous implies mask
+        previous = mask
+
+
+def test_topk_abs_mask_ties_in_a_late_chunk(path: str) -> None:
+    x = torch.zeros(50)
+    x[0] = 5.0
+    x[40:] = 1.0  # ten ties at the threshold, all after the first chunks
+    mask = topk_abs_mask(x, 4)
+    assert mask.nonzero().view(-1).tolist() == [0, 40, 41, 42]
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (1, 1)])
+def test_tiny_tensors(shape: tuple[int, ...]) -> None:
+    x = torch.full(shape, -3.0)
+    numel = x.numel()
+    assert topk_abs_mask(x, 0).shape == x.shape and not topk_abs_mask(x, 0).any()
+    assert topk_abs_mask(x, numel).all()
+    if numel:
+        assert kth_smallest_abs(x, 1).item() == 3.0
+
+
+def test_keep_count_rounding() -> None:
+    assert keep_count(10, 0.3) == 3  # int(0.3 * 10) would be 2
+    assert keep_count(10, 0.25) == 3  # half rounds up
+    assert keep_count(10, 0.24) == 2
+    assert keep_count(7, 1.0) == 7 and keep_count(7, 0.0) == 0 and keep_count(0, 0.5) == 0
+    assert keep_count(1, 0.5) == 1 and keep_count(1, 0.49) == 0
+    for bad in [-0.1, 1.1, math.nan, "0.5", True]:
+        with pytest.raises(ValueError):
+            keep_count(10, bad)  # type: ignore[arg-type]
+
+
+def test_large_tensor_histogram_path_matches_kthvalue() -> None:
+    # Above HISTOGRAM_MIN_NUMEL, default chunking, bf16-like ties (few distinct values).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 400, generator=g).bfloat16().float() * 1e-3
+    x[::7] = 0.0
+    flat = x.abs().flatten()
+    for k in [1, 17_000, 60_001, 120_000]:
+        assert kth_smallest_abs(x, k) == torch.kthvalue(flat, k).values
+    mask = topk_abs_mask(x, 30_000)
+    assert int(mask.sum()) == 30_000
+    threshold = kth_largest_abs(x, 30_000)
+    assert torch.all(x.abs()[mask] >= threshold) and torch.all(x.abs()[~mask] <= threshold)
+
+
+# -- model-wide quantile ------------------------------------------------------------------------
+
+
+def model_tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(17, 9, generator=g),
+        tricky(11, 333),
+        torch.zeros(40),
+        torch.tensor(-0.5),
+        torch.randn(5, 5, generator=g).bfloat16(),
+        torch.empty(0),
+    ]
+    tensors[0][0, :5] = 0.5  # ties across tensors
+    return tensors
+
+
+def run_quantile(density: float, tensors: list[torch.Tensor]) -> float:
+    quantile = MagnitudeQuantile(density)
+    partials = [quantile.stage1_partial(t) for t in reversed(tensors)]  # order must not matter
+    state = quantile.stage1_reduce(sum(partials), total_numel=sum(t.numel() for t in tensors))
+    partials = [quantile.stage2_partial(t, state) for t in tensors]
+    return quantile.stage2_reduce(sum(partials), state)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.25, 0.5, 0.77, 0.99, 1.0])
+def test_model_quantile_matches_torch_on_concatenation(density: float) -> None:
+    tensors = model_tensors()
+    everything = torch.cat([t.float().reshape(-1) for t in tensors]).abs()
+    n = everything.numel()
+    k = keep_count(n, density)
+    threshold = run_quantile(density, tensors)
+    if k == 0:
+        assert threshold == math.inf
+        assert not threshold_prune(tensors[0], threshold).any()
+        return
+    assert threshold == torch.kthvalue(everything, n - k + 1).values.item()
+    assert threshold == everything.sort(descending=True).values[k - 1].item()
+    assert int((everything > threshold).sum()) < k <= int((everything >= threshold).sum())
+    for t in tensors:
+        values = t.float()
+        expected = torch.where(values.abs() >= threshold, values, torch.zeros(()))
+        assert torch.equal(threshold_prune(t, threshold), expected)
+    assert MagnitudeQuantile(density).threshold(lambda: iter(tensors)) == threshold
+
+
+def test_model_quantile_reduce_checks() -> None:
+    quantile = MagnitudeQuantile(0.5)
+    counts = quantile.stage1_partial(torch.ones(4))
+    with pytest.raises(ValueError, match="missed or counted twice"):
+        quantile.stage1_reduce(counts, total_numel=5)
+    with pytest.raises(ValueError, match="bins"):
+        quantile.stage1_reduce(torch.zeros(10, dtype=torch.int64))
+    state = quantile.stage1_reduce(counts)
+    assert (state.total_numel, state.keep_count, state.rank) == (4, 2, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        quantile.stage2_reduce(torch.zeros(MagnitudeQuantile.BINS, dtype=torch.int64), state)
+    with pytest.raises(ValueError):
+        MagnitudeQuantile(1.5)
+
+
+def test_model_quantile_of_no_entries() -> None:
+    assert MagnitudeQuantile(0.5).threshold(lambda: [torch.empty(0)]) == math.inf
