@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -20,7 +21,7 @@ import torch
 
 from mergeengine.errors import MergeEngineError, ModelError
 from mergeengine.executor import DictSink, RunStats, Sink, execute
-from mergeengine.graph.plan import Plan, TaskKey, build_plan
+from mergeengine.graph.plan import Plan, TaskKey, build_plan, restrict
 from mergeengine.graph.steps import StepGraph, build_step_graph
 from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.io.writer import OutputFolder, ShardedWriter
@@ -123,6 +124,7 @@ def run_recipe(
     device: str = "cpu",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    resume: bool = False,
     progress: bool = False,
 ) -> RunResult:
     """Run a recipe and write every save step's folder atomically.
@@ -133,47 +135,81 @@ def run_recipe(
         device: ``cpu``, ``cuda`` or ``auto``.
         overwrite: replace existing output folders.
         allow_nonfinite: accept NaN/Inf in the results.
+        resume: keep the shards an interrupted run of the same plan finished (checked by size and
+            sha256) and compute only the rest; the bytes are those of an uninterrupted run.
         progress: show progress bars.
 
     Returns:
         The plan, run statistics and the output folders.
 
     Raises:
-        MergeEngineError: any failure; no output folder is left half-written.
+        MergeEngineError: any failure. Nothing is left at the destination; finished shards stay
+            in the hidden ``.<name>.partial`` sibling for ``--resume``.
     """
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
-    plan = build_plan(validate(loaded), out=out)
+    full_plan = build_plan(validate(loaded), out=out)
     dev = resolve_device(device)
-    folders = {s: OutputFolder(plan.save_paths[s], overwrite=overwrite, step=s) for s in plan.save_order}
+    folders = {s: OutputFolder(full_plan.save_paths[s], overwrite=overwrite, step=s) for s in full_plan.save_order}
     for f in folders.values():
         f.check()
     writers: dict[str, ShardedWriter] = {}
+    plan_id = _plan_id(full_plan, loaded)
+    skip: dict[str, set[str]] = {}
+    for s, folder in folders.items():
+        tmp = folder.create(resume=resume)
+        op = full_plan.ops[s]
+        writers[s] = ShardedWriter(tmp, full_plan.save_order[s], full_plan.metas[s], op.step.max_shard_bytes,
+                                   step=s, plan_id=plan_id)
+        if resume:
+            skip[s] = set(writers[s].resume())
+            if skip[s]:
+                LOG.warning("step '%s': resuming: %d of %d tensors already written", s, len(skip[s]),
+                            len(full_plan.save_order[s]))
+    plan = restrict(full_plan, skip)
     bar = _Progress(plan, progress)
     try:
-        for s, folder in folders.items():
-            tmp = folder.create()
-            op = plan.ops[s]
-            writers[s] = ShardedWriter(tmp, plan.save_order[s], plan.metas[s], op.step.max_shard_bytes, step=s)
         stats = execute(
             plan, dict(writers), device=dev, seed=loaded.recipe.seed, allow_nonfinite=allow_nonfinite, progress=bar
         )
         bar.close()
         outputs = {}
         for s, folder in folders.items():
-            _finish_folder(plan, s, writers[s], folder.tmp)
-            _write_reports(plan, s, stats, folder.tmp)
+            writers[s].finish()
+            _finish_folder(full_plan, s, writers[s], folder.tmp)
+            _write_reports(full_plan, s, stats, folder.tmp)
             outputs[s] = folder.commit()
-    except BaseException:
+    except BaseException as exc:
         bar.close()
         for w in writers.values():
             w.abort()
+        kept = [f for f in folders.values() if f.has_progress()]
         for f in folders.values():
-            f.discard()
+            if f not in kept:
+                f.discard()
+        if kept and isinstance(exc, MergeEngineError):
+            exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
+        elif kept:
+            LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
         raise
     finally:
-        for c in plan.checkpoints.values():
+        for c in full_plan.checkpoints.values():
             c.close()
     return RunResult(plan, stats, outputs)
+
+
+def _plan_id(plan: Plan, loaded: LoadedRecipe) -> str:
+    """A digest of everything that determines the output bytes: recipe, inputs' identity, layout."""
+    h = hashlib.sha256(json.dumps(loaded.raw, sort_keys=True, default=str).encode())
+    for sid, ckpt in sorted(plan.checkpoints.items()):
+        for f in ckpt.weight_files():
+            st = f.stat()
+            h.update(f"{sid}:{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for s, names in plan.save_order.items():
+        h.update(f"{s}:{plan.save_paths[s]}".encode())
+        for n in names:
+            m = plan.metas[s][n]
+            h.update(f"{n}:{m.shape}:{m.dtype}".encode())
+    return h.hexdigest()[:32]
 
 
 def build_in_memory(
@@ -212,8 +248,7 @@ def output_config(plan: Plan, save: str) -> dict[str, Any] | None:
 
 
 def _finish_folder(plan: Plan, save: str, writer: ShardedWriter, tmp: Path) -> None:
-    """Config, index, tokenizer and extra files next to the shards."""
-    writer.write_index()
+    """Config, tokenizer and extra files next to the shards."""
     cfg = output_config(plan, save)
     if cfg is None:
         LOG.warning("step '%s': the origin model has no config.json; the output folder has none either", save)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="show the plan and estimates; read no tensor data")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     r.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in results")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished shards")
     common(r)
 
     v = sub.add_parser("validate", help="check a recipe without reading weights")
@@ -56,9 +58,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     LOG.propagate = False
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mergeengine`` console script. Returns the exit code."""
     args = _parser().parse_args(argv)
+    # A kill (SIGTERM) unwinds like Ctrl-C, so partial output is cleaned up.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     _setup_logging(args.verbose, args.quiet)
     debug = args.verbose >= 2 or os.environ.get("MERGEENGINE_DEBUG") == "1"
     try:
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no output was left behind", file=sys.stderr)
+        print("interrupted: nothing was written at the destination (rerun with --resume to continue)",
+              file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: still one line unless debugging
         if debug:
@@ -103,6 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
+        resume=args.resume,
         progress=not args.quiet,
     )
     if not args.quiet:

@@ -61,7 +61,9 @@ def reference_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 def test_kth_smallest_abs_matches_sort_on_every_rank(path: str, seed: int) -> None:
     x = tricky(seed).view(20, 30)
     expected = reference_sorted_abs(x)
-    for k in range(1, x.numel() + 1):
+    # Every rank on the sort path; the histogram path costs ~1 ms a call, so every 13th rank.
+    ranks = range(1, x.numel() + 1, 1 if path == "sort_path" else 13)
+    for k in [*ranks, x.numel()]:
         got = kth_smallest_abs(x, k)
         assert got.dtype == torch.float32 and got.dim() == 0
         assert got.item() == expected[k - 1].item(), k
@@ -114,7 +116,7 @@ def test_topk_abs_mask_exact_count_and_tie_rule(path: str, seed: int) -> None:
 def test_topk_abs_mask_is_nested(path: str) -> None:
     x = tricky(5, 200)
     previous = topk_abs_mask(x, 0)
-    for k in range(1, 201, 3):
+    for k in range(1, 201, 9):
         mask = topk_abs_mask(x, k)
         assert torch.all(mask | ~previous)  # previous implies mask
         previous = mask

@@ -29,6 +29,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many records per task")
+    parser.add_argument("--no-loglik", action="store_true", help="skip the answer log-likelihood (faster)")
     parser.add_argument("--no-samples", action="store_true", help="leave per-record details out of --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -47,6 +48,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         limit=args.limit,
+        loglik=not args.no_loglik,
         progress=not args.quiet,
     )
     print(format_table(result))

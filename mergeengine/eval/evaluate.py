@@ -146,12 +146,25 @@ class EvalResult:
             if not samples:
                 del d["samples"]
             tasks.append(d)
-        return {
-            "model": self.model,
-            "seconds": self.seconds,
-            "relative_score": self.relative_score,
-            "tasks": tasks,
-        }
+        return _finite_or_none(
+            {
+                "model": self.model,
+                "seconds": self.seconds,
+                "relative_score": self.relative_score,
+                "tasks": tasks,
+            }
+        )
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN / Inf -> None, recursively, so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def to_json(result: EvalResult, path: str | Path | None = None, *, samples: bool = True) -> str:
@@ -188,9 +201,8 @@ def format_table(result: EvalResult) -> str:
     for t in result.tasks:
         ref = f"{t.reference:9.4f}" if t.reference is not None else f"{'-':>9}"
         rel = f"{t.relative:8.4f}" if t.relative is not None else f"{'-':>8}"
-        lines.append(
-            f"{t.name:<{name_width}}  {t.num_samples:>5}  {t.accuracy:8.4f}  {t.mean_loglik:10.4f}  {ref}  {rel}"
-        )
+        ll = f"{t.mean_loglik:10.4f}" if math.isfinite(t.mean_loglik) else f"{'-':>10}"
+        lines.append(f"{t.name:<{name_width}}  {t.num_samples:>5}  {t.accuracy:8.4f}  {ll}  {ref}  {rel}")
     score = result.relative_score
     if score is not None:
         lines.append(f"relative score (geometric mean): {score:.4f}")

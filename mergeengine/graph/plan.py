@@ -308,3 +308,28 @@ def simulate(plan: Plan) -> Estimate:
             if remaining[src] == 0:
                 live -= value_bytes(plan, src)
     return est
+
+
+def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
+    """The same plan without the save tasks in ``skip`` (save step -> tensor names already written)
+    and without every task only they needed. Statistics passes stay whole: they read all tensors.
+
+    The order stays a subsequence of the original schedule, so it remains valid.
+    """
+    if not any(skip.values()):
+        return plan
+    wanted = [
+        k for k in plan.order
+        if (k.kind == "compute" and k.step in plan.save_order and k.tensor not in skip.get(k.step, set()))
+    ]
+    keep: set[TaskKey] = set(wanted)
+    for k in wanted:
+        keep |= nx.ancestors(plan.graph, k)
+    order = [k for k in plan.order if k in keep]
+    graph = plan.graph.subgraph(order).copy()
+    sources = {k: v for k, v in plan.sources.items() if k in keep}
+    new = Plan(plan.steps, plan.active, plan.metas, graph, order, sources, plan.reductions,
+               {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths)
+    new.estimate = simulate(new)
+    new.estimate.bytes_read_unique = plan.estimate.bytes_read_unique
+    return new

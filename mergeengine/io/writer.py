@@ -27,6 +27,7 @@ from mergeengine.ops.base import TensorMeta
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+JOURNAL_NAME = ".mergeengine-progress.json"
 
 
 @dataclass
@@ -81,21 +82,57 @@ class ShardedWriter:
         metas: shape and dtype of each tensor as it will be written.
         max_shard_bytes: largest data size of one shard.
         step: save step id, for messages.
+        plan_id: identifies the plan; a journal from another plan is never resumed.
     """
 
     def __init__(
-        self, folder: Path, order: list[str], metas: dict[str, TensorMeta], max_shard_bytes: int, step: str = ""
+        self,
+        folder: Path,
+        order: list[str],
+        metas: dict[str, TensorMeta],
+        max_shard_bytes: int,
+        step: str = "",
+        plan_id: str = "",
     ) -> None:
         self.folder = folder
         self.metas = metas
         self.step = step
+        self.plan_id = plan_id
         self.shards = layout_shards(order, metas, max_shard_bytes)
+        self.sha256: dict[str, str] = {}
+        self.completed: set[str] = set()
         self._queue = [(s, n) for s in self.shards for n in s.names]
         self._pos = 0
         self._file: BinaryIO | None = None
         self._hash: Any = None
-        self.sha256: dict[str, str] = {}
         self.bytes_written = 0
+
+    def resume(self) -> list[str]:
+        """Keep the shards a previous run of the same plan finished (verified by size and sha256).
+
+        Returns:
+            The tensor names that no longer need computing.
+        """
+        journal = _read_journal(self.folder)
+        if journal.get("plan_id") != self.plan_id:
+            return []
+        done = journal.get("shards", {})
+        skipped: list[str] = []
+        for shard in self.shards:
+            entry = done.get(shard.file)
+            path = self.folder / shard.file
+            expected_size = len(shard.header(self.metas)) + shard.data_bytes
+            if not entry or not path.is_file() or path.stat().st_size != expected_size:
+                continue
+            if entry.get("sha256") != _sha256_file(path):
+                LOG.warning("step '%s': %s does not match its checksum; recomputing it", self.step, shard.file)
+                continue
+            self.completed.add(shard.file)
+            self.sha256[shard.file] = entry["sha256"]
+            skipped.extend(shard.names)
+        self._queue = [(s, n) for s, n in self._queue if s.file not in self.completed]
+        self._save_journal()
+        return skipped
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor. It must be the next one in the planned order, with the planned shape/dtype."""
@@ -136,6 +173,18 @@ class ShardedWriter:
         self._file.close()
         self._file = None
         self.sha256[shard.file] = self._hash.hexdigest()
+        self.completed.add(shard.file)
+        self._save_journal()
+
+    def _save_journal(self) -> None:
+        """Record finished shards so ``--resume`` can keep them (written atomically)."""
+        data = {
+            "plan_id": self.plan_id,
+            "shards": {f: {"sha256": self.sha256[f]} for f in sorted(self.completed)},
+        }
+        tmp = self.folder / (JOURNAL_NAME + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.folder / JOURNAL_NAME)
 
     @property
     def done(self) -> bool:
@@ -153,10 +202,32 @@ class ShardedWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        """Close an open file after a failure."""
+        """Close and delete the shard being written after a failure (finished shards stay)."""
         if self._file is not None:
+            name = self._file.name
             self._file.close()
             self._file = None
+            Path(name).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """After the last tensor: the index, and the journal removed."""
+        self.write_index()
+        (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _read_journal(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / JOURNAL_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _os_error(exc: OSError, path: Path) -> OutputError:
@@ -194,14 +265,14 @@ class OutputFolder:
         if not os.access(probe, os.W_OK):
             raise OutputError("permission denied: cannot create the output folder here", file=str(parent), step=self.step)
 
-    def create(self) -> Path:
-        """Create (fresh) the temporary folder and return it."""
+    def create(self, *, resume: bool = False) -> Path:
+        """Create the temporary folder (fresh, or kept as it is with ``resume``) and return it."""
         self.check()
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():
+            if self.tmp.exists() and not resume:
                 shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
+            self.tmp.mkdir(exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, self.tmp) from None
         return self.tmp
@@ -224,3 +295,7 @@ class OutputFolder:
     def discard(self) -> None:
         """Remove the temporary folder."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def has_progress(self) -> bool:
+        """Whether the temporary folder holds finished shards worth resuming."""
+        return bool(_read_journal(self.tmp).get("shards"))

@@ -42,9 +42,7 @@ def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return magnitude_prune(delta, density)
 
 
-def elect_sign(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None
-) -> torch.Tensor:
+def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Sign election: ``sign(sum_i D_i)``, or ``sign(sum_i w_i D_i)`` when ``weights`` are given.
 
     Args:
@@ -97,7 +95,9 @@ def disjoint_mean(
     """
     checked_weights = _check(deltas, weights)
     if elected_sign.shape != deltas[0].shape:
-        raise ValueError(f"elected_sign has shape {tuple(elected_sign.shape)}, deltas {tuple(deltas[0].shape)}")
+        raise ValueError(
+            f"elected_sign has shape {tuple(elected_sign.shape)}, deltas {tuple(deltas[0].shape)}"
+        )
     sign = elected_sign.detach().to(torch.float32)
     numerator = torch.zeros(sign.shape, dtype=torch.float32, device=sign.device)
     denominator = torch.zeros_like(numerator)

@@ -47,10 +47,6 @@ class DpPrune(DeltaOp):
     Step = DpPruneStep
     step: DpPruneStep
 
-    def __init__(self, step: DpPruneStep) -> None:
-        super().__init__(step)
-        self.kept: dict[str, int] = {}
-
     def reductions(self) -> list[Reduction]:
         s = self.step
         return dp_reductions(s.id, self.groups, [s.density], lamda=s.lamda,
@@ -63,14 +59,12 @@ class DpPrune(DeltaOp):
         densities: dppa.DPDensities = ctx.stats["layer_outliers"][0]
         if ctx.tensor == next(iter(self.groups)):
             log_summary(self.step.id, densities, self.groups)
-        out = dppa.dp_prune_tensor(delta, densities.module_density[ctx.tensor])
-        self.kept[ctx.tensor] = int(torch.count_nonzero(out))
-        return out
+        return dppa.dp_prune_tensor(delta, densities.module_density[ctx.tensor])
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()
 
     def report(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Per-module outlier ratio, density and kept count (``dppa_report.json``)."""
+        """Per-module outlier ratio, density and planned kept count (``dppa_report.json``)."""
         numels = {n: self.metas[n].numel for n in self.groups}
-        return {"op": self.name, **density_report(stats["layer_outliers"][0], self.groups, self.kept, numels)}
+        return {"op": self.name, **density_report(stats["layer_outliers"][0], self.groups, numels)}

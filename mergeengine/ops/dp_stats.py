@@ -65,9 +65,13 @@ def dp_reductions(
     ]
 
 
-def density_report(densities: dppa.DPDensities, groups: dict[str, tuple[str, str]], kept: dict[str, int],
+def density_report(densities: dppa.DPDensities, groups: dict[str, tuple[str, str]],
                    numels: dict[str, int]) -> dict[str, Any]:
-    """JSON-ready per-layer and per-module figures for ``dppa_report.json``."""
+    """JSON-ready per-layer and per-module figures for ``dppa_report.json``.
+
+    ``kept`` is the planned count ``numel - k``; entries tied at the threshold or exactly 0 can
+    make the nonzero count of the output smaller.
+    """
     layers: dict[str, Any] = {}
     for layer in densities.layer_density:
         layers[layer] = {
@@ -82,7 +86,7 @@ def density_report(densities: dppa.DPDensities, groups: dict[str, tuple[str, str
             "offset": densities.module_offset[name],
             "density": densities.module_density[name],
             "numel": numels[name],
-            "kept": kept.get(name),
+            "kept": numels[name] - dppa.prune_count(numels[name], densities.module_density[name]),
         }
     return {"target_density": densities.density, "lamda": densities.lamda, "clamped": densities.clamped,
             "layers": layers}

@@ -79,7 +79,6 @@ class DpaAmplify(DeltaOp):
 
     def __init__(self, step: DpaAmplifyStep) -> None:
         super().__init__(step)
-        self.kept: dict[str, int] = {}
         scales = [p.scale for p in step.partitions]
         self.scales = dppa.release_factors(scales)[0] if step.factors == "release" else scales
         self.dense = max(self.scales) if step.dense_scale == "max" else float(step.dense_scale)
@@ -107,7 +106,6 @@ class DpaAmplify(DeltaOp):
                 log_summary(self.step.id, per_target[-1], self.groups)
             densities = [d.module_density[ctx.tensor] for d in per_target]
             out = dppa.dpa_amplify_tensor(delta, densities, self.scales)
-        self.kept[ctx.tensor] = int(torch.count_nonzero(out))
         return out
 
     def plan_notes(self) -> list[str]:
@@ -119,7 +117,10 @@ class DpaAmplify(DeltaOp):
                                "dense_scale": self.dense}
         if self.step.select == "dp":
             numels = {n: self.metas[n].numel for n in self.groups}
-            out["partitions"] = [density_report(d, self.groups, self.kept, numels) for d in stats["layer_outliers"]]
+            out["partitions"] = [density_report(d, self.groups, numels) for d in stats["layer_outliers"]]
         else:
-            out["kept"] = self.kept
+            out["kept"] = {
+                n: [self.metas[n].numel - dppa.prune_count(self.metas[n].numel, d) for d in self.targets]
+                for n in self.groups
+            }
         return out
