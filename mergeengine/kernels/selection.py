@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Tensors with at most this many entries are ranked with ``torch.kthvalue`` on the bit patterns:
@@ -147,12 +148,12 @@ def locate_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int, int]:
     Raises:
         ValueError: when ``rank`` is out of range.
     """
-    cumulative = histogram.detach().to("cpu", torch.int64).cumsum(0)
-    total = int(cumulative[-1]) if cumulative.numel() else 0
-    if not 1 <= rank <= total:
+    # numpy on the CPU: a 65536-bin cumsum is too small to be worth torch's thread pool.
+    cumulative = np.cumsum(histogram.detach().to("cpu", torch.int64).numpy())
+    total = int(cumulative[-1]) if cumulative.size else 0
+    if isinstance(rank, bool) or not 1 <= rank <= total:
         raise ValueError(f"rank {rank} out of range for {total} counted entries")
-    # First bin whose cumulative count reaches the rank.
-    bin_index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=torch.int64))[0])
+    bin_index = int(np.searchsorted(cumulative, rank, side="left"))  # first bin reaching the rank
     count_below = int(cumulative[bin_index - 1]) if bin_index > 0 else 0
     return bin_index, count_below, int(cumulative[bin_index]) - count_below
 
