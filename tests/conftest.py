@@ -36,8 +36,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "base": write_checkpoint(root / "base", base, SHAPE, dtype=torch.bfloat16),
         "math": write_checkpoint(root / "math", math, SHAPE, dtype=torch.bfloat16),
         "code": write_checkpoint(root / "code", code, SHAPE, dtype=torch.bfloat16),
-        "math_sharded": write_checkpoint(root / "math_sharded", math, SHAPE, dtype=torch.bfloat16,
-                                         max_shard_bytes=40_000),
+        "math_sharded": write_checkpoint(
+            root / "math_sharded", math, SHAPE, dtype=torch.bfloat16, max_shard_bytes=40_000
+        ),
         "base32": write_checkpoint(root / "base32", base, SHAPE, dtype=torch.float32),
         "math32": write_checkpoint(root / "math32", math, SHAPE, dtype=torch.float32),
         "code32": write_checkpoint(root / "code32", code, SHAPE, dtype=torch.float32),
@@ -48,7 +49,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an output folder (single file or shards)."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     out = {}
     for f in files:
         with safe_open(str(folder / f), framework="pt") as h:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import read_folder, write_recipe
-from mergeengine import api
-from mergeengine.kernels.dppa import dp_keep_mask
-from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
 from test_kernels_dppa import reference_dp
+
+from mergeengine import api
+from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
+from mergeengine.kernels.dppa import dp_keep_mask
 
 
 def load(folder):
@@ -24,21 +24,27 @@ def deltas(models, name="math32"):
 
 
 def run(tmp_path, models, step: str, out="out") -> dict[str, torch.Tensor]:
-    r = write_recipe(tmp_path, f"""
+    r = write_recipe(
+        tmp_path,
+        f"""
         steps:
-          - {{id: base, op: load, model: {models['base32']}}}
-          - {{id: math, op: load, model: {models['math32']}}}
+          - {{id: base, op: load, model: {models["base32"]}}}
+          - {{id: math, op: load, model: {models["math32"]}}}
           - {{id: d, op: diff, model: math, base: base}}
           - {step}
           - {{id: out, op: save, input: x, path: {out}}}
-        """)
+        """,
+    )
     api.run_recipe(r, overwrite=True)
     return read_folder(tmp_path / out)
 
 
 def test_dp_prune_matches_whole_model_reference(tmp_path, models):
-    out = run(tmp_path, models, "{id: x, op: dp_prune, input: d, density: 0.3, lamda: 0.08, "
-              "module_threshold: 5, layer_threshold: 3}")
+    out = run(
+        tmp_path,
+        models,
+        "{id: x, op: dp_prune, input: d, density: 0.3, lamda: 0.08, module_threshold: 5, layer_threshold: 3}",
+    )
     base, d = deltas(models)
     module_d, pruned = reference_dp(d, 0.3, 0.08, 5, 3)
     assert len(pruned) == 14
@@ -54,8 +60,12 @@ def test_dp_prune_matches_whole_model_reference(tmp_path, models):
 
 
 def test_dpa_amplify_partitions_nested_and_dense_scale(tmp_path, models):
-    out = run(tmp_path, models, "{id: x, op: dpa_amplify, input: d, partitions: [{density: 0.1, scale: 1.8}, "
-              "{density: 0.2, scale: 1.0}], dense_scale: 1.5}")
+    out = run(
+        tmp_path,
+        models,
+        "{id: x, op: dpa_amplify, input: d, partitions: [{density: 0.1, scale: 1.8}, "
+        "{density: 0.2, scale: 1.0}], dense_scale: 1.5}",
+    )
     base, d = deltas(models)
     d01, _ = reference_dp(d, 0.1, 0.08, 5, 3)
     d02, _ = reference_dp(d, 0.2, 0.08, 5, 3)
@@ -71,8 +81,12 @@ def test_dpa_amplify_partitions_nested_and_dense_scale(tmp_path, models):
 
 
 def test_dpa_release_factors_and_dense_max(tmp_path, models):
-    out = run(tmp_path, models, "{id: x, op: dpa_amplify, input: d, factors: release, partitions: "
-              "[{density: 0.1, scale: 1.0}, {density: 0.2, scale: 1.5}]}")
+    out = run(
+        tmp_path,
+        models,
+        "{id: x, op: dpa_amplify, input: d, factors: release, partitions: "
+        "[{density: 0.1, scale: 1.0}, {density: 0.2, scale: 1.5}]}",
+    )
     base, d = deltas(models)
     d01, _ = reference_dp(d, 0.1, 0.08, 5, 3)
     d02, _ = reference_dp(d, 0.2, 0.08, 5, 3)
@@ -85,13 +99,18 @@ def test_dpa_release_factors_and_dense_max(tmp_path, models):
 
 
 def test_dpa_magnitude_selection(tmp_path, models):
-    out = run(tmp_path, models, "{id: x, op: dpa_amplify, input: d, select: magnitude, partitions: "
-              "[{density: 0.1, scale: 2.0}, {density: 0.3, scale: 1.0}]}")
+    out = run(
+        tmp_path,
+        models,
+        "{id: x, op: dpa_amplify, input: d, select: magnitude, partitions: "
+        "[{density: 0.1, scale: 2.0}, {density: 0.3, scale: 1.0}]}",
+    )
     base, d = deltas(models)
     n = "model.layers.1.self_attn.o_proj.weight"
     inner, outer = dp_keep_mask(d[n], 0.1), dp_keep_mask(d[n], 0.3)
-    torch.testing.assert_close(out[n] - base[n], torch.where(inner, 2 * d[n], torch.where(outer, d[n], 0.0)),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        out[n] - base[n], torch.where(inner, 2 * d[n], torch.where(outer, d[n], 0.0)), atol=1e-6, rtol=1e-6
+    )
     report = json.loads((tmp_path / "out" / "dppa_report.json").read_text())["x"]
     assert report["select"] == "magnitude" and n in report["kept"]
 
@@ -99,14 +118,17 @@ def test_dpa_magnitude_selection(tmp_path, models):
 def test_plan_lists_the_prunable_groups(tmp_path, models, capsys):
     from mergeengine.cli import main
 
-    r = write_recipe(tmp_path, f"""
+    r = write_recipe(
+        tmp_path,
+        f"""
         steps:
-          - {{id: base, op: load, model: {models['base']}}}
-          - {{id: math, op: load, model: {models['math']}}}
+          - {{id: base, op: load, model: {models["base"]}}}
+          - {{id: math, op: load, model: {models["math"]}}}
           - {{id: d, op: diff, model: math, base: base}}
           - {{id: p, op: dp_prune, input: d, density: 0.2}}
           - {{id: out, op: save, input: p, path: out}}
-        """)
+        """,
+    )
     assert main(["plan", str(r)]) == 0
     text = capsys.readouterr().out
     assert "decoder linear weights: 14 tensors in 2 layers" in text

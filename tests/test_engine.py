@@ -22,18 +22,21 @@ def load(folder):
 
 
 def ta_recipe(tmp_path, models, *, math="math", extra="", save_extra=""):
-    return write_recipe(tmp_path, f"""
+    return write_recipe(
+        tmp_path,
+        f"""
         name: t
         steps:
-          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: base, op: load, model: {models["base"]}}}
           - {{id: math, op: load, model: {models[math]}}}
-          - {{id: code, op: load, model: {models['code']}}}
+          - {{id: code, op: load, model: {models["code"]}}}
           - {{id: d_math, op: diff, model: math, base: base}}
           - {{id: d_code, op: diff, model: code, base: base}}
           - {{id: merged, op: merge, method: task_arithmetic, base: base, inputs: [d_math, d_code],
               weights: [1.0, 0.5], lambda: 0.7{extra}}}
           - {{id: out, op: save, input: merged, path: out{save_extra}}}
-        """)
+        """,
+    )
 
 
 def test_task_arithmetic_matches_direct_computation(tmp_path, models):
@@ -42,7 +45,9 @@ def test_task_arithmetic_matches_direct_computation(tmp_path, models):
     b, m, c = load(models["base"]), load(models["math"]), load(models["code"])
     assert set(out) == set(b)
     for n in b:
-        expected = b[n].float() + 0.7 * (1.0 * (m[n].float() - b[n].float()) + 0.5 * (c[n].float() - b[n].float()))
+        expected = b[n].float() + 0.7 * (
+            1.0 * (m[n].float() - b[n].float()) + 0.5 * (c[n].float() - b[n].float())
+        )
         assert out[n].dtype == torch.bfloat16  # the base's dtype by default
         torch.testing.assert_close(out[n].float(), expected, atol=1e-6, rtol=8e-3)  # one bf16 ulp
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -55,13 +60,16 @@ def test_task_arithmetic_matches_direct_computation(tmp_path, models):
 
 
 def test_linear_merge_and_dtype(tmp_path, models):
-    r = write_recipe(tmp_path, f"""
+    r = write_recipe(
+        tmp_path,
+        f"""
         steps:
-          - {{id: a, op: load, model: {models['base32']}}}
-          - {{id: b, op: load, model: {models['math32']}}}
+          - {{id: a, op: load, model: {models["base32"]}}}
+          - {{id: b, op: load, model: {models["math32"]}}}
           - {{id: avg, op: merge, method: linear, inputs: [a, b], weights: [3, 1]}}
           - {{id: out, op: save, input: avg, path: out, dtype: float16}}
-        """)
+        """,
+    )
     api.run_recipe(r)
     out = read_folder(tmp_path / "out")
     a, b = load(models["base32"]), load(models["math32"])
@@ -71,13 +79,16 @@ def test_linear_merge_and_dtype(tmp_path, models):
 
 
 def test_models_as_merge_inputs_are_diffed_against_base(tmp_path, models):
-    r = write_recipe(tmp_path, f"""
+    r = write_recipe(
+        tmp_path,
+        f"""
         steps:
-          - {{id: base, op: load, model: {models['base32']}}}
-          - {{id: math, op: load, model: {models['math32']}}}
+          - {{id: base, op: load, model: {models["base32"]}}}
+          - {{id: math, op: load, model: {models["math32"]}}}
           - {{id: merged, op: merge, method: task_arithmetic, base: base, inputs: [math], lambda: 0.5}}
           - {{id: out, op: save, input: merged, path: out}}
-        """)
+        """,
+    )
     api.run_recipe(r)
     out, b, m = read_folder(tmp_path / "out"), load(models["base32"]), load(models["math32"])
     for n in b:
@@ -87,8 +98,12 @@ def test_models_as_merge_inputs_are_diffed_against_base(tmp_path, models):
 def test_sharded_input_and_output_give_the_same_values(tmp_path, models):
     api.run_recipe(ta_recipe(tmp_path, models))
     single = read_folder(tmp_path / "out")
-    r2 = ta_recipe(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, models, math="math_sharded",
-                   save_extra=", max_shard_bytes: 50KB")
+    r2 = ta_recipe(
+        tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path,
+        models,
+        math="math_sharded",
+        save_extra=", max_shard_bytes: 50KB",
+    )
     api.run_recipe(r2)
     folder = tmp_path / "x" / "out"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -149,13 +164,16 @@ def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
     bad["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
     write_checkpoint(tmp_path / "b", base, shape)
     write_checkpoint(tmp_path / "f", bad, shape)
-    r = write_recipe(tmp_path, """
+    r = write_recipe(
+        tmp_path,
+        """
         steps:
           - {id: base, op: load, model: ./b}
           - {id: ft, op: load, model: ./f}
           - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}
           - {id: out, op: save, input: m, path: out}
-        """)
+        """,
+    )
     with pytest.raises(NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
         api.run_recipe(r)
     assert not (tmp_path / "out").exists()
@@ -168,7 +186,9 @@ def test_peak_memory_stays_a_few_tensors_on_a_deep_model(tmp_path):
     base = make_weights(shape, 0)
     for name, seed in [("b", None), ("f1", 1), ("f2", 2)]:
         write_checkpoint(tmp_path / name, base if seed is None else fine_tune(base, seed), shape)
-    r = write_recipe(tmp_path, """
+    r = write_recipe(
+        tmp_path,
+        """
         steps:
           - {id: base, op: load, model: ./b}
           - {id: f1, op: load, model: ./f1}
@@ -178,7 +198,8 @@ def test_peak_memory_stays_a_few_tensors_on_a_deep_model(tmp_path):
           - {id: p1, op: dp_prune, input: d1, density: 0.3}
           - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [p1, d2]}
           - {id: out, op: save, input: m, path: out}
-        """)
+        """,
+    )
     result = api.run_recipe(r)
     largest = max(m.nbytes for m in result.plan.metas["d1"].values())
     total = sum(m.nbytes for m in result.plan.metas["d1"].values())

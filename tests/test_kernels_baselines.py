@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mergeengine.kernels.random import derive_seed, tensor_generator
+from mergeengine.kernels.rng import derive_seed, tensor_generator
 from mergeengine.kernels.sparsify import breadcrumbs, dare, magnitude_prune, threshold_prune
 from mergeengine.kernels.ties import disjoint_mean, elect_sign, ties_merge, ties_trim
 

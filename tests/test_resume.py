@@ -12,16 +12,19 @@ from mergeengine.ops.merge import TaskArithmetic
 
 
 def recipe(tmp_path, models, out="out"):
-    return write_recipe(tmp_path, f"""
+    return write_recipe(
+        tmp_path,
+        f"""
         seed: 3
         steps:
-          - {{id: base, op: load, model: {models['base']}}}
-          - {{id: math, op: load, model: {models['math']}}}
+          - {{id: base, op: load, model: {models["base"]}}}
+          - {{id: math, op: load, model: {models["math"]}}}
           - {{id: d, op: diff, model: math, base: base}}
           - {{id: p, op: dp_prune, input: d, density: 0.3}}
           - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [p]}}
           - {{id: out, op: save, input: m, path: {out}, max_shard_bytes: 30KB}}
-        """)
+        """,
+    )
 
 
 def files(folder):

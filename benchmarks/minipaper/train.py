@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +470,6 @@ __all__ = [
     "ModelShape",
     "run",
     "small_config",
-    "replace",
 ]
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def dare(
         delta: delta tensor (converted to float32).
         density: keep probability in [0, 1] (``p = 1 - density`` is the drop rate).
         rescale: ``"per_element"``, ``"l1"`` or ``"none"``.
-        generator: source of randomness, on ``delta``'s device; use
-            :func:`mergeengine.kernels.random.tensor_generator` for per-tensor reproducibility.
+        generator: source of randomness (on any device; the draws follow it); use
+            :func:`mergeengine.kernels.rng.tensor_generator` for per-tensor reproducibility.
 
     Returns:
         A new float32 tensor of ``delta``'s shape.
@@ -81,7 +81,7 @@ def dare(
         ValueError: on a bad ``density`` or ``rescale``.
 
     Example:
-        >>> from mergeengine.kernels.random import tensor_generator
+        >>> from mergeengine.kernels.rng import tensor_generator
         >>> g = tensor_generator(0, "dare", "w")
         >>> dare(torch.ones(4), 0.5, generator=g).unique().tolist() in ([0.0, 2.0], [0.0], [2.0])
         True
@@ -90,7 +90,9 @@ def dare(
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale must be one of {', '.join(RESCALE_MODES)}; got {rescale!r}")
     values = delta.detach().to(torch.float32)
-    survive = torch.rand(values.shape, generator=generator, device=values.device) < density
+    # Draw on the generator's device, then move: the same seed gives the same mask on any device.
+    draws = torch.rand(values.shape, generator=generator, device=generator.device)
+    survive = draws.to(values.device) < density
     kept = _keep(values, survive)
     if rescale == "per_element":
         if density == 0.0:

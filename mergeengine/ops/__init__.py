@@ -58,10 +58,14 @@ def _load_all() -> None:
         return
     _LOADED = True
     from mergeengine.ops import (  # noqa: F401
+        breadcrumbs,
+        dare,
         diff,
         dp_prune,
         dpa_amplify,
         load,
+        magnitude_prune,
         merge,
         save,
+        ties,
     )

@@ -1,0 +1,43 @@
+"""``magnitude_prune``: keep each tensor's top-``density`` entries by magnitude (the baseline DP improves on).
+
+```yaml
+- {id: m_math, op: magnitude_prune, input: d_math, density: 0.2}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergeengine.kernels.sparsify import magnitude_prune
+from mergeengine.ops import register
+from mergeengine.ops.base import TaskContext
+from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
+
+
+class MagnitudePruneStep(DeltaStep):
+    """Per-tensor top-k by |delta|; no rescaling."""
+
+    op: Literal["magnitude_prune"]
+    density: float = Field(gt=0, le=1, description="Keep fraction per tensor (k = round(density * numel)).")
+    scope: Scope = Field("all", description="all tensors (as mergekit), or decoder_linear (the tensors DP prunes).")
+
+
+@register
+class MagnitudePrune(DeltaOp):
+    """Exact top-k selection (bit-histogram), ties broken by index."""
+
+    name = "magnitude_prune"
+    Step = MagnitudePruneStep
+    step: MagnitudePruneStep
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        if not self.in_scope(ctx.tensor, self.step.scope):
+            return inputs[0]
+        return magnitude_prune(inputs[0], self.step.density)
+
+    def plan_notes(self) -> list[str]:
+        return self.group_notes() if self.step.scope == "decoder_linear" else []

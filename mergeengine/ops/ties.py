@@ -1,0 +1,106 @@
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
+
+```yaml
+- id: merged
+  op: merge
+  method: ties
+  base: base
+  inputs: [d_math, d_code]
+  density: 0.2            # one value, or one per input
+  trim_scope: tensor      # tensor | model (the paper: one threshold per model, a statistics pass)
+  vote: unweighted        # unweighted (paper) | weighted (mergekit)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from mergeengine.kernels.quantile import MagnitudeQuantile
+from mergeengine.kernels.sparsify import threshold_prune
+from mergeengine.kernels.ties import ties_merge, ties_trim
+from mergeengine.ops import register_method
+from mergeengine.ops.base import Reduction, TaskContext
+from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
+
+
+class NonNegativeWeights(BaseModel):
+    """Sign election is undefined for negative weights."""
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> Any:
+        weights = getattr(self, "weights", None)
+        if weights and any(w < 0 for w in weights):
+            raise ValueError("weights must be >= 0 for sign election (use task_arithmetic to subtract a delta)")
+        return self
+
+
+class TiesStep(MergeStep, NonNegativeWeights):
+    """TIES parameters."""
+
+    method: Literal["ties"]
+    density: Density | list[Density] = Field(description="Keep fraction of each delta (top-k by magnitude).")
+    trim_scope: Literal["tensor", "model"] = Field(
+        "tensor", description="tensor: top-k per tensor (mergekit); model: one threshold per input model (paper)."
+    )
+    vote: Literal["unweighted", "weighted"] = Field(
+        "unweighted", description="unweighted: sign(sum D_i) (paper); weighted: sign(sum w_i D_i) (mergekit)."
+    )
+
+
+@register_method
+class Ties(MergeOp):
+    """Per tensor: trim each delta, then :func:`~mergeengine.kernels.ties.ties_merge`."""
+
+    method = "ties"
+    Step = TiesStep
+    step: TiesStep
+
+    def _deltas(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        base = inputs[0].float()
+        return [x.float() - base if self.input_kinds.get(s) == "model" else x.float()
+                for s, x in zip(self.step.inputs, inputs[1:], strict=True)]
+
+    def reductions(self) -> list[Reduction]:
+        if self.step.trim_scope != "model":
+            return []
+        quantiles = [MagnitudeQuantile(d) for d in per_input(self.step.density, len(self.step.inputs))]
+        names = list(self.metas)
+
+        def fold(acc: Any, name: str, partial: list[torch.Tensor]) -> list[torch.Tensor]:
+            return partial if not acc else [a + p for a, p in zip(acc, partial, strict=True)]
+
+        def map1(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> list[torch.Tensor]:
+            return [q.stage1_partial(d) for q, d in zip(quantiles, self._deltas(inputs), strict=True)]
+
+        def finish1(acc: list[torch.Tensor], stats: Mapping[str, Any]) -> list[Any]:
+            return [q.stage1_reduce(h) for q, h in zip(quantiles, acc, strict=True)]
+
+        def map2(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> list[torch.Tensor]:
+            states = stats["trim_high"]
+            return [q.stage2_partial(d, s) for q, d, s in zip(quantiles, self._deltas(inputs), states, strict=True)]
+
+        def finish2(acc: list[torch.Tensor], stats: Mapping[str, Any]) -> list[float]:
+            return [q.stage2_reduce(h, s) for q, h, s in zip(quantiles, acc, stats["trim_high"], strict=True)]
+
+        return [
+            Reduction("trim_high", names, map1, finish1, fold=fold, label="magnitude histogram"),
+            Reduction("trim_low", names, map2, finish2, fold=fold, after=["trim_high"], label="magnitude threshold"),
+        ]
+
+    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        if self.step.trim_scope == "model":
+            trimmed = [threshold_prune(d, t) for d, t in zip(deltas, ctx.stats["trim_low"], strict=True)]
+        else:
+            densities = per_input(self.step.density, len(deltas))
+            trimmed = [ties_trim(d, p) for d, p in zip(deltas, densities, strict=True)]
+        return ties_merge(trimmed, self.weights, vote=self.step.vote)
+
+    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The model-wide thresholds (``trim_scope: model``)."""
+        return {"op": "merge", "method": "ties", "thresholds": dict(zip(self.step.inputs, stats.get("trim_low", []),
+                                                                          strict=False))}
