@@ -30,7 +30,9 @@ def weights() -> dict[str, torch.Tensor]:
     return make_weights(SMALL, seed=0)
 
 
-def add_snapshot(cache: Path, repo_id: str, commit: str, src: Path, refs: tuple[str, ...] = ("main",)) -> Path:
+def add_snapshot(
+    cache: Path, repo_id: str, commit: str, src: Path, refs: tuple[str, ...] = ("main",)
+) -> Path:
     """Lay ``src``'s files out like huggingface_hub does: blobs named by sha256, snapshot symlinks, refs."""
     storage = cache / ("models--" + repo_id.replace("/", "--"))
     snap = storage / "snapshots" / commit
@@ -68,7 +70,9 @@ def test_repo_id_shape() -> None:
         assert not looks_like_repo_id(local), local
 
 
-def test_hub_repo_read_from_cache_offline(hub_cache: Path, tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+def test_hub_repo_read_from_cache_offline(
+    hub_cache: Path, tmp_path: Path, weights: dict[str, torch.Tensor]
+) -> None:
     ckpt = open_checkpoint("org/tiny", base_dir=tmp_path)
     assert isinstance(ckpt, SafetensorsCheckpoint)
     res = resolution_of(ckpt)
@@ -111,7 +115,9 @@ def test_missing_local_paths_are_not_repo_ids(tmp_path: Path) -> None:
         assert "nope" in str(err.value) or "a/b/c" in str(err.value)
 
 
-def test_local_folder_wins_over_repo_id(hub_cache: Path, tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+def test_local_folder_wins_over_repo_id(
+    hub_cache: Path, tmp_path: Path, weights: dict[str, torch.Tensor]
+) -> None:
     write_checkpoint(tmp_path / "org" / "tiny", weights, SMALL)
     ckpt = open_checkpoint("org/tiny", base_dir=tmp_path)
     assert not resolution_of(ckpt).is_hub
@@ -120,20 +126,48 @@ def test_local_folder_wins_over_repo_id(hub_cache: Path, tmp_path: Path, weights
 
 def test_select_repo_files_only_what_a_merge_needs() -> None:
     files = [
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-        "merges.txt", "vocab.json", "chat_template.jinja", "README.md", ".gitattributes",
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-        "consolidated.safetensors", "pytorch_model.bin", "model.gguf", "training_args.pt",
-        "original/params.json", "onnx/model.onnx", "pytorch_model.bin.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "merges.txt",
+        "vocab.json",
+        "chat_template.jinja",
+        "README.md",
+        ".gitattributes",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "consolidated.safetensors",
+        "pytorch_model.bin",
+        "model.gguf",
+        "training_args.pt",
+        "original/params.json",
+        "onnx/model.onnx",
+        "pytorch_model.bin.index.json",
     ]
     got = set(select_repo_files(files))
     assert got == {
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-        "merges.txt", "vocab.json", "chat_template.jinja",
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "merges.txt",
+        "vocab.json",
+        "chat_template.jinja",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
     }
-    bin_only = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
-                "pytorch_model.bin.index.json", "model.gguf"]
+    bin_only = [
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "model.gguf",
+    ]
     with pytest.raises(ModelError, match="allow_pickle: true"):
         select_repo_files(bin_only, repo_id="org/old")
     assert set(select_repo_files(bin_only, allow_pickle=True)) == set(bin_only) - {"model.gguf"}
@@ -152,9 +186,17 @@ def test_hub_download_when_online_fetches_only_needed_files(
     class FakeApi:
         def list_repo_files(self, repo_id: str, revision: str | None = None) -> list[str]:
             calls["listed"] = (repo_id, revision)
-            return ["config.json", "model.safetensors", "pytorch_model.bin", "model.gguf", "sub/x.safetensors"]
+            return [
+                "config.json",
+                "model.safetensors",
+                "pytorch_model.bin",
+                "model.gguf",
+                "sub/x.safetensors",
+            ]
 
-    def fake_snapshot_download(repo_id: str, *, revision: str | None, cache_dir: str, allow_patterns: list[str]) -> str:
+    def fake_snapshot_download(
+        repo_id: str, *, revision: str | None, cache_dir: str, allow_patterns: list[str]
+    ) -> str:
         calls["download"] = (repo_id, revision, cache_dir, sorted(allow_patterns))
         return str(add_snapshot(Path(cache_dir), repo_id, "c" * 40, src))
 
@@ -192,7 +234,9 @@ def write_bin(folder: Path, weights: dict[str, torch.Tensor], shards: int = 1) -
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_bin_needs_allow_pickle_then_reads(tmp_path: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
+def test_bin_needs_allow_pickle_then_reads(
+    tmp_path: Path, weights: dict[str, torch.Tensor], shards: int
+) -> None:
     folder = write_bin(tmp_path / "old", weights, shards)
     with pytest.raises(ModelError, match="allow_pickle: true"):
         open_checkpoint(str(folder), base_dir=tmp_path)
@@ -216,7 +260,9 @@ def test_single_bin_file_and_legacy_format(tmp_path: Path, weights: dict[str, to
 def test_safetensors_preferred_over_bin(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
     folder = write_bin(tmp_path / "both", weights)
     write_checkpoint(folder, weights, SMALL)
-    assert isinstance(open_checkpoint(str(folder), base_dir=tmp_path, allow_pickle=True), SafetensorsCheckpoint)
+    assert isinstance(
+        open_checkpoint(str(folder), base_dir=tmp_path, allow_pickle=True), SafetensorsCheckpoint
+    )
     assert isinstance(open_checkpoint(str(folder), base_dir=tmp_path), SafetensorsCheckpoint)
 
 

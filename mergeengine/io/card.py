@@ -43,7 +43,9 @@ def _fence(text: str) -> str:
 
 
 def _dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False).rstrip("\n")
+    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True, default_flow_style=False).rstrip(
+        "\n"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -57,7 +59,9 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def front_matter(base_models: list[str], methods: list[str], inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+def front_matter(
+    base_models: list[str], methods: list[str], inputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The card's YAML metadata (what the hub indexes).
 
     Args:
@@ -79,7 +83,12 @@ def front_matter(base_models: list[str], methods: list[str], inputs: dict[str, A
 
 
 def render_model_card(
-    *, recipe_name: str, recipe_yaml: str, base_models: list[str], methods: list[str], provenance: dict[str, Any]
+    *,
+    recipe_name: str,
+    recipe_yaml: str,
+    base_models: list[str],
+    methods: list[str],
+    provenance: dict[str, Any],
 ) -> str:
     """The README.md text. See :func:`write_model_card`."""
     inputs: dict[str, Any] = provenance.get("inputs") or {}
@@ -97,8 +106,12 @@ def render_model_card(
     fence = _fence(recipe_yaml)
     lines += [f"{fence}yaml", recipe_yaml.rstrip("\n"), fence, ""]
     lines += ["## Provenance", ""]
-    for key, label in (("mergeengine_version", "mergeengine version"), ("seed", "seed"), ("device", "device"),
-                       ("created", "created")):
+    for key, label in (
+        ("mergeengine_version", "mergeengine version"),
+        ("seed", "seed"),
+        ("device", "device"),
+        ("created", "created"),
+    ):
         if key in provenance:
             lines.append(f"- {label}: `{provenance[key]}`")
     lines.append("")
@@ -116,8 +129,11 @@ def render_model_card(
     steps = provenance.get("steps") or {}
     if steps:
         lines += ["### Resolved step parameters", "", "```yaml", _dump_yaml(steps), "```", ""]
-    lines += [f"`{PROVENANCE_NAME}` holds the same information and reruns the merge: "
-              f"`mergeengine run {PROVENANCE_NAME}`.", ""]
+    lines += [
+        f"`{PROVENANCE_NAME}` holds the same information and reruns the merge: "
+        f"`mergeengine run {PROVENANCE_NAME}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -184,5 +200,7 @@ def write_model_card(
     )
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     doc = provenance_document(provenance)
-    (folder / PROVENANCE_NAME).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / PROVENANCE_NAME).write_text(
+        json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     LOG.debug("wrote %s and %s in %s", CARD_NAME, PROVENANCE_NAME, folder)

@@ -130,11 +130,15 @@ def _download_hint(repo_id: str, revision: str | None) -> str:
 
 
 def _check_revision(repo_id: str, revision: str | None) -> None:
-    if revision is not None and (not revision.strip() or ".." in revision.split("/") or revision.startswith("/")):
+    if revision is not None and (
+        not revision.strip() or ".." in revision.split("/") or revision.startswith("/")
+    ):
         raise ModelError(f"hub revision {revision!r} is not a branch, tag or commit sha", file=repo_id)
 
 
-def find_cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: Path | None = None) -> HubSnapshot | None:
+def find_cached_snapshot(
+    repo_id: str, revision: str | None = None, cache_dir: Path | None = None
+) -> HubSnapshot | None:
     """Look a repo revision up in the local hub cache, without any request.
 
     A branch or tag is resolved through ``refs/<revision>``; a full commit sha names the snapshot
@@ -239,7 +243,9 @@ def select_repo_files(files: list[str], *, allow_pickle: bool = False, repo_id: 
                 file=repo_id,
             )
         if not bins:
-            raise ModelError("repo has no safetensors (or pytorch_model.bin) weights at its root", file=repo_id)
+            raise ModelError(
+                "repo has no safetensors (or pytorch_model.bin) weights at its root", file=repo_id
+            )
         weights = bins
     support = [
         f
@@ -280,7 +286,9 @@ def _download(repo_id: str, revision: str | None, cache: Path, allow_pickle: boo
             file=repo_id,
         ) from None
     except RevisionNotFoundError:
-        raise ModelError(f"revision {revision!r} not found on the hub: use a branch, tag or commit sha", file=repo_id) from None
+        raise ModelError(
+            f"revision {revision!r} not found on the hub: use a branch, tag or commit sha", file=repo_id
+        ) from None
     except RepositoryNotFoundError:
         raise ModelError(
             "hub repo not found (or private: log in with `hf auth login`); check the model id", file=repo_id
@@ -303,7 +311,9 @@ def _download(repo_id: str, revision: str | None, cache: Path, allow_pickle: boo
     return HubSnapshot(repo_id, revision, path.name, path)
 
 
-def resolve_hub_model(repo_id: str, revision: str | None = None, *, allow_pickle: bool = False) -> HubSnapshot:
+def resolve_hub_model(
+    repo_id: str, revision: str | None = None, *, allow_pickle: bool = False
+) -> HubSnapshot:
     """Resolve ``repo_id`` at ``revision`` to a local snapshot: cache first, then (online) download.
 
     Args:

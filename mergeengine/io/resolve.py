@@ -47,7 +47,9 @@ class ResolvedModel:
         return self.repo_id is not None
 
 
-def resolve_model(model: str, *, base_dir: Path, revision: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
+def resolve_model(
+    model: str, *, base_dir: Path, revision: str | None = None, allow_pickle: bool = False
+) -> ResolvedModel:
     """Find the local file or folder a load step's ``model`` names, downloading from the hub if needed.
 
     Args:
@@ -67,7 +69,11 @@ def resolve_model(model: str, *, base_dir: Path, revision: str | None = None, al
         path = (Path(base_dir) / path).resolve()
     if path.exists():
         if revision is not None:
-            LOG.warning("%s: 'revision: %s' ignored: it applies to hub repo ids, this is a local path", model, revision)
+            LOG.warning(
+                "%s: 'revision: %s' ignored: it applies to hub repo ids, this is a local path",
+                model,
+                revision,
+            )
         return ResolvedModel(model, path)
     if path.suffix != ".gguf" and looks_like_repo_id(model):
         try:

@@ -30,7 +30,11 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 def has_torch_weights(folder: Path) -> bool:
     """Whether ``folder`` holds ``pytorch_model.bin``, an index, or any ``*.bin`` file."""
-    return (folder / TORCH_INDEX_NAME).is_file() or (folder / TORCH_SINGLE_NAME).is_file() or any(folder.glob("*.bin"))
+    return (
+        (folder / TORCH_INDEX_NAME).is_file()
+        or (folder / TORCH_SINGLE_NAME).is_file()
+        or any(folder.glob("*.bin"))
+    )
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -39,7 +43,9 @@ def _unpickler_reason(exc: Exception) -> str:
         line = line.strip()
         if "WeightsUnpickler error:" in line:
             line = line.partition("WeightsUnpickler error:")[2].strip()
-        if line and not line.startswith(("Weights only load failed", "Check the documentation", "Please file")):
+        if line and not line.startswith(
+            ("Weights only load failed", "Check the documentation", "Please file")
+        ):
             return line.rstrip(".")
     return "unpickling failed"
 
@@ -64,7 +70,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             file=str(path),
         ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... on corrupt files
-        raise ModelError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})", file=str(path)) from None
+        raise ModelError(
+            f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})", file=str(path)
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -127,7 +135,9 @@ class TorchBinCheckpoint(Checkpoint):
             files = [p / n for n in names]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
-                raise ModelError(f"shards listed in the index are missing: {', '.join(missing)}", file=str(index))
+                raise ModelError(
+                    f"shards listed in the index are missing: {', '.join(missing)}", file=str(index)
+                )
             return files
         if (p / TORCH_SINGLE_NAME).is_file():
             return [p / TORCH_SINGLE_NAME]
