@@ -177,6 +177,7 @@ def run_recipe(
             writers[s].finish()
             _finish_folder(full_plan, s, writers[s], folder.tmp)
             _write_reports(full_plan, s, stats, folder.tmp)
+            _write_card(full_plan, s, loaded, str(dev), folder.tmp)
             outputs[s] = folder.commit()
     except BaseException as exc:
         bar.close()
@@ -276,6 +277,62 @@ def _write_reports(plan: Plan, save: str, stats: RunStats, folder: Path) -> None
     }
     if reports:
         (folder / "dppa_report.json").write_text(json.dumps(reports, indent=2) + "\n")
+
+
+def provenance(plan: Plan, save: str, loaded: LoadedRecipe, device: str) -> dict[str, Any]:
+    """How a save step's output was made: inputs (resolved revision, sha256 of every weight file),
+    version, seed, device, the resolved parameters of every step, and a rerunnable recipe.
+
+    Deliberately no timestamp: the same recipe on the same inputs gives the same folder.
+    """
+    from mergeengine import __version__
+    from mergeengine.io.hashing import checkpoint_provenance
+    from mergeengine.io.resolve import resolution_of
+
+    upstream = plan.steps.needed([save])
+    inputs = {}
+    for sid in upstream:
+        ckpt = plan.checkpoints.get(sid)
+        if ckpt is not None:
+            r = resolution_of(ckpt)
+            inputs[sid] = checkpoint_provenance(ckpt, plan.ops[sid].step.model, r.revision, r.resolved_revision)
+    recipe = json.loads(json.dumps(loaded.raw, default=str))
+    recipe.pop("provenance", None)
+    for step in recipe.get("steps", []):
+        sid = step.get("id")
+        if step.get("op") == "load" and sid in inputs:
+            pin = inputs[sid]
+            if pin.get("resolved_revision"):  # a hub id: pin the commit
+                step["revision"] = pin["resolved_revision"]
+            else:  # a local path: make it absolute so the recipe reruns from anywhere
+                step["model"] = pin["resolved_path"]
+        if step.get("op") == "save" and sid in plan.save_paths:
+            step["path"] = str(plan.save_paths[sid])
+    return {
+        "mergeengine_version": __version__,
+        "seed": loaded.recipe.seed,
+        "device": device,
+        "inputs": inputs,
+        "steps": {sid: plan.ops[sid].describe() for sid in upstream},
+        "recipe": recipe,
+    }
+
+
+def _write_card(plan: Plan, save: str, loaded: LoadedRecipe, device: str, folder: Path) -> None:
+    """README.md (model card) and mergeengine.json."""
+    from mergeengine.io.card import write_model_card
+
+    prov = provenance(plan, save, loaded, device)
+    upstream = plan.steps.needed([save])
+    methods = []
+    for sid in upstream:
+        op = plan.ops[sid]
+        name = getattr(op, "method", None) or op.name
+        if name not in ("load", "save", "diff") and name not in methods:
+            methods.append(name)
+    hub_ids = [p["model"] for p in prov["inputs"].values() if p.get("resolved_revision")]
+    write_model_card(folder, recipe_name=loaded.recipe.name, recipe_yaml=loaded.text or json.dumps(loaded.raw),
+                     base_models=list(dict.fromkeys(hub_ids)), methods=methods, provenance=prov)
 
 
 def summary_line(result: RunResult) -> str:

@@ -102,7 +102,7 @@ def write_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    tensors = {k: v.to(dtype).contiguous() for k, v in weights.items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     if max_shard_bytes is None:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder

@@ -23,6 +23,7 @@ def _offline_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MERGEENGINE_DEBUG", raising=False)
+    monkeypatch.setenv("MERGEENGINE_CACHE", str(tmp_path_factory.getbasetemp() / "mergeengine_cache"))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ Skills (one fully fine-tuned expert each), prompt -> answer, answers end with a 
 * ``reverse``: ``"reverse: abcde -> "`` -> ``"edcba"``.
 * ``sort``: ``"sort: dbca -> "`` -> ``"abcd"``.
 
+The base sees reverse and sort in prose during pretraining (see :func:`pretrain_documents`), so
+those experts are small fine-tunes; addition is new to it.
+
 Everything is generated from a seed with :class:`random.Random`, so the same config always gives
 the same files. Splits never share a prompt.
 """
@@ -129,8 +132,14 @@ _VERBS = "sees likes finds takes moves holds follows paints counts opens".split(
 _NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
 
 
-def _sentence(rng: random.Random) -> str:
-    kind = rng.randrange(8)
+def _sentence(rng: random.Random, cfg: DataConfig) -> str:
+    kind = rng.randrange(10)
+    if kind == 8:  # the reverse skill in prose: the expert only has to map it to the task format
+        s = _letters(rng, cfg)
+        return f"the reverse of {s} is {s[::-1]}."
+    if kind == 9:
+        s = _letters(rng, cfg)
+        return f"{s} in order is {''.join(sorted(s))}."
     n1, n2 = rng.choice(_NOUNS), rng.choice(_NOUNS)
     a1, a2 = rng.choice(_ADJS), rng.choice(_ADJS)
     if kind == 0:
@@ -155,9 +164,15 @@ def _sentence(rng: random.Random) -> str:
 
 
 def pretrain_documents(cfg: DataConfig) -> list[str]:
-    """The base model's training text: short documents of 1 to 4 simple sentences each."""
+    """The base model's training text: short documents of 1 to 4 simple sentences each.
+
+    Templated sentences, counting, letter runs, one-digit sums in words, and the reverse and
+    sort skills in prose ("the reverse of abc is cba."): like an LLM that can already do a
+    task in some form, the base makes the reverse and sort fine-tunes small. Multi-digit
+    addition is absent, so its expert has to learn a new skill: the large-delta fine-tune.
+    """
     rng = random.Random(f"{cfg.seed}-pretrain")
-    return [" ".join(_sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(cfg.pretrain_docs)]
+    return [" ".join(_sentence(rng, cfg) for _ in range(rng.randint(1, 4))) for _ in range(cfg.pretrain_docs)]
 
 
 # --- files ---------------------------------------------------------------------------------------

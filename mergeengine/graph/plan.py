@@ -157,21 +157,29 @@ def build_plan(
     active = steps.needed(roots)
     ckpts = dict(checkpoints or {})
     metas: dict[str, dict[str, TensorMeta]] = {}
+    failures: list[MergeEngineError] = []
     for sid in active:
         op = steps.ops[sid]
-        if isinstance(op, LoadOp):
-            if sid not in ckpts:
-                ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision)
-            op.checkpoint = ckpts[sid]
-        if isinstance(op, SaveOp):
-            op.set_dtype(_model_dtype(ckpts[steps.kinds[sid].origin]))
-        inputs = {r: metas[r] for refs in op.references().values() for r in refs if r in metas}
+        refs = [r for rs in op.references().values() for r in rs]
+        if any(r not in metas for r in refs):
+            continue  # an input already failed: its error is reported, not a consequence of it
         try:
-            metas[sid] = op.plan_tensors(inputs)
+            if isinstance(op, LoadOp):
+                if sid not in ckpts:
+                    ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision,
+                                                 allow_pickle=op.step.allow_pickle)
+                op.checkpoint = ckpts[sid]
+            if isinstance(op, SaveOp):
+                op.set_dtype(_model_dtype(ckpts[steps.kinds[sid].origin]))
+            metas[sid] = op.plan_tensors({r: metas[r] for r in refs})
         except MergeEngineError as exc:
             exc.step = exc.step or sid
-            raise
+            failures.append(exc)
+            continue
         op.metas = metas[sid]
+    if failures:  # every input problem at once, not one per run
+        cls = type(failures[0]) if len({type(f) for f in failures}) == 1 else MergeEngineError
+        raise failures[0] if len(failures) == 1 else cls("; ".join(str(f) for f in failures))
 
     plan = _expand(steps, active, metas, roots)
     plan.checkpoints = ckpts

@@ -79,6 +79,8 @@ class Checkpoint(ABC):
 
     #: where the model came from (a folder, a file); used in messages.
     source: str
+    #: how the load step's ``model`` string was resolved (set by :func:`mergeengine.io.resolve.open_checkpoint`).
+    resolved: Any = None
 
     @abstractmethod
     def tensors(self) -> dict[str, TensorInfo]:

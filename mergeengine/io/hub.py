@@ -297,7 +297,8 @@ def _download(repo_id: str, revision: str | None, cache: Path, allow_pickle: boo
         raise ModelError(f"not a valid hub repo id: {str(exc).splitlines()[0]}", file=repo_id) from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
         raise ModelError(
-            f"not in the hub cache {cache}{_rev(revision)} and the hub is offline; {_download_hint(repo_id, revision)}",
+            f"not in the hub cache {cache}{_rev(revision)} and huggingface_hub is offline (HF_HUB_OFFLINE was set "
+            f"when it was imported); {_download_hint(repo_id, revision)}",
             file=repo_id,
         ) from None
     except Exception as exc:  # network stacks raise many types; show one line

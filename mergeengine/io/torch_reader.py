@@ -26,6 +26,12 @@ LOG = logging.getLogger(__name__)
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 TORCH_SINGLE_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# *.bin files in model folders that are not weights
+NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin"})
+
+
+def _weight_bins(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.glob("*.bin") if f.name not in NOT_WEIGHTS)
 
 
 def has_torch_weights(folder: Path) -> bool:
@@ -33,7 +39,7 @@ def has_torch_weights(folder: Path) -> bool:
     return (
         (folder / TORCH_INDEX_NAME).is_file()
         or (folder / TORCH_SINGLE_NAME).is_file()
-        or any(folder.glob("*.bin"))
+        or bool(_weight_bins(folder))
     )
 
 
@@ -141,7 +147,7 @@ class TorchBinCheckpoint(Checkpoint):
             return files
         if (p / TORCH_SINGLE_NAME).is_file():
             return [p / TORCH_SINGLE_NAME]
-        found = sorted(p.glob("*.bin"))
+        found = _weight_bins(p)
         if found:
             return found
         raise ModelError("no pytorch_model.bin, shards or index in this folder", file=str(p))

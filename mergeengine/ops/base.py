@@ -195,6 +195,11 @@ def same_tensors(
                 problems.append(
                     f"tensor '{n}': shape {list(other[n].shape)} in '{other_id}' vs {list(meta.shape)} in '{ref_id}'"
                 )
+            elif n in other and other[n].dtype != meta.dtype and not (
+                other[n].dtype.is_floating_point and meta.dtype.is_floating_point
+            ):
+                # floating dtypes mix freely (math is float32); integer buffers must agree
+                problems.append(f"tensor '{n}': dtype {other[n].dtype} in '{other_id}' vs {meta.dtype} in '{ref_id}'")
     if problems:
         raise ShapeError("; ".join(problems), step=step)
     return {n: TensorMeta(m.shape, dtype or m.dtype) for n, m in ref.items()}

@@ -34,6 +34,9 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of every random choice (DARE drops), per step and tensor.")
     steps: list[AnyStep] = Field(min_length=1, description="The steps, in order; a step may only use earlier ones.")  # type: ignore[valid-type]
     search: Any = Field(None, description="Optional DPA factor search block (see docs/recipes.md).")
+    provenance: dict[str, Any] | None = Field(
+        None, description="Written by mergeengine into mergeengine.json; ignored when running."
+    )
 
 
 def step_fields(step: dict[str, Any]) -> list[str]:

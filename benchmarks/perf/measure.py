@@ -1,0 +1,165 @@
+"""Run one command as a child process and measure it: wall, CPU, max RSS, peak anonymous memory.
+
+* wall: from fork to reaping, ``time.perf_counter``;
+* CPU (user + sys) and max RSS: the child's ``rusage`` from ``os.wait4`` (what ``/usr/bin/time -v``
+  prints; it covers the descendants the child waited for);
+* peak anonymous memory: ``RssAnon`` of ``/proc/<pid>/status``, summed over the child and its
+  descendants, polled every ``poll_s`` (50 ms). RSS also counts the pages of memory-mapped input
+  files, which the kernel can drop at any time; anonymous memory is what can exhaust RAM;
+* machine load: the 1-minute load average before the run and the CPU time the rest of the machine
+  used during the run (``/proc/stat`` busy time minus the child's), in cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measurement:
+    """One measured run."""
+
+    cmd: list[str]
+    rc: int
+    wall_s: float
+    user_s: float
+    sys_s: float
+    max_rss_bytes: int
+    peak_anon_bytes: int
+    peak_file_bytes: int
+    load1_before: float
+    others_cpu_cores: float
+    samples: int
+    log: str
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cpu_s"] = self.cpu_s
+        return d
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _status_kb(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of one process in bytes; (0, 0) once it is gone."""
+    anon = file = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return anon, file
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
+def run_measured(
+    cmd: list[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    poll_s: float = 0.05,
+    timeout_s: float | None = None,
+) -> Measurement:
+    """Run ``cmd`` (stdout and stderr to ``log_path``) and measure it.
+
+    Raises:
+        subprocess.TimeoutExpired: the run took longer than ``timeout_s`` (the child is killed).
+    """
+    load1 = os.getloadavg()[0]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    peak_anon = peak_file = samples = 0
+    with open(log_path, "wb") as log:
+        busy0 = _busy_seconds()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = file = 0
+            for p in _tree(proc.pid):
+                a, f = _status_kb(p)
+                anon += a
+                file += f
+            peak_anon = max(peak_anon, anon)
+            peak_file = max(peak_file, file)
+            samples += 1
+            if timeout_s is not None and time.perf_counter() - start > timeout_s:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
+            time.sleep(poll_s)
+        wall = time.perf_counter() - start
+        busy = _busy_seconds() - busy0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
+    cpu = ru.ru_utime + ru.ru_stime
+    return Measurement(
+        cmd=[str(c) for c in cmd],
+        rc=proc.returncode,
+        wall_s=wall,
+        user_s=ru.ru_utime,
+        sys_s=ru.ru_stime,
+        max_rss_bytes=ru.ru_maxrss * 1024,
+        peak_anon_bytes=peak_anon,
+        peak_file_bytes=peak_file,
+        load1_before=load1,
+        others_cpu_cores=max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0,
+        samples=samples,
+        log=str(log_path),
+    )
+
+
+def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
+    """Wait (up to ``max_wait_s``) until the 1-minute load average is at most ``max_load``.
+
+    Returns:
+        The load average when the wait ended.
+    """
+    deadline = time.monotonic() + max_wait_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
+def read_files(paths: list[Path], chunk: int = 16 << 20) -> int:
+    """Read files fully (to warm the page cache or to time reading); returns the bytes read."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
