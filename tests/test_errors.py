@@ -6,8 +6,8 @@ import errno
 
 import pytest
 import torch
-
 from conftest import write_recipe
+
 from mergeengine import api
 from mergeengine.cli import main
 from mergeengine.errors import MergeEngineError, ModelError, OutputError, ShapeError
@@ -100,8 +100,9 @@ def test_pad_base_keeps_the_new_rows(tmp_path, models):
           - {{id: out, op: save, input: m, path: out}}
         """)
     api.run_recipe(r)
-    from conftest import read_folder
     import json
+
+    from conftest import read_folder
 
     out = read_folder(tmp_path / "out")
     torch.testing.assert_close(out["lm_head.weight"], ft["lm_head.weight"])  # 0-padded base + full delta

@@ -6,8 +6,8 @@ import hashlib
 import json
 
 import yaml
-
 from conftest import write_recipe
+
 from mergeengine import api
 from mergeengine.cli import main
 

@@ -28,7 +28,8 @@ def recipe(tmp_path, models, out="out"):
 
 
 def files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file but the card and provenance (which name the output path)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("README.md", "mergeengine.json")}
 
 
 def interrupt_at(monkeypatch, n, exc=KeyboardInterrupt):

@@ -39,8 +39,8 @@ from mergeengine.eval.charlevel import build_char_tokenizer  # noqa: E402
 
 LOG = logging.getLogger("minipaper.train")
 
-#: bump when a change to this file changes what a given config trains
-CODE_VERSION = 1
+#: bump when a change to this file changes what a given config trains (data.py has DATA_VERSION)
+TRAIN_VERSION = 1
 DEFAULT_CACHE = Path(__file__).resolve().parent / "_cache"
 LINEAR_SUFFIXES = tuple(
     f"{block}.{name}.weight"
@@ -127,7 +127,7 @@ def small_config() -> ExperimentConfig:
 def config_hash(*parts: Any) -> str:
     """A short, stable hash of JSON-able parts (dataclasses are converted)."""
     norm = [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts]
-    text = json.dumps([CODE_VERSION, *norm], sort_keys=True)
+    text = json.dumps([data_mod.DATA_VERSION, TRAIN_VERSION, *norm], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
