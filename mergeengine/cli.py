@@ -106,6 +106,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         fmt = getattr(args, "format", "text")
         print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
         return 0
+    from mergeengine.memory import reuse_freed_memory
+
+    reuse_freed_memory()
     result = api.run_recipe(
         args.recipe,
         out=args.out,

@@ -96,8 +96,8 @@ class ExperimentConfig:
     base: BaseTraining = field(default_factory=BaseTraining)
     experts: tuple[ExpertTraining, ...] = (
         ExpertTraining("addition", steps=1000, lr=1e-3),
-        ExpertTraining("reverse", steps=200, lr=3e-4),
-        ExpertTraining("sort", steps=200, lr=3e-4),
+        ExpertTraining("reverse", steps=400, lr=3e-4),
+        ExpertTraining("sort", steps=400, lr=3e-4),
     )
     eval_batch_size: int = 200
 

@@ -75,4 +75,6 @@ class DiffOp(Op):
         model, base = inputs
         if ctx.tensor in self.row_mismatch:
             model, base = align_vocab(self.step.vocab, model, base)
-        return model.float() - base.float()
+        out = model.float()
+        # In place when .float() made a copy: one float32 allocation instead of three.
+        return out.sub_(base) if out is not model else out - base
