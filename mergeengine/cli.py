@@ -46,7 +46,30 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="output folder (as for run)")
     pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
     common(pl)
+
+    ev = sub.add_parser("eval", help="evaluate a model on JSONL tasks (needs mergeengine[eval])")
+    add_eval_arguments(ev)
+    ev.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug and tracebacks")
     return p
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` arguments to ``parser`` (an ``argparse`` subcommand parser)."""
+    parser.add_argument("model", help="model folder (config.json, safetensors, tokenizer files)")
+    parser.add_argument("--tasks", required=True, help="task file (YAML)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype to run in (default: float32 on CPU, the checkpoint's elsewhere)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many records per task")
+    parser.add_argument("--no-loglik", action="store_true", help="skip the answer log-likelihood (faster)")
+    parser.add_argument("--no-samples", action="store_true", help="leave per-record details out of --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -93,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from mergeengine import api
+
+    if args.command == "eval":
+        from mergeengine.eval.cli import run_eval_command
+
+        return run_eval_command(args)
 
     if args.command == "validate":
         steps = api.validate(args.recipe)

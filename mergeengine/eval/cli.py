@@ -1,7 +1,7 @@
 """``mergeengine eval MODEL --tasks TASKS.yaml``: evaluate a model folder and print a table.
 
 Two ways in: :func:`main_eval` parses its own ``argv`` (standalone), while
-:func:`add_eval_arguments` + :func:`run_eval_command` plug into the main CLI's subparsers, which
+:func:`mergeengine.cli.add_eval_arguments` + :func:`run_eval_command` plug into the main CLI's subparsers, which
 then maps :class:`mergeengine.errors.MergeEngineError` to a one-line message and exit code.
 """
 
@@ -11,27 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mergeengine.cli import add_eval_arguments
 from mergeengine.errors import MergeEngineError
-from mergeengine.eval.evaluate import evaluate, format_table, to_json
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``eval`` arguments to ``parser`` (an ``argparse`` subcommand parser)."""
-    parser.add_argument("model", help="model folder (config.json, safetensors, tokenizer files)")
-    parser.add_argument("--tasks", required=True, help="task file (YAML)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype to run in (default: float32 on CPU, the checkpoint's elsewhere)",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many records per task")
-    parser.add_argument("--no-loglik", action="store_true", help="skip the answer log-likelihood (faster)")
-    parser.add_argument("--no-samples", action="store_true", help="leave per-record details out of --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -40,6 +21,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     Raises:
         MergeEngineError: anything the user can fix (missing transformers, bad task file, model).
     """
+    # Imported here: torch and transformers must not slow down every other command's start-up.
+    from mergeengine.eval.evaluate import evaluate, format_table, to_json
+
     result = evaluate(
         args.model,
         None,
