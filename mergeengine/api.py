@@ -28,6 +28,8 @@ from mergeengine.io.writer import OutputFolder, ShardedWriter
 from mergeengine.ops.save import SaveOp
 from mergeengine.recipe.loader import LoadedRecipe, load_recipe, parse_recipe
 
+__all__ = ["RunResult", "build_in_memory", "load_recipe", "plan_recipe", "run_recipe", "validate"]
+
 LOG = logging.getLogger(__name__)
 
 
@@ -214,12 +216,30 @@ def _plan_id(plan: Plan, loaded: LoadedRecipe) -> str:
 
 
 def build_in_memory(
-    recipe: str | LoadedRecipe, step: str, *, device: str = "cpu", checkpoints: dict[str, Checkpoint] | None = None
+    recipe: str | dict[str, Any] | LoadedRecipe,
+    step: str,
+    *,
+    device: str = "cpu",
+    checkpoints: dict[str, Checkpoint] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute one save step's tensors into a dict instead of a folder (small models only).
 
     Used by the DPA factor search to evaluate candidates without a disk round trip.
+
+    Args:
+        recipe: recipe YAML text, a recipe dict, or a loaded recipe (relative paths resolve
+            against the current folder for text and dicts).
+        step: the save step to build.
+        device: where the math runs.
+        checkpoints: opened inputs to reuse.
+
+    Returns:
+        Tensor name -> tensor in the save step's dtype, on the CPU.
     """
+    if isinstance(recipe, dict):
+        import yaml
+
+        recipe = yaml.safe_dump(recipe, sort_keys=False)
     loaded = recipe if isinstance(recipe, LoadedRecipe) else parse_recipe(recipe)
     steps = validate(loaded)
     plan = build_plan(steps, roots=[step], checkpoints=checkpoints)

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from mergeengine import __version__
 from mergeengine.errors import MergeEngineError, RecipeError
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="output folder (as for run)")
     pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
     common(pl)
+
+    se = sub.add_parser("search", help="tune DPA factors (the recipe's search block) on validation tasks")
+    se.add_argument("recipe")
+    se.add_argument("--out", help="where to write the resolved recipe (default: RECIPE.resolved.yaml)")
+    se.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    common(se)
 
     ev = sub.add_parser("eval", help="evaluate a model on JSONL tasks (needs mergeengine[eval])")
     add_eval_arguments(ev)
@@ -122,6 +129,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_eval_command(args)
 
+    if args.command == "search":
+        from mergeengine.search import run_search, write_search_outputs
+
+        loaded = api.load_recipe(args.recipe)
+        result = run_search(loaded, device=str(api.resolve_device(args.device)), progress=True)
+        resolved, log = write_search_outputs(loaded, result, Path(args.out) if args.out else None)
+        if not args.quiet:
+            print(f"best factors {result.best_factors} (score {result.best_score:.4f}, {len(result.trials)} trials); "
+                  f"wrote {resolved} and {log}")
+        return 0
     if args.command == "validate":
         steps = api.validate(args.recipe)
         if not args.quiet:
@@ -137,8 +154,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     from mergeengine.memory import reuse_freed_memory
 
     reuse_freed_memory()
+    recipe = api.load_recipe(args.recipe)
+    if recipe.recipe.search is not None:  # search first, then run what it resolved
+        from mergeengine.search import run_search, write_search_outputs
+
+        result = run_search(recipe, device=str(api.resolve_device(args.device)), progress=True)
+        resolved, _ = write_search_outputs(recipe, result)
+        LOG.warning("search chose %s (score %.4f); running %s", result.best_factors, result.best_score, resolved)
+        recipe = api.load_recipe(resolved)
     result = api.run_recipe(
-        args.recipe,
+        recipe,
         out=args.out,
         device=args.device,
         overwrite=args.overwrite,

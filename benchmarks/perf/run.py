@@ -35,8 +35,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from measure import read_files, run_measured
-from recipes import MERGEKIT_METHODS, METHODS, engine_recipe, inputs_of, mergekit_config
+from perf_measure import read_files, run_measured
+from perf_recipes import MERGEKIT_METHODS, METHODS, engine_recipe, inputs_of, mergekit_config
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -145,11 +145,11 @@ def machine() -> dict[str, object]:
 
 def others_busy(sample_s: float = 2.0) -> float:
     """Cores the rest of the machine keeps busy right now (sampled over ``sample_s``; we are idle)."""
-    from measure import _busy_seconds
+    from perf_measure import busy_seconds
 
-    b0 = _busy_seconds()
+    b0 = busy_seconds()
     time.sleep(sample_s)
-    return (_busy_seconds() - b0) / sample_s
+    return (busy_seconds() - b0) / sample_s
 
 
 def wait_quiet(max_busy: float, max_wait_s: float) -> float:
@@ -186,7 +186,7 @@ def save_results(results: dict) -> None:
 
 def prepare_size(size: str, mk_venv: Path) -> dict:
     """Build (or reuse) the checkpoints of ``size`` and write its recipes; return the size's facts."""
-    from checkpoints import BuildSpec, build_models, weight_files
+    from perf_models import BuildSpec, build_models, weight_files
 
     from mergeengine.tiny import LlamaShape
 
@@ -366,7 +366,7 @@ def measure_startup(args: argparse.Namespace, results: dict) -> None:
 
 def run_profiles(args: argparse.Namespace, results: dict) -> None:
     """py-spy (collapsed stacks, idle time included) of mergeengine on ``args.profile`` methods."""
-    from profiles import summarize
+    from perf_profiles import summarize
 
     pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if pyspy is None:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_size(size, args, results, command.strip())
         save_results(results)
     if not args.no_report:
-        from report import update_doc, write_plot
+        from perf_report import update_doc, write_plot
 
         update_doc(results, DOC)
         write_plot(results, PLOT)

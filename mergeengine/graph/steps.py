@@ -104,6 +104,29 @@ def build_step_graph(loaded: LoadedRecipe) -> StepGraph:
             if kind is not None:
                 kinds[sid] = kind
                 op.kind = kind
+    problems += _check_search(loaded, ops)
     if problems:
         raise RecipeError(problems)
     return StepGraph(loaded, ops, kinds, graph)
+
+
+def _check_search(loaded: LoadedRecipe, ops: dict[str, Op]) -> list[str]:
+    """The search block may only tune existing dpa_amplify partitions and evaluate a save step."""
+    search = loaded.recipe.search
+    if search is None:
+        return []
+    problems = []
+    for i, f in enumerate(search.factors):
+        where = loaded.where(("search", "factors", i, "step"))
+        op = ops.get(f.step)
+        if op is None or op.name != "dpa_amplify":
+            problems.append(f"{where}: search: factor step '{f.step}' is not a dpa_amplify step")
+        elif f.partition >= len(op.step.partitions):  # type: ignore[attr-defined]
+            problems.append(f"{where}: search: step '{f.step}' has {len(op.step.partitions)} partitions, "  # type: ignore[attr-defined]
+                            f"no partition {f.partition}")
+    saves = [s for s, op in ops.items() if op.name == "save"]
+    if search.target is not None and search.target not in saves:
+        problems.append(f"{loaded.where(('search', 'target'))}: search: target '{search.target}' is not a save step")
+    elif search.target is None and len(saves) != 1:
+        problems.append(f"{loaded.where(('search',))}: search: name the save step to evaluate with 'target'")
+    return problems

@@ -50,7 +50,7 @@ class Measurement:
         return d
 
 
-def _busy_seconds() -> float:
+def busy_seconds() -> float:
     """CPU seconds the whole machine spent busy since boot (user, nice, system, irq, softirq, steal)."""
     with open("/proc/stat") as f:
         fields = f.readline().split()[1:]
@@ -98,7 +98,7 @@ def run_measured(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak_anon = peak_file = samples = 0
     with open(log_path, "wb") as log:
-        busy0 = _busy_seconds()
+        busy0 = busy_seconds()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         while True:
@@ -120,7 +120,7 @@ def run_measured(
                 raise subprocess.TimeoutExpired(cmd, timeout_s)
             time.sleep(poll_s)
         wall = time.perf_counter() - start
-        busy = _busy_seconds() - busy0
+        busy = busy_seconds() - busy0
     proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
     cpu = ru.ru_utime + ru.ru_stime
     return Measurement(
