@@ -125,10 +125,10 @@ def test_integer_dtype_mismatch(tmp_path, models):
 def test_full_disk_and_permission_denied_leave_nothing(tmp_path, models, monkeypatch, err, expected):
     from mergeengine.io import writer
 
-    def fail(self, name, tensor, _orig=writer.ShardedWriter.write):
-        raise writer._os_error(OSError(err, "x"), self.folder / "model.safetensors")
+    def fail(self, shard, name, tensor):
+        raise OSError(err, "x")  # raised in the writer's worker thread
 
-    monkeypatch.setattr(writer.ShardedWriter, "write", fail)
+    monkeypatch.setattr(writer.ShardedWriter, "_write_now", fail)
     with pytest.raises(OutputError, match=expected):
         api.run_recipe(recipe(tmp_path, models["base"], models["math"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -112,3 +112,57 @@ def test_rerun_is_served_from_the_cache(minipaper, small_run) -> None:
     paths, changed_paths = train.Paths(cache, train.small_config()), train.Paths(cache, changed)
     assert paths.base == changed_paths.base and paths.expert("sort") == changed_paths.expert("sort")
     assert paths.expert("addition") != changed_paths.expert("addition")
+
+
+def test_experiment_small_end_to_end(minipaper, small_run, tmp_path: Path) -> None:
+    """Tables 1 and 2, the plots and the report come out of the reduced run, numbers in range."""
+    sys.path.insert(0, str(MINIPAPER))
+    try:
+        experiment = importlib.import_module("experiment")
+    finally:
+        sys.path.remove(str(MINIPAPER))
+    _, cache = small_run
+    report = tmp_path / "minipaper.md"
+    assert experiment.main(["--small", "-q", "--cache-dir", str(cache), "--report", str(report),
+                            "--img-dir", str(tmp_path / "img")]) == 0
+    results = json.loads((cache.glob("run-*/experiment/results.json").__next__()).read_text())
+    settings = experiment.small_settings()
+
+    t1 = results["table1"]
+    assert set(t1) == {"addition", "reverse", "sort"}
+    for methods in t1.values():
+        assert list(methods) == list(experiment.METHODS)
+        for method, cells in methods.items():
+            assert sorted(map(float, cells)) == list(settings.densities)
+            for cell in cells.values():
+                assert 0.0 <= cell["accuracy"] <= 1.0 and cell["relative"] >= 0.0
+                assert len(cell["runs"]) == (settings.seeds if method == "dare" else 1)
+                if method in experiment.DPA_STARTS:  # searched on validation, from its start, upwards only
+                    assert "tasks.val." in cell["search_tasks"]
+                    start = list(experiment.DPA_STARTS[method])
+                    assert cell["trials"][0]["factors"] == start
+                    assert cell["factors"][0] >= start[0] and cell["factors"][1] >= 1.0
+                    assert 0.0 <= cell["val_relative"]
+
+    t2 = results["table2"]
+    assert list(t2) == list(experiment.MERGES)
+    for row, entry in t2.items():
+        assert set(entry["accuracy"]) == {"addition", "reverse", "sort"}
+        assert all(0.0 <= a <= 1.0 for a in entry["accuracy"].values())
+        assert 0.0 <= entry["average"] <= 1.0
+        assert all(lam in settings.lambdas for lam in entry["lambdas"])
+        assert len(entry["runs"]) == (settings.seeds if row == "dare_ties" else 1)
+        if row.startswith("dppa"):
+            assert entry["search_tasks"].endswith("tasks.val.yaml")
+            assert set(entry["factors"]) == {"addition", "reverse", "sort"} and entry["trials"]
+
+    text = report.read_text()
+    for heading in ("## Table 1", "## Table 2", "## The paper's claims, measured", "## Reading"):
+        assert heading in text
+    for label in [*experiment.METHODS.values(), *(m[0] for m in experiment.MERGES.values())]:
+        assert label in text
+    assert "experiment.py --small" in text
+    for name in ("minipaper_pruning.png", "minipaper_merge.png"):
+        png = tmp_path / "img" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"img/{name}" in text

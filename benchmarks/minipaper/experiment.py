@@ -1,16 +1,21 @@
-"""The miniature DPPA paper: pruning curves (Table 1) and merges (Table 2) on the tiny CPU models.
+"""The miniature DPPA paper: pruning curves (Table 1) and three-expert merges (Table 2) on CPU.
 
-    .venv/bin/python benchmarks/minipaper/experiment.py            # full run, writes docs/minipaper.md
+    .venv/bin/python benchmarks/minipaper/experiment.py            # full run (~25 min), writes docs/minipaper.md
     .venv/bin/python benchmarks/minipaper/experiment.py --small    # seconds, for the test suite
 
-Models come from :mod:`train` (cached). Every pruned or merged model is described by a mergeengine
-recipe (a dict, shown in the report) and built by :func:`build_tensors`, the one call into the
-engine; candidates are built in memory and loaded into one reusable ``LlamaForCausalLM``.
+Models come from :mod:`train` (cached under ``_cache/``). Every pruned or merged model is a
+mergeengine recipe (a dict); fixed recipes are built in memory with
+:func:`mergeengine.api.build_in_memory` and loaded into one reusable ``LlamaForCausalLM``; recipes
+whose DPA factors are tuned carry a ``search:`` block and go through
+:func:`mergeengine.search.run_search`, which scores candidates on the VALIDATION split only.
+Every number in the tables is TEST accuracy.
 
-Table 1: each expert pruned with magnitude / DARE / DP / DP+DPA at densities 0.1 .. 0.9, test
-accuracy relative to the dense expert. DP+DPA at density d amplifies two partitions (d/2, s1) and
-(d, s2), the factors found by the coordinate-ascent search on the validation split.
-Table 2: merges of the three experts, per-task accuracy and the geometric mean of relative accuracy.
+Table 1: each expert's delta pruned with magnitude / DARE / DP / DP+DPA at densities 0.1 .. 0.9;
+test accuracy relative to the dense expert. DP+DPA at density d amplifies two partitions,
+(d/2, s1) and (d, s2), with the factors found by the search, from two starting points: the
+release's (1.8, 0 -> 1.0) and DP itself (1.0, 1.0).
+Table 2: merges of all three experts (task arithmetic, TIES, DARE-TIES, DP+TA, DPPA), the lambda
+of each chosen on validation from a small grid; per-task test accuracy and averages.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+import os
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,38 +41,78 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import train as train_mod  # noqa: E402
 
 from mergeengine.eval import TaskSpec, evaluate, load_tasks  # noqa: E402
+from mergeengine.recipe.loader import parse_recipe  # noqa: E402
+from mergeengine.search import SearchResult, geometric_score, run_search  # noqa: E402
 
 LOG = logging.getLogger("minipaper.experiment")
+REPO = Path(__file__).resolve().parents[2]
 
-METHODS = ("magnitude", "dare", "dp", "dp+dpa")
-DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: DP parameters of the paper's release
-DP_PARAMS = {"lamda": 0.08, "module_threshold": 5, "layer_threshold": 3}
-#: the release's starting factors of the two DPA partitions
-DPA_START = (1.8, 0.0)
+DP_PARAMS: dict[str, float] = {"lamda": 0.08, "module_threshold": 5, "layer_threshold": 3}
+#: Table 1 columns: method -> label
+METHODS: dict[str, str] = {
+    "magnitude": "magnitude",
+    "dare": "DARE",
+    "dp": "DP",
+    "dpa_release": "DP+DPA (release start)",
+    "dpa_unit": "DP+DPA (start at DP)",
+}
+#: where the DPA search starts (s1, s2) for each DP+DPA variant; s2 = 0 starts at 1.0 (DPPA.md)
+DPA_STARTS: dict[str, tuple[float, float]] = {"dpa_release": (1.8, 0.0), "dpa_unit": (1.0, 1.0)}
+#: Table 2 rows: key -> (label, merge method, per-delta sparsifier or None)
+MERGES: dict[str, tuple[str, str, str | None]] = {
+    "task_arithmetic": ("task arithmetic (dense)", "task_arithmetic", None),
+    "ties": ("TIES", "ties", None),
+    "dare_ties": ("DARE-TIES", "dare_ties", None),
+    "dp_ta": ("DP + TA", "task_arithmetic", "dp"),
+    "dppa_release": ("DPPA: DP+DPA + TA (release start)", "task_arithmetic", "dpa_release"),
+    "dppa_unit": ("DPPA: DP+DPA + TA (start at DP)", "task_arithmetic", "dpa_unit"),
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the evaluation part of the experiment covers (the training config is separate)."""
+
+    densities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+    seeds: int = 3
+    lambdas: tuple[float, ...] = tuple(round(0.5 + 0.1 * i, 1) for i in range(11))
+    merge_density: float = 0.2
+    search_max_steps: int = 30
+    search_step: float = 0.1
+
+
+def small_settings(seeds: int = 2) -> RunSettings:
+    """The test suite's version: two densities, two lambdas, short searches."""
+    return RunSettings(densities=(0.2, 0.5), seeds=seeds, lambdas=(0.5, 1.0), search_max_steps=2)
 
 
 # --- recipes -------------------------------------------------------------------------------------
 
 
-def _delta_steps(name: str, method: str, density: float, factors: tuple[float, ...] | None) -> dict[str, Any]:
-    """The step that sparsifies delta ``d_{name}`` with ``method`` (output id ``p_{name}``)."""
+def sparsify_step(name: str, method: str, density: float, factors: Sequence[float] | None = None) -> dict[str, Any]:
+    """The step that sparsifies delta ``d_{name}`` with ``method``; its id is ``p_{name}``.
+
+    Magnitude and DARE prune the same tensors DP does (``scope: decoder_linear``), so every
+    method keeps the same fraction of the same weights. DP+DPA partitions are ``(d/2, s1)`` and
+    ``(d, s2)`` with the release's factor rule and dense scale.
+    """
     step: dict[str, Any] = {"id": f"p_{name}", "input": f"d_{name}"}
     if method == "magnitude":
-        step |= {"op": "magnitude_prune", "density": density}
+        step |= {"op": "magnitude_prune", "density": density, "scope": "decoder_linear"}
     elif method == "dare":
-        step |= {"op": "dare", "density": density, "rescale": "per_element"}
+        step |= {"op": "dare", "density": density, "rescale": "per_element", "scope": "decoder_linear"}
     elif method == "dp":
         step |= {"op": "dp_prune", "density": density, **DP_PARAMS}
-    elif method == "dp+dpa":
-        s1, s2 = factors if factors is not None else DPA_START
+    elif method in DPA_STARTS:
+        s1, s2 = factors if factors is not None else DPA_STARTS[method]
         step |= {
             "op": "dpa_amplify",
             "select": "dp",
             **DP_PARAMS,
             "partitions": [
-                {"density": round(density / 2, 4), "scale": s1},
-                {"density": density, "scale": s2},
+                {"density": round(density / 2, 6), "scale": float(s1)},
+                {"density": density, "scale": float(s2)},
             ],
             "factors": "release",
             "dense_scale": "max",
@@ -76,15 +122,8 @@ def _delta_steps(name: str, method: str, density: float, factors: tuple[float, .
     return step
 
 
-def prune_recipe(
-    base: Path,
-    expert: Path,
-    method: str,
-    density: float,
-    factors: tuple[float, ...] | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Recipe of one expert with its delta sparsified: base + sparsify(expert - base)."""
+def prune_recipe(base: Path, expert: Path, method: str, density: float, *, seed: int = 0) -> dict[str, Any]:
+    """Recipe of one expert with its delta sparsified: ``base + sparsify(expert - base)``."""
     return {
         "name": f"minipaper-{method}-{density}",
         "seed": seed,
@@ -92,87 +131,95 @@ def prune_recipe(
             {"id": "base", "op": "load", "model": str(base)},
             {"id": "e", "op": "load", "model": str(expert)},
             {"id": "d_e", "op": "diff", "model": "e", "base": "base"},
-            _delta_steps("e", method, density, factors),
-            {"id": "out", "op": "save", "input": "p_e", "path": "./unused"},
+            sparsify_step("e", method, density),
+            {"id": "out", "op": "save", "input": "p_e", "path": "./out"},
         ],
     }
-
-
-#: Table 2 rows: label -> (merge method, per-delta sparsifier, density)
-MERGES: dict[str, tuple[str, str | None, float | None]] = {
-    "task arithmetic": ("task_arithmetic", None, None),
-    "TIES 20%": ("ties", None, 0.2),
-    "DARE 20% + TA": ("dare_linear", None, 0.2),
-    "DARE 20% + TIES": ("dare_ties", None, 0.2),
-    "magnitude 20% + TA": ("task_arithmetic", "magnitude", 0.2),
-    "DP 20% + TA": ("task_arithmetic", "dp", 0.2),
-    "DPPA 20% (DP+DPA) + TA": ("task_arithmetic", "dp+dpa", 0.2),
-}
 
 
 def merge_recipe(
     base: Path,
     experts: dict[str, Path],
     row: str,
-    factors: dict[str, tuple[float, ...]] | None = None,
+    *,
+    lam: float = 1.0,
+    density: float = 0.2,
     seed: int = 0,
+    factors: dict[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
-    """Recipe of one Table 2 row: every expert's delta, optionally sparsified, merged onto the base."""
-    method, sparsifier, density = MERGES[row]
+    """Recipe of one Table 2 row: every expert's delta (optionally sparsified) merged onto the base."""
+    _, method, sparsifier = MERGES[row]
     steps: list[dict[str, Any]] = [{"id": "base", "op": "load", "model": str(base)}]
     inputs = []
     for name, folder in experts.items():
         steps.append({"id": name, "op": "load", "model": str(folder)})
         steps.append({"id": f"d_{name}", "op": "diff", "model": name, "base": "base"})
-        if sparsifier is not None:
-            steps.append(_delta_steps(name, sparsifier, density or 1.0, (factors or {}).get(name)))
-            inputs.append(f"p_{name}")
-        else:
+        if sparsifier is None:
             inputs.append(f"d_{name}")
+        else:
+            steps.append(sparsify_step(name, sparsifier, density, (factors or {}).get(name)))
+            inputs.append(f"p_{name}")
     merge: dict[str, Any] = {
         "id": "merged",
         "op": "merge",
         "method": method,
         "base": "base",
         "inputs": inputs,
+        "lambda": lam,
     }
-    if sparsifier is None and density is not None:
-        merge["density"] = density
     if method == "ties":
-        merge |= {"trim_scope": "tensor", "vote": "unweighted"}
+        merge |= {"density": density, "trim_scope": "tensor", "vote": "unweighted"}
     elif method == "dare_ties":
-        merge |= {"vote": "unweighted"}
-    steps += [merge, {"id": "out", "op": "save", "input": "merged", "path": "./unused"}]
-    return {"name": f"minipaper-merge-{method}", "seed": seed, "steps": steps}
+        merge |= {"density": density, "rescale": "per_element", "vote": "unweighted"}
+    steps += [merge, {"id": "out", "op": "save", "input": "merged", "path": "./out"}]
+    return {"name": f"minipaper-merge-{row}", "seed": seed, "steps": steps}
 
 
-# --- the one call into the engine ---------------------------------------------------------------------
+def with_search(
+    recipe: dict[str, Any], tasks: Path, dpa_steps: Sequence[str], settings: RunSettings
+) -> dict[str, Any]:
+    """``recipe`` plus a ``search:`` block tuning both partition factors of each ``dpa_steps`` step.
 
-
-def build_tensors(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Run ``recipe`` and return the tensors of its save step ``out`` (in memory, float32).
-
-    The engine's in-memory path (no disk round trip), as the DPA search needs.
+    References come from the task file (each task's dense expert accuracy on validation).
     """
-    from mergeengine import api
+    factors: list[dict[str, Any]] = []
+    for sid in dpa_steps:
+        factors += [{"step": sid, "partition": 0}, {"step": sid, "partition": 1}]
+    return recipe | {
+        "search": {
+            "tasks": str(tasks),
+            "factors": factors,
+            "step_size": settings.search_step,
+            "max_steps": settings.search_max_steps,
+            "batch_size": 200,
+            "in_memory": "always",
+        }
+    }
 
-    return api.build_in_memory(yaml.safe_dump(recipe, sort_keys=False), "out")
+
+def search(recipe: dict[str, Any]) -> SearchResult:
+    """Run the engine's DPA factor search on a recipe dict with a ``search:`` block."""
+    return run_search(parse_recipe(yaml.safe_dump(recipe, sort_keys=False)))
 
 
-# --- evaluation of candidates ----------------------------------------------------------------------
+def factor_pair(result: SearchResult, step: str) -> list[float]:
+    """The two searched factors of ``step``, rounded for display."""
+    return [round(x, 4) for x in result.best_factors[step]]
+
+
+# --- evaluation of fixed recipes ----------------------------------------------------------------------
 
 
 @dataclass
 class Evaluator:
-    """One reusable model: load a candidate's tensors, evaluate on task specs (accuracy only)."""
+    """One reusable model: build a recipe in memory, load its tensors, measure accuracy."""
 
     template: Path
     batch_size: int
     model: Any = None
     tokenizer: Any = None
     builds: int = 0
-    build_seconds: float = 0.0
-    eval_seconds: float = 0.0
+    seconds: float = 0.0
 
     def __post_init__(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,200 +227,507 @@ class Evaluator:
         self.model = AutoModelForCausalLM.from_pretrained(self.template, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.template)
 
-    def accuracy(self, recipe: dict[str, Any], specs: list[TaskSpec]) -> dict[str, float]:
-        """Build ``recipe`` and return {task: accuracy} on ``specs``."""
+    def accuracy(self, recipe: dict[str, Any], specs: Sequence[TaskSpec]) -> dict[str, float]:
+        """Build ``recipe``'s save step ``out`` and return ``{task: accuracy}`` on ``specs``.
+
+        Raises:
+            RuntimeError: the built tensors do not fit the template model.
+        """
+        from mergeengine import api
+
         t0 = time.perf_counter()
-        tensors = build_tensors(recipe)
+        tensors = api.build_in_memory(recipe, "out")
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise RuntimeError(
-                f"candidate does not fit the model: missing {missing}, unexpected {unexpected}"
-            )
-        t1 = time.perf_counter()
-        result = evaluate(self.model, self.tokenizer, specs, batch_size=self.batch_size, loglik=False)
+            raise RuntimeError(f"candidate does not fit the model: missing {missing}, unexpected {unexpected}")
+        result = evaluate(self.model, self.tokenizer, list(specs), batch_size=self.batch_size, loglik=False)
         self.builds += 1
-        self.build_seconds += t1 - t0
-        self.eval_seconds += time.perf_counter() - t1
+        self.seconds += time.perf_counter() - t0
         return {t.name: t.accuracy for t in result.tasks}
 
 
-def relative_score(accuracy: dict[str, float], references: dict[str, float]) -> float:
-    """Geometric mean over tasks of accuracy / reference (0 if any task scores 0)."""
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def selection_key(accuracy: dict[str, float], references: dict[str, float]) -> tuple[float, float]:
+    """How validation candidates are ranked: the search's geometric score, ties broken by mean ratio.
+
+    The geometric mean is 0 as soon as one task scores 0, common for merges; the arithmetic mean
+    of relative accuracies still orders those candidates.
+    """
     ratios = [accuracy[t] / references[t] for t in accuracy]
-    if any(r <= 0 for r in ratios):
-        return 0.0
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return geometric_score(accuracy, references), statistics.fmean(ratios)
 
 
 @dataclass
-class SearchResult:
-    """Outcome of :func:`search_factors`: the best factors, their score, and every trial."""
+class Context:
+    """Paths, task specs and references of one trained run."""
 
-    factors: tuple[float, ...]
-    score: float
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any]
+    work: Path
+    base: Path = field(init=False)
+    experts: dict[str, Path] = field(init=False)
+    val: dict[str, TaskSpec] = field(init=False)
+    test: dict[str, TaskSpec] = field(init=False)
 
+    def __post_init__(self) -> None:
+        paths = self.summary["paths"]
+        self.base = Path(paths["base"])
+        self.experts = {t: Path(p) for t, p in paths["experts"].items()}
+        self.val = {t.name: t for t in load_tasks(paths["tasks_val"]).tasks}
+        self.test = {t.name: t for t in load_tasks(paths["tasks_test"]).tasks}
 
-def search_factors(
-    score: Callable[[tuple[float, ...]], float],
-    initial: tuple[float, ...],
-    *,
-    step: float = 0.1,
-    max_trials: int = 40,
-) -> SearchResult:
-    """The DPA coordinate ascent (docs: DPPA.md, "The search for the factors").
-
-    For each factor in order: a factor that starts below 0.1 starts at 1.0; while the score
-    improves, add ``step``; the first non-improving candidate is dropped (the factor steps back).
-    Every (factors, score) pair tried is recorded.
-    """
-    trials: list[dict[str, Any]] = []
-
-    def trial(f: list[float]) -> float:
-        s = score(tuple(f))
-        trials.append({"factors": [round(x, 4) for x in f], "score": s})
-        return s
-
-    factors = list(initial)
-    best = trial(factors)
-    for k in range(len(factors)):
-        if factors[k] < 0.1:
-            factors[k] = 1.0
-            best = trial(factors)
-        while len(trials) < max_trials:
-            candidate = factors.copy()
-            candidate[k] = round(candidate[k] + step, 4)
-            s = trial(candidate)
-            if s > best:
-                factors, best = candidate, s
-            else:
-                break
-    return SearchResult(tuple(factors), best, trials)
+    def val_file(self, task: str | None = None) -> Path:
+        """The validation task file (all tasks, or only ``task``) the search scores on."""
+        if task is None:
+            return Path(self.summary["paths"]["tasks_val"])
+        doc = yaml.safe_load(Path(self.summary["paths"]["tasks_val"]).read_text())
+        doc["tasks"] = [t for t in doc["tasks"] if t["name"] == task]
+        for t in doc["tasks"]:  # the run folder's relative paths, made absolute for the new location
+            t["path"] = str((Path(self.summary["paths"]["tasks_val"]).parent / t["path"]).resolve())
+        out = self.work / f"tasks.val.{task}.yaml"
+        out.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return out
 
 
-def search_prune_factors(
-    ev: Evaluator, base: Path, expert: Path, density: float, spec: TaskSpec, reference: float
-) -> SearchResult:
-    """DPA factors of one pruned expert, maximising validation accuracy / dense accuracy."""
-
-    def score(factors: tuple[float, ...]) -> float:
-        recipe = prune_recipe(base, expert, "dp+dpa", density, factors)
-        return ev.accuracy(recipe, [spec])[spec.name] / reference
-
-    return search_factors(score, DPA_START)
+# --- Table 1 ----------------------------------------------------------------------------------------
 
 
-def search_merge_factors(
-    ev: Evaluator,
-    base: Path,
-    experts: dict[str, Path],
-    row: str,
-    specs: list[TaskSpec],
-    references: dict[str, float],
-) -> SearchResult:
-    """DPA factors of every expert of a merge (two each, in expert order), maximising the relative score."""
-    names = list(experts)
-
-    def score(flat: tuple[float, ...]) -> float:
-        factors = {n: flat[2 * i : 2 * i + 2] for i, n in enumerate(names)}
-        return relative_score(ev.accuracy(merge_recipe(base, experts, row, factors), specs), references)
-
-    return search_factors(score, DPA_START * len(names))
-
-
-# --- tables -------------------------------------------------------------------------------------------
-
-
-def table1(summary: dict[str, Any], ev: Evaluator, densities: tuple[float, ...]) -> dict[str, Any]:
-    """Pruning curves: {task: {method: {density: {...}}}}."""
-    base = Path(summary["paths"]["base"])
-    val = {t.name: t for t in load_tasks(summary["paths"]["tasks_val"]).tasks}
-    test = {t.name: t for t in load_tasks(summary["paths"]["tasks_test"]).tasks}
+def table1(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]:
+    """Pruning curves: ``{task: {method: {density: cell}}}``, each cell with test accuracy and relative."""
     out: dict[str, Any] = {}
-    for task, expert in summary["paths"]["experts"].items():
-        expert = Path(expert)
-        ref_test, ref_val = test[task].reference, val[task].reference
-        out[task] = {}
-        for method in METHODS:
-            out[task][method] = {}
-            for d in densities:
-                row: dict[str, Any] = {}
-                if method == "dp+dpa":
-                    search = search_prune_factors(ev, base, expert, d, val[task], ref_val)
-                    row |= {
-                        "factors": list(search.factors),
-                        "val_relative": search.score,
-                        "trials": search.trials,
+    for task, expert in ctx.experts.items():
+        test, ref = ctx.test[task], ctx.test[task].reference or 1.0
+        val_file = ctx.val_file(task)
+        out[task] = {m: {} for m in METHODS}
+        for d in settings.densities:
+            for method in METHODS:
+                cell: dict[str, Any] = {}
+                recipe = prune_recipe(ctx.base, expert, method, d)
+                if method in DPA_STARTS:
+                    result = search(with_search(recipe, val_file, ["p_e"], settings))
+                    cell |= {
+                        "search_tasks": str(val_file),
+                        "factors": factor_pair(result, "p_e"),
+                        "val_relative": result.best_score,
+                        "trials": [{"factors": t.factors["p_e"], "score": t.score} for t in result.trials],
                     }
-                    recipe = prune_recipe(base, expert, method, d, search.factors)
-                else:
-                    recipe = prune_recipe(base, expert, method, d)
-                acc = ev.accuracy(recipe, [test[task]])[task]
-                row |= {"accuracy": acc, "relative": acc / ref_test}
-                out[task][method][str(d)] = row
-                LOG.info(
-                    "table1 %s %s %.1f: accuracy %.3f (relative %.3f)", task, method, d, acc, acc / ref_test
-                )
+                    recipe = result.resolved
+                seeds = range(settings.seeds) if method == "dare" else [0]
+                accs = [ev.accuracy(recipe | {"seed": s}, [test])[task] for s in seeds]
+                acc, std = mean_std(accs)
+                cell |= {"accuracy": acc, "accuracy_std": std, "runs": accs,
+                         "relative": acc / ref, "relative_std": std / ref}
+                out[task][method][str(d)] = cell
+                LOG.info("table1 %-8s %-12s d=%.1f: relative %.3f%s", task, method, d, acc / ref,
+                         f" ± {std / ref:.3f}" if len(accs) > 1 else
+                         (f" factors {cell['factors']}" if "factors" in cell else ""))
     return out
 
 
-def table2(summary: dict[str, Any], ev: Evaluator) -> dict[str, Any]:
-    """Merges of all experts: {row: {"accuracy": {task: acc}, "relative": geo-mean, ...}}."""
-    base = Path(summary["paths"]["base"])
-    experts = {t: Path(p) for t, p in summary["paths"]["experts"].items()}
-    val_specs = load_tasks(summary["paths"]["tasks_val"]).tasks
-    test_specs = load_tasks(summary["paths"]["tasks_test"]).tasks
-    val_refs = {t.name: t.reference for t in val_specs}
-    test_refs = {t.name: t.reference for t in test_specs}
+# --- Table 2 ----------------------------------------------------------------------------------------
+
+
+def _best_lambda(
+    ctx: Context, ev: Evaluator, settings: RunSettings, row: str, **kw: Any
+) -> tuple[float, list[dict[str, Any]]]:
+    """The lambda of the grid with the best validation score, and every (lambda, accuracy) tried."""
+    val_specs, refs = list(ctx.val.values()), {t: s.reference or 1.0 for t, s in ctx.val.items()}
+    tried = []
+    for lam in settings.lambdas:
+        recipe = merge_recipe(ctx.base, ctx.experts, row, lam=lam, density=settings.merge_density, **kw)
+        acc = ev.accuracy(recipe, val_specs)
+        tried.append({"lambda": lam, "accuracy": acc, "key": list(selection_key(acc, refs))})
+    best = max(tried, key=lambda t: tuple(t["key"]))
+    return best["lambda"], tried
+
+
+def table2(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]:
+    """Merges of all experts: ``{row: {"accuracy": {task: mean}, "std": {...}, "lambda": ..., ...}}``."""
+    test_specs = list(ctx.test.values())
+    test_refs = {t: s.reference or 1.0 for t, s in ctx.test.items()}
     out: dict[str, Any] = {}
-    for row, (_, sparsifier, _) in MERGES.items():
-        entry: dict[str, Any] = {}
-        factors = None
-        if sparsifier == "dp+dpa":
-            names = list(experts)
-            search = search_merge_factors(ev, base, experts, row, val_specs, val_refs)
-            factors = {n: search.factors[2 * i : 2 * i + 2] for i, n in enumerate(names)}
+    for row, (_, method, sparsifier) in MERGES.items():
+        entry: dict[str, Any] = {"runs": []}
+        factors: dict[str, list[float]] | None = None
+        if sparsifier in DPA_STARTS:
+            recipe = merge_recipe(ctx.base, ctx.experts, row, lam=1.0, density=settings.merge_density)
+            result = search(with_search(recipe, ctx.val_file(), [f"p_{n}" for n in ctx.experts], settings))
+            factors = {n: factor_pair(result, f"p_{n}") for n in ctx.experts}
             entry |= {
-                "factors": {n: list(f) for n, f in factors.items()},
-                "val_relative": search.score,
-                "trials": search.trials,
+                "search_tasks": str(ctx.val_file()),
+                "factors": factors,
+                "val_score": result.best_score,
+                "trials": [{"factors": t.factors, "accuracy": t.task_scores, "score": t.score}
+                           for t in result.trials],
             }
-        acc = ev.accuracy(merge_recipe(base, experts, row, factors), test_specs)
-        entry |= {"accuracy": acc, "relative": relative_score(acc, test_refs)}
+        seeds = range(settings.seeds) if method.startswith("dare") else [0]
+        for seed in seeds:
+            lam, tried = _best_lambda(ctx, ev, settings, row, seed=seed, factors=factors)
+            recipe = merge_recipe(ctx.base, ctx.experts, row, lam=lam, density=settings.merge_density,
+                                  seed=seed, factors=factors)
+            acc = ev.accuracy(recipe, test_specs)
+            entry["runs"].append({"seed": seed, "lambda": lam, "accuracy": acc, "val_grid": tried})
+        runs = entry["runs"]
+        entry["accuracy"] = {t: mean_std([r["accuracy"][t] for r in runs])[0] for t in ctx.test}
+        entry["accuracy_std"] = {t: mean_std([r["accuracy"][t] for r in runs])[1] for t in ctx.test}
+        averages = [statistics.fmean(r["accuracy"].values()) for r in runs]
+        relatives = [statistics.fmean(r["accuracy"][t] / test_refs[t] for t in ctx.test) for r in runs]
+        entry["average"], entry["average_std"] = mean_std(averages)
+        entry["relative"], entry["relative_std"] = mean_std(relatives)
+        entry["lambdas"] = [r["lambda"] for r in runs]
+        entry["recipe"] = merge_recipe(ctx.base, ctx.experts, row, lam=runs[0]["lambda"],
+                                       density=settings.merge_density, factors=factors)
         out[row] = entry
-        LOG.info("table2 %s: %s relative %.3f", row, acc, entry["relative"])
+        LOG.info("table2 %-16s lambda %s: %s average %.3f", row, entry["lambdas"],
+                 {t: round(a, 3) for t, a in entry["accuracy"].items()}, entry["average"])
     return out
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if std is None or std == 0.0:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def plot_pruning(results: dict[str, Any], path: Path) -> Path:
+    """Table 1 as curves: one panel per expert, relative test accuracy against density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t1, delta = results["table1"], results["train"]["delta"]
+    fig, axes = plt.subplots(1, len(t1), figsize=(5 * len(t1), 4.2), sharey=True, squeeze=False)
+    styles = {"magnitude": ("tab:gray", "s"), "dare": ("tab:blue", "o"), "dp": ("tab:orange", "^"),
+              "dpa_release": ("tab:red", "D"), "dpa_unit": ("tab:green", "v")}
+    for ax, (task, methods) in zip(axes[0], t1.items(), strict=True):
+        for method, cells in methods.items():
+            ds = sorted(cells, key=float)
+            x = [float(d) for d in ds]
+            y = [cells[d]["relative"] for d in ds]
+            color, marker = styles[method]
+            ax.plot(x, y, marker=marker, color=color, label=METHODS[method])
+            if any(cells[d]["relative_std"] > 0 for d in ds):
+                lo = [cells[d]["relative"] - cells[d]["relative_std"] for d in ds]
+                hi = [cells[d]["relative"] + cells[d]["relative_std"] for d in ds]
+                ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_title(f"{task} expert (mean |Δ| {delta[task]['mean_abs_delta_linear']:.4f})")
+        ax.set_xlabel("density (kept fraction of the delta)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy / dense expert's")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_merges(results: dict[str, Any], path: Path) -> Path:
+    """Table 2 as grouped bars: per-task test accuracy of each merge (error bars: seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t2 = results["table2"]
+    tasks = list(next(iter(t2.values()))["accuracy"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(t2)
+    for i, (row, entry) in enumerate(t2.items()):
+        xs = [j + (i - (len(t2) - 1) / 2) * width for j in range(len(tasks) + 1)]
+        ys = [entry["accuracy"][t] for t in tasks] + [entry["average"]]
+        errs = [entry["accuracy_std"][t] for t in tasks] + [entry["average_std"]]
+        ax.bar(xs, ys, width, yerr=errs, label=MERGES[row][0], capsize=2)
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "average"])
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def claim_checks(results: dict[str, Any]) -> dict[str, Any]:
+    """The paper's two headline claims, measured (no judgement beyond the numbers)."""
+    t1, t2 = results["table1"], results["table2"]
+    pruning = {}
+    for task, methods in t1.items():
+        if "0.2" not in methods["dp"] or "0.9" not in methods["dare"]:
+            continue
+        pruning[task] = {
+            "dp_0.2": methods["dp"]["0.2"]["relative"],
+            "dpa_0.2": max(methods[m]["0.2"]["relative"] for m in DPA_STARTS),
+            "dare_0.2": methods["dare"]["0.2"]["relative"],
+            "dare_0.9": methods["dare"]["0.9"]["relative"],
+        }
+    baselines = {r: e["average"] for r, e in t2.items() if not r.startswith("dppa")}
+    best_base = max(baselines, key=baselines.__getitem__)
+    dppa = max((r for r in t2 if r.startswith("dppa")), key=lambda r: t2[r]["average"])
+    gain = t2[dppa]["average"] / baselines[best_base] - 1 if baselines[best_base] > 0 else None
+    return {"pruning": pruning, "merge": {"best_baseline": best_base, "best_dppa": dppa, "gain": gain}}
+
+
+def _markdown_table1(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    delta, test_acc = results["train"]["delta"], results["train"]["accuracy"]["test"]
+    for task, methods in results["table1"].items():
+        d = delta[task]
+        lines += [
+            f"**{task} expert**: dense test accuracy {test_acc[task][task]:.3f}; delta of the decoder "
+            f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.4f}, max |Δ| {d['max_abs_delta_linear']:.3f}, "
+            f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2f}.",
+            "",
+            "| density | " + " | ".join(METHODS.values()) + " |",
+            "|---:|" + "---:|" * len(METHODS),
+        ]
+        for dens in sorted(next(iter(methods.values())), key=float):
+            cells = []
+            for m in METHODS:
+                c = methods[m][dens]
+                text = _fmt(c["relative"], c["relative_std"])
+                if "factors" in c:
+                    text += f" [{c['factors'][0]:g}, {c['factors'][1]:g}]"
+                cells.append(text)
+            lines.append(f"| {float(dens):.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _markdown_table2(results: dict[str, Any]) -> list[str]:
+    t2 = results["table2"]
+    tasks = list(next(iter(t2.values()))["accuracy"])
+    lines = [
+        "| method | λ (val) | " + " | ".join(tasks) + " | average | mean relative |",
+        "|---|---:|" + "---:|" * (len(tasks) + 2),
+    ]
+    for row, e in t2.items():
+        lam = ", ".join(f"{x:g}" for x in e["lambdas"])
+        cells = [_fmt(e["accuracy"][t], e["accuracy_std"][t]) for t in tasks]
+        lines.append(f"| {MERGES[row][0]} | {lam} | " + " | ".join(cells)
+                     + f" | **{_fmt(e['average'], e['average_std'])}** | {_fmt(e['relative'], e['relative_std'])} |")
+    lines.append("")
+    for row, e in t2.items():
+        if "factors" in e:
+            f = ", ".join(f"{n} [{a:g}, {b:g}]" for n, (a, b) in e["factors"].items())
+            lines.append(f"- {MERGES[row][0]}: searched factors {f} (validation score {e['val_score']:.3f}, "
+                         f"{len(e['trials'])} trials).")
+    return lines
+
+
+def _short_paths(recipe: dict[str, Any], cache: Path) -> dict[str, Any]:
+    """The recipe with model paths shown relative to the cache folder (for the report)."""
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    return yaml.safe_load(text.replace(str(cache.resolve()) + os.sep, "_cache/"))
+
+
+def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: str) -> Path:
+    """Write the Markdown report (tables, plots, runtime, claim checks and reading) to ``path``."""
+    pruning_png = plot_pruning(results, img_dir / "minipaper_pruning.png")
+    merge_png = plot_merges(results, img_dir / "minipaper_merge.png")
+    checks = claim_checks(results)
+    sec, train = results["seconds"], results["train"]
+    cfg = train["config"]
+    rel = os.path.relpath
+    tasks = [e["task"] for e in cfg["experts"]]
+    settings = results["settings"]
+    lines = [
+        "# The DPPA paper in miniature",
+        "",
+        "A CPU-sized replication of the two experiments of *DPPA: Pruning Method for Large Language",
+        "Model to Model Merging* (Zhu et al., arXiv 2403.02799): pruning one fine-tune's delta",
+        "(Table 1) and merging several fine-tunes (Table 2). Everything below was produced by",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"in **{sec['total'] / 60:.1f} minutes** on this 2-core CPU machine ({results['threads']} torch "
+        f"thread(s)): training {sec['training'] / 60:.1f} min"
+        + (" (models trained in this run)" if sec["trained_here"] else " (models served from the cache; "
+           f"training them took {sum(train['train_seconds'].values()) / 60:.1f} min)")
+        + f", Table 1 {sec['table1'] / 60:.1f} min, Table 2 {sec['table2'] / 60:.1f} min "
+        f"({sec['fixed_builds']} fixed builds + evaluations outside the searches, {sec['search_trials']} search trials).",
+        "",
+        "## Setup",
+        "",
+        f"- **Base**: a {train['params']:,}-parameter character-level Llama ({cfg['shape']['num_hidden_layers']} layers, "
+        f"hidden {cfg['shape']['hidden_size']}) pretrained for {cfg['base']['steps']} steps on templated prose that "
+        "contains the reverse and sort skills in words, but no multi-digit addition.",
+        "- **Experts** (full fine-tunes of the base, one per skill): "
+        + "; ".join(f"{e['task']}: {e['steps']} steps at lr {e['lr']:g}" for e in cfg["experts"])
+        + ". Addition is new to the base, so its expert moved far (the paper's \"complex\" fine-tune, "
+        "large delta); reverse and sort are small fine-tunes.",
+        f"- **Data**: {cfg['data']['n_val']} validation and {cfg['data']['n_test']} test prompts per task, disjoint "
+        "(`benchmarks/minipaper/data.py`). Accuracy = greedy exact match (`mergeengine.eval`).",
+        "- **Protocol**: every choice (DPA factors, merge λ) is made on the **validation** split; every "
+        "number in the tables is **test** accuracy. Relative accuracy = accuracy / the dense expert's "
+        "accuracy on the same split.",
+        f"- **Seeds**: DARE's drop seed varies ({settings['seeds']} seeds, mean ± sample std). Magnitude, DP and DPA "
+        "are deterministic, and so is the search. Training seeds are fixed: one more training seed costs "
+        f"{sum(train['train_seconds'].values()) / 60:.0f} min, which does not fit the 30-minute budget.",
+        "- **Pruned tensors**: all methods in Table 1 prune only the decoder linear weights (DP's scope; "
+        "`scope: decoder_linear` for magnitude and DARE); embeddings, norms and lm_head stay dense.",
+        "- **DP**: the release's parameters (lamda 0.08, module threshold 5, layer threshold 3).",
+        "- **DP+DPA at density d**: partitions (d/2, s1) and (d, s2): the top half of the kept delta and the "
+        "rest, with the release's factor rule (`factors: release`: partition 1 gets max(s1, s2)) and dense "
+        "tensors scaled by max(s1, s2) (`dense_scale: max`). s1, s2 come from `mergeengine.search` (coordinate "
+        "ascent, step 0.1, on validation) from two starting points: the **release's** (s1 = 1.8, s2 = 0, which "
+        "the search moves to 1.0), and **DP itself** (1.0, 1.0). The search only ever increases a factor.",
+        "",
+        "Dense test accuracy of every model (rows: model, columns: task):",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for model, accs in train["accuracy"]["test"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{accs[t]:.3f}" for t in tasks) + " |")
+    lines += [
+        "",
+        "## Table 1: pruning one expert's delta",
+        "",
+        "Test accuracy relative to the dense expert (DARE: mean ± std over seeds; DP+DPA: the searched "
+        "factors [s1, s2] in brackets).",
+        "",
+        *_markdown_table1(results),
+        f"![pruning curves]({rel(pruning_png, path.parent)})",
+        "",
+        "## Table 2: merging the three experts",
+        "",
+        f"All sparse methods keep {settings['merge_density']:g} of each delta (TIES: top-k per tensor, "
+        "unweighted sign vote; DARE-TIES: random drop with 1/p rescaling, sign vote; DP + TA: DP-pruned deltas "
+        "added; DPPA: DP+DPA deltas added). λ (the scale of the summed delta) is chosen per method "
+        f"on validation from {', '.join(f'{x:g}' for x in settings['lambdas'])} (ranking: geometric mean of "
+        "relative accuracy, ties broken by the arithmetic mean). For DPPA the factors are searched first "
+        "on the merged model at λ = 1 (six factors, two per expert, in expert order), then λ. Test accuracy:",
+        "",
+        *_markdown_table2(results),
+        "",
+        f"![merges]({rel(merge_png, path.parent)})",
+        "",
+        "## The paper's claims, measured",
+        "",
+    ]
+    pr = checks["pruning"]
+    if pr:
+        lines += [
+            "**\"DP/DPA keeping 20% perform like DARE keeping 90%\"** (relative test accuracy):",
+            "",
+            "| expert | DP 0.2 | best DP+DPA 0.2 | DARE 0.2 | DARE 0.9 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for task, c in pr.items():
+            lines.append(f"| {task} | {c['dp_0.2']:.2f} | {c['dpa_0.2']:.2f} | {c['dare_0.2']:.2f} | {c['dare_0.9']:.2f} |")
+        lines.append("")
+    m = checks["merge"]
+    t2 = results["table2"]
+    lines += [
+        f"**\"DPPA merging improves ~20% over other methods\"**: best DPPA row ({MERGES[m['best_dppa']][0]}) "
+        f"average {t2[m['best_dppa']]['average']:.3f} vs. best other row ({MERGES[m['best_baseline']][0]}) "
+        f"{t2[m['best_baseline']]['average']:.3f}: **"
+        + (f"{m['gain'] * 100:+.0f}%" if m["gain"] is not None else "undefined (the baseline scores 0)") + "**.",
+        "",
+        "## Reading",
+        "",
+        *READING,
+        "",
+        "Raw numbers (every run, every search trial, the λ grids): `results.json` in the run's cache "
+        "folder (`benchmarks/minipaper/_cache/run-<hash>/experiment/`).",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+#: the hand-written interpretation of the full run's numbers (see docs/minipaper.md)
+READING: list[str] = [
+    "_(written after the full run; see the claim checks above for the numbers it rests on)_",
+]
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def run_experiment(
+    cfg: train_mod.ExperimentConfig, settings: RunSettings, cache: Path, threads: int
+) -> dict[str, Any]:
+    """Train (cached), then Tables 1 and 2; returns every result and timing."""
+    t0 = time.perf_counter()
+    trained_here = not (train_mod.Paths(cache, cfg).run / "summary.json").is_file()
+    summary = train_mod.run(cfg, cache)
+    t_train = time.perf_counter() - t0
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(summary, work)
+    ev = Evaluator(ctx.base, cfg.eval_batch_size)
+    t1 = time.perf_counter()
+    table_1 = table1(ctx, ev, settings)
+    t2 = time.perf_counter()
+    table_2 = table2(ctx, ev, settings)
+    t3 = time.perf_counter()
+    trials = sum(len(c.get("trials", [])) for m in table_1.values() for cells in m.values() for c in cells.values())
+    trials += sum(len(e.get("trials", [])) for e in table_2.values())
+    results: dict[str, Any] = {
+        "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        "threads": threads,
+        "table1": table_1,
+        "table2": table_2,
+        "train": summary,
+        "seconds": {
+            "total": t3 - t0,
+            "training": t_train,
+            "trained_here": trained_here,
+            "table1": t2 - t1,
+            "table2": t3 - t2,
+            "fixed_builds": ev.builds,
+            "fixed_seconds": ev.seconds,
+            "search_trials": trials,
+        },
+    }
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    LOG.info("wrote %s (%.1f min)", work / "results.json", (t3 - t0) / 60)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``experiment.py [--small] [--threads N] [--cache-dir DIR] [--out-dir DIR]``."""
+    """Command line; see ``--help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--small", action="store_true", help="micro models and grids (the test suite's run)")
+    parser.add_argument("--seeds", type=int, default=None, help="DARE seeds (default: 3, --small: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--cache-dir", type=Path, default=train_mod.DEFAULT_CACHE)
-    parser.add_argument(
-        "--out-dir", type=Path, default=None, help="results JSON (default: the run's cache folder)"
-    )
+    parser.add_argument("--report", type=Path, default=None,
+                        help="Markdown report (default: docs/minipaper.md; --small: the run's cache folder)")
+    parser.add_argument("--img-dir", type=Path, default=None,
+                        help="plots (default: docs/img; --small: beside the report)")
+    parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("mergeengine").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("mergeengine").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    cfg = train_mod.small_config() if args.small else train_mod.ExperimentConfig()
-    t0 = time.perf_counter()
-    summary = train_mod.run(cfg, args.cache_dir)
-    ev = Evaluator(Path(summary["paths"]["base"]), cfg.eval_batch_size)
-    densities = (0.2, 0.6) if args.small else DENSITIES
-    results = {"table1": table1(summary, ev, densities), "table2": table2(summary, ev), "train": summary}
-    results["seconds"] = {
-        "total": time.perf_counter() - t0,
-        "build": ev.build_seconds,
-        "eval": ev.eval_seconds,
-        "builds": ev.builds,
-    }
-    out_dir = args.out_dir or Path(summary["paths"]["tasks_test"]).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    LOG.info("wrote %s", out_dir / "results.json")
+    if args.small:
+        cfg, settings = train_mod.small_config(), small_settings(args.seeds or 2)
+    else:
+        cfg, settings = train_mod.ExperimentConfig(), RunSettings(seeds=args.seeds or 3)
+    results = run_experiment(cfg, settings, args.cache_dir, args.threads)
+    work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
+    report = args.report or (work / "minipaper.md" if args.small else REPO / "docs" / "minipaper.md")
+    img_dir = args.img_dir or (report.parent if args.small else REPO / "docs" / "img")
+    command = ".venv/bin/python benchmarks/minipaper/experiment.py" + (" --small" if args.small else "")
+    if args.seeds:
+        command += f" --seeds {args.seeds}"
+    write_report(results, report, img_dir, command)
+    print(f"wrote {report} ({results['seconds']['total'] / 60:.1f} min)")
     return 0
 
 

@@ -1,8 +1,11 @@
 """Run one command as a child process and measure it: wall, CPU, max RSS, peak anonymous memory.
 
 * wall: from fork to reaping, ``time.perf_counter``;
-* CPU (user + sys) and max RSS: the child's ``rusage`` from ``os.wait4`` (what ``/usr/bin/time -v``
-  prints; it covers the descendants the child waited for);
+* CPU (user + sys) and max RSS: from ``/usr/bin/time`` wrapped around the command (its ``%M %U
+  %S``: the child's ``rusage``, covering the descendants it waited for). Without ``/usr/bin/time``,
+  the child's own ``rusage`` from ``os.wait4``, whose max RSS also counts the pages the child
+  shared with this process between fork and exec (so keep this process small: it never imports
+  torch);
 * peak anonymous memory: ``RssAnon`` of ``/proc/<pid>/status``, summed over the child and its
   descendants, polled every ``poll_s`` (50 ms). RSS also counts the pages of memory-mapped input
   files, which the kernel can drop at any time; anonymous memory is what can exhaust RAM;
@@ -18,9 +21,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
+try:
+    import psutil
+except ImportError:  # e.g. a GPU machine's bare python3: fall back to /proc
+    psutil = None
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+TIME = "/usr/bin/time"
 
 
 @dataclass
@@ -74,10 +81,27 @@ def _status_kb(pid: int) -> tuple[int, int]:
 
 
 def _tree(pid: int) -> list[int]:
-    try:
-        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return [pid]
+    """``pid`` and its descendants."""
+    if psutil is not None:
+        try:
+            return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return [pid]
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
 
 
 def run_measured(
@@ -96,11 +120,15 @@ def run_measured(
     """
     load1 = os.getloadavg()[0]
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    timefile = log_path.with_suffix(".time")
+    timefile.unlink(missing_ok=True)
+    use_time = os.access(TIME, os.X_OK)
+    wrapped = [TIME, "-f", "%M %U %S", "-o", str(timefile), *cmd] if use_time else list(cmd)
     peak_anon = peak_file = samples = 0
     with open(log_path, "wb") as log:
         busy0 = busy_seconds()
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -114,7 +142,11 @@ def run_measured(
             peak_file = max(peak_file, file)
             samples += 1
             if timeout_s is not None and time.perf_counter() - start > timeout_s:
-                proc.kill()
+                for p in reversed(_tree(proc.pid)):
+                    try:
+                        os.kill(p, 9)
+                    except ProcessLookupError:
+                        pass
                 os.wait4(proc.pid, 0)
                 proc.returncode = -9
                 raise subprocess.TimeoutExpired(cmd, timeout_s)
@@ -122,14 +154,21 @@ def run_measured(
         wall = time.perf_counter() - start
         busy = busy_seconds() - busy0
     proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
-    cpu = ru.ru_utime + ru.ru_stime
+    user, sys_, maxrss = ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024
+    if use_time and timefile.exists():
+        try:
+            kb, u, s = timefile.read_text().strip().splitlines()[-1].split()
+            maxrss, user, sys_ = int(kb) * 1024, float(u), float(s)
+        except (ValueError, IndexError):
+            pass
+    cpu = user + sys_
     return Measurement(
         cmd=[str(c) for c in cmd],
         rc=proc.returncode,
         wall_s=wall,
-        user_s=ru.ru_utime,
-        sys_s=ru.ru_stime,
-        max_rss_bytes=ru.ru_maxrss * 1024,
+        user_s=user,
+        sys_s=sys_,
+        max_rss_bytes=maxrss,
         peak_anon_bytes=peak_anon,
         peak_file_bytes=peak_file,
         load1_before=load1,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ def build_models(root: Path, spec: BuildSpec, fine_tunes: int, log: bool = True)
         raise SystemExit(f"not enough disk under {root}: need {need / 1e9:.1f} GB (+2 GB margin), have {free / 1e9:.1f} GB")
     if log:
         print(f"building {', '.join(missing)} ({spec.param_count / 1e9:.2f}B params, "
-              f"{need / 1e9:.1f} GB) under {root}", flush=True)
+              f"{need / 1e9:.1f} GB) under {root}", file=sys.stderr, flush=True)
     shapes = spec.shape.tensor_shapes()
     writers: dict[str, StreamingSafetensors] = {}
     for r in missing:

@@ -28,6 +28,7 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     ("save: cast to bf16", "compute", "ops/save.py"),
     ("diff", "compute", "ops/diff.py"),
     ("dpa_amplify", "compute", "ops/dpa_amplify.py"),
+    ("load (read tensor)", "compute", "ops/load.py"),
     ("statistics pass: DP module stats", "map_module", "ops/dp_stats.py"),
     ("statistics pass: DP layer outliers", "map_layer", "ops/dp_stats.py"),
     ("statistics pass: reduce", "finish_module", "ops/dp_stats.py"),
@@ -38,7 +39,7 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     ("merge", "compute", "ops/merge.py"),
     ("plan (headers, schedule)", "build_plan", "graph/plan.py"),
     ("validate recipe", "validate", "api.py"),
-    ("imports", "_find_and_load", "importlib._bootstrap>"),
+    ("imports", "_find_and_load", "<frozen importlib._bootstrap>"),
 ]
 
 
@@ -66,8 +67,9 @@ def read_collapsed(path: Path) -> list[tuple[list[tuple[str, str, str]], int]]:
 def bucket_of(frames: list[tuple[str, str, str]]) -> str:
     """The stage a sample belongs to (see :data:`BUCKET_RULES`)."""
     for func, file, _ in reversed(frames):
+        name = func.rsplit(".", 1)[-1]
         for bucket, f, suffix in BUCKET_RULES:
-            if func == f and file.endswith(suffix):
+            if name == f and file.endswith(suffix):
                 return bucket
     return "other"
 

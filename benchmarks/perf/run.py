@@ -95,6 +95,17 @@ def engine_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "mergeengine"]
 
 
+def engine_digest() -> str:
+    """A short digest of mergeengine's sources, recorded with each run (the engine changes between runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "mergeengine").rglob("*.py")):
+        h.update(str(f.relative_to(REPO)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def mergekit_bin(venv: Path) -> Path | None:
     """``mergekit-yaml`` of the benchmark's mergekit virtualenv, if installed."""
     exe = venv / "bin" / "mergekit-yaml"
@@ -166,36 +177,65 @@ def wait_quiet(max_busy: float, max_wait_s: float) -> float:
 # results file
 
 
-def load_results() -> dict:
-    """The results file, or an empty one."""
-    if RESULTS.exists():
-        return json.loads(RESULTS.read_text())
+_results_path = RESULTS
+
+
+def load_results(path: Path) -> dict:
+    """The results file (which later saves go to), or an empty one."""
+    global _results_path
+    _results_path = path
+    if path.exists():
+        return json.loads(path.read_text())
     return {"schema": 1, "sizes": {}}
 
 
 def save_results(results: dict) -> None:
     """Write the results file atomically."""
-    tmp = RESULTS.with_suffix(".json.tmp")
+    _results_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _results_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, _results_path)
 
 
 # --------------------------------------------------------------------------------------------
 # runs
 
 
-def prepare_size(size: str, mk_venv: Path) -> dict:
-    """Build (or reuse) the checkpoints of ``size`` and write its recipes; return the size's facts."""
+def build_worker(size: str) -> int:
+    """Child process: build (or reuse) the checkpoints of ``size``; print their facts as JSON.
+
+    Building runs in a child so that this process never imports torch: a child's max RSS counts
+    the pages it shares with its parent between fork and exec.
+    """
     from perf_models import BuildSpec, build_models, weight_files
 
     from mergeengine.tiny import LlamaShape
 
     shape_kw, n_ft, _ = SIZES[size]
     spec = BuildSpec(LlamaShape(**shape_kw))
+    models = build_models(WORK / size / "models", spec, n_ft)
+    print(json.dumps({
+        "params": spec.param_count,
+        "model_bytes": spec.model_bytes,
+        "layers": spec.shape.num_hidden_layers,
+        "shape": shape_kw,
+        "delta_scale": spec.delta_scale,
+        "seed": spec.seed,
+        "models": {r: str(f) for r, f in models.items()},
+        "files": {r: [str(x) for x in weight_files(f)] for r, f in models.items()},
+    }))
+    return 0
+
+
+def prepare_size(size: str, mk_venv: Path) -> dict:
+    """Build (or reuse) the checkpoints of ``size`` and write its recipes; return the size's facts."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_build", size], stdout=subprocess.PIPE,
+                       text=True, check=True)
+    info = json.loads(r.stdout.strip().splitlines()[-1])
     root = WORK / size
-    models = build_models(root / "models", spec, n_ft)
-    fine_tunes = [f"ft{k}" for k in range(1, n_ft + 1)]
-    files = {role: weight_files(folder) for role, folder in models.items()}
+    models = {role: Path(f) for role, f in info["models"].items()}
+    files = {role: [Path(x) for x in fs] for role, fs in info["files"].items()}
+    fine_tunes = [role for role in models if role != "base"]
     rdir = root / "recipes"
     rdir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
@@ -210,7 +250,7 @@ def prepare_size(size: str, mk_venv: Path) -> dict:
             cfg.write_text(mergekit_config(m, models, fine_tunes))
             runs[m]["mergekit_config"] = cfg
             runs[m]["mergekit_out"] = root / "out" / f"mergekit-{m}"
-    return {"spec": spec, "models": models, "files": files, "fine_tunes": fine_tunes, "runs": runs, "root": root}
+    return {"info": info, "models": models, "files": files, "fine_tunes": fine_tunes, "runs": runs, "root": root}
 
 
 def _rm(path: Path) -> None:
@@ -240,7 +280,7 @@ def measured_run(
     os.sync()
     sync_after = time.perf_counter() - t
     rec = m.to_dict()
-    rec.update({"others_busy_before": busy_before, "sync_after_s": sync_after, "out_bytes": _dir_bytes(out),
+    rec.update({"others_busy_before": busy_before, "engine_digest": engine_digest(), "sync_after_s": sync_after, "out_bytes": _dir_bytes(out),
                 "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     rec["busy"] = rec["others_cpu_cores"] > args.max_busy
     if rec["rc"] != 0:
@@ -254,7 +294,7 @@ def measured_run(
 def run_size(size: str, args: argparse.Namespace, results: dict, command: str) -> None:
     """All runs of one size; results saved after each run."""
     facts = prepare_size(size, args.mergekit_venv)
-    spec = facts["spec"]
+    info = facts["info"]
     root: Path = facts["root"]
     logdir = root / "logs"
     repeats = args.repeats or SIZES[size][2]
@@ -262,14 +302,8 @@ def run_size(size: str, args: argparse.Namespace, results: dict, command: str) -
     if "mergekit" in args.tools and mk is None:
         log(f"mergekit not installed in {args.mergekit_venv} (use --install-mergekit): skipping it")
     entry = results["sizes"].setdefault(size, {"runs": []})
-    entry.update({
-        "params": spec.param_count,
-        "model_bytes": spec.model_bytes,
-        "layers": spec.shape.num_hidden_layers,
-        "shape": {k: getattr(spec.shape, k) for k in SIZES[size][0]},
-        "fine_tunes": len(facts["fine_tunes"]),
-        "delta_scale": spec.delta_scale,
-    })
+    entry.update({k: info[k] for k in ("params", "model_bytes", "layers", "shape", "delta_scale", "seed")})
+    entry["fine_tunes"] = len(facts["fine_tunes"])
     cmds = entry.setdefault("commands", [])
     if command not in cmds:
         cmds.append(command)
@@ -284,7 +318,7 @@ def run_size(size: str, args: argparse.Namespace, results: dict, command: str) -
         plan += [("mergekit", m) for m in methods if m in MERGEKIT_METHODS]
     replaced = {(t, m) for t, m in plan}
     entry["runs"] = [r for r in entry["runs"] if (r["tool"], r["method"]) not in replaced]
-    log(f"{size}: {spec.param_count / 1e9:.2f}B params, {len(plan)} runs x {repeats} repeats")
+    log(f"{size}: {info['params'] / 1e9:.2f}B params, {len(plan)} runs x {repeats} repeats")
     read_files([f for fs in facts["files"].values() for f in fs])  # warm-up read of every input
     for rep in range(repeats):
         for tool, method in plan:
@@ -308,7 +342,7 @@ def _one(size: str, tool: str, method: str, facts: dict, mk: Path | None, logdir
         roles = method.split("+")
         inputs = [f for r in roles for f in files[r]]
         out = facts["root"] / "out" / "floor.bin"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_floor", str(out), str(facts["spec"].model_bytes),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_floor", str(out), str(facts["info"]["model_bytes"]),
                *map(str, inputs)]
         rec = measured_run(name, cmd, out, inputs, logdir, args)
         try:
@@ -384,7 +418,7 @@ def run_profiles(args: argparse.Namespace, results: dict) -> None:
                    "--", *engine_cmd(), "run", str(run["recipe"]), "-q", "--overwrite", "--device", args.device]
             rec = measured_run(f"profile-{method}", cmd, run["out"], inputs, facts["root"] / "logs", args)
             summary = summarize(raw)
-            summary.update({"wall_s": rec["wall_s"], "others_cpu_cores": rec["others_cpu_cores"],
+            summary.update({"wall_s": rec["wall_s"], "engine_digest": rec["engine_digest"], "others_cpu_cores": rec["others_cpu_cores"],
                             "file": str(raw.relative_to(REPO)), "rate_hz": args.profile_rate})
             entry.setdefault("profiles", {})[method] = summary
             save_results(results)
@@ -399,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_floor":
         return floor_worker(Path(argv[1]), int(argv[2]), [Path(p) for p in argv[3:]])
+    if argv and argv[0] == "_build":
+        return build_worker(argv[1])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="small", help="comma-separated: small, tinyllama, 7b")
     p.add_argument("--tools", default="floor,mergeengine,mergekit", help="comma-separated: floor, mergeengine, mergekit")
@@ -417,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="", help="comma-separated methods to profile with py-spy (no timed runs)")
     p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged folders under _work/<size>/out")
+    p.add_argument("--results", type=Path, default=RESULTS, help="results file (read, merged, written)")
     p.add_argument("--report-only", action="store_true", help="regenerate docs and plot from results.json")
     p.add_argument("--no-report", action="store_true", help="do not touch docs/benchmarks.md and the plot")
     args = p.parse_args(argv)
@@ -431,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in METHODS:
             p.error(f"unknown method {m}; choose from {', '.join(METHODS)}")
     command = "python benchmarks/perf/run.py " + " ".join(argv)
-    results = load_results()
+    results = load_results(args.results)
     if not args.report_only:
         if args.install_mergekit and mergekit_bin(args.mergekit_venv) is None:
             install_mergekit(args.mergekit_venv)

@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +30,7 @@ LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".mergeengine-progress.json"
+_IN_FLIGHT = 2
 
 
 @dataclass
@@ -106,6 +109,11 @@ class ShardedWriter:
         self._file: BinaryIO | None = None
         self._hash: Any = None
         self.bytes_written = 0
+        # Write-behind: file writes, sha256 and fsync run in one worker thread (they release the
+        # GIL), overlapping the next tensors' computation. At most `_IN_FLIGHT` tensors wait.
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=_IN_FLIGHT)
+        self._error: BaseException | None = None
+        self._worker: threading.Thread | None = None
 
     def resume(self) -> list[str]:
         """Keep the shards a previous run of the same plan finished (verified by size and sha256).
@@ -145,19 +153,51 @@ class ShardedWriter:
                 f"computed {list(tensor.shape)} {tensor.dtype} but planned {list(meta.shape)} {meta.dtype}",
                 step=self.step, tensor=name,
             )
-        try:
-            if shard.names[0] == name:
-                self._open(shard)
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            assert self._file is not None
-            self._file.write(memoryview(data))
-            self._hash.update(memoryview(data))
-            self.bytes_written += data.nbytes
-            if shard.names[-1] == name:
-                self._close(shard)
-        except OSError as exc:
-            raise _os_error(exc, self.folder / shard.file) from None
+        self._raise_worker_error()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name=f"writer-{self.step}", daemon=True)
+            self._worker.start()
+        self._jobs.put((shard, name, tensor.detach().contiguous()))
         self._pos += 1
+
+    def _run(self) -> None:
+        """Worker: drain the queue in order; remember the first error and skip the rest."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue
+            shard, name, tensor = job
+            try:
+                self._write_now(shard, name, tensor)
+            except OSError as exc:
+                self._error = _os_error(exc, self.folder / shard.file)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = exc
+
+    def _write_now(self, shard: Shard, name: str, tensor: torch.Tensor) -> None:
+        if shard.names[0] == name:
+            self._open(shard)
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        assert self._file is not None
+        self._file.write(memoryview(data))
+        self._hash.update(memoryview(data))
+        self.bytes_written += data.nbytes
+        if shard.names[-1] == name:
+            self._close(shard)
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def flush(self) -> None:
+        """Wait until every queued tensor is written; raise the worker's error, if any."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+        self._raise_worker_error()
 
     def _open(self, shard: Shard) -> None:
         header = shard.header(self.metas)
@@ -203,6 +243,11 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Close and delete the shard being written after a failure (finished shards stay)."""
+        if self._worker is not None:
+            self._error = self._error or OutputError("aborted")
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
         if self._file is not None:
             name = self._file.name
             self._file.close()
@@ -210,7 +255,8 @@ class ShardedWriter:
             Path(name).unlink(missing_ok=True)
 
     def finish(self) -> None:
-        """After the last tensor: the index, and the journal removed."""
+        """After the last tensor: everything flushed, the index written, the journal removed."""
+        self.flush()
         self.write_index()
         (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
 
