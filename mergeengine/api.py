@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def run_recipe(
                 LOG.warning("step '%s': resuming: %d of %d tensors already written", s, len(skip[s]),
                             len(full_plan.save_order[s]))
     plan = restrict(full_plan, skip)
+    hashes = _InputHashes(full_plan)
     bar = _Progress(plan, progress)
     try:
         stats = execute(
@@ -179,7 +181,7 @@ def run_recipe(
             writers[s].finish()
             _finish_folder(full_plan, s, writers[s], folder.tmp)
             _write_reports(full_plan, s, stats, folder.tmp)
-            _write_card(full_plan, s, loaded, str(dev), folder.tmp)
+            _write_card(full_plan, s, loaded, str(dev), folder.tmp, hashes.get())
             outputs[s] = folder.commit()
     except BaseException as exc:
         bar.close()
@@ -299,23 +301,53 @@ def _write_reports(plan: Plan, save: str, stats: RunStats, folder: Path) -> None
         (folder / "dppa_report.json").write_text(json.dumps(reports, indent=2) + "\n")
 
 
-def provenance(plan: Plan, save: str, loaded: LoadedRecipe, device: str) -> dict[str, Any]:
+class _InputHashes:
+    """sha256 of every input weight file, computed in a background thread during the run.
+
+    Hashing is I/O plus ~1 GB/s of CPU; hashlib releases the GIL, so it overlaps the merge
+    instead of adding to it (and repeated runs hit the hash cache).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.result: dict[str, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="input-hashes", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from mergeengine.io.hashing import checkpoint_provenance
+        from mergeengine.io.resolve import resolution_of
+
+        try:
+            for sid, ckpt in self.plan.checkpoints.items():
+                r = resolution_of(ckpt)
+                self.result[sid] = checkpoint_provenance(ckpt, self.plan.ops[sid].step.model, r.revision,
+                                                         r.resolved_revision)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by get()
+            self.error = exc
+
+    def get(self) -> dict[str, dict[str, Any]]:
+        """Wait for the hashes."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def provenance(
+    plan: Plan, save: str, loaded: LoadedRecipe, device: str, hashes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """How a save step's output was made: inputs (resolved revision, sha256 of every weight file),
     version, seed, device, the resolved parameters of every step, and a rerunnable recipe.
 
     Deliberately no timestamp: the same recipe on the same inputs gives the same folder.
     """
     from mergeengine import __version__
-    from mergeengine.io.hashing import checkpoint_provenance
-    from mergeengine.io.resolve import resolution_of
 
     upstream = plan.steps.needed([save])
-    inputs = {}
-    for sid in upstream:
-        ckpt = plan.checkpoints.get(sid)
-        if ckpt is not None:
-            r = resolution_of(ckpt)
-            inputs[sid] = checkpoint_provenance(ckpt, plan.ops[sid].step.model, r.revision, r.resolved_revision)
+    hashes = hashes if hashes is not None else _InputHashes(plan).get()
+    inputs = {sid: hashes[sid] for sid in upstream if sid in hashes}
     recipe = json.loads(json.dumps(loaded.raw, default=str))
     recipe.pop("provenance", None)
     for step in recipe.get("steps", []):
@@ -338,11 +370,13 @@ def provenance(plan: Plan, save: str, loaded: LoadedRecipe, device: str) -> dict
     }
 
 
-def _write_card(plan: Plan, save: str, loaded: LoadedRecipe, device: str, folder: Path) -> None:
+def _write_card(
+    plan: Plan, save: str, loaded: LoadedRecipe, device: str, folder: Path, hashes: dict[str, dict[str, Any]]
+) -> None:
     """README.md (model card) and mergeengine.json."""
     from mergeengine.io.card import write_model_card
 
-    prov = provenance(plan, save, loaded, device)
+    prov = provenance(plan, save, loaded, device, hashes)
     upstream = plan.steps.needed([save])
     methods = []
     for sid in upstream:
