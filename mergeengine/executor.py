@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from mergeengine.errors import ExecutionError, MergeEngineError, NonFiniteError
-from mergeengine.graph.plan import Plan, TaskKey, uses
+from mergeengine.graph.plan import Plan, PrefetchWindow, TaskKey, uses
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.load import LoadOp
 from mergeengine.ops.save import SaveOp
@@ -82,67 +83,94 @@ def execute(
     stats = RunStats()
     start = time.perf_counter()
     remaining = uses(plan)
+    window = PrefetchWindow(plan, plan.prefetch_bytes)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if plan.prefetch_bytes else None
+    reads: dict[TaskKey, Future[torch.Tensor]] = {}
     values: dict[TaskKey, Any] = {}
     step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
     accs: dict[tuple[str, str], Any] = {}
     live = 0
     ops = plan.ops
-    for key in plan.order:
-        op = ops[key.step]
-        read = written = 0
-        try:
-            if key.kind == "reduce":
-                name = key.tensor[1:]
-                red = plan.reductions[(key.step, name)]
-                acc = accs.pop((key.step, name), None)
-                step_stats[key.step][name] = red.finish(red.initial() if acc is None else acc, step_stats[key.step])
-            else:
-                inputs = [values[s] for s in plan.sources[key]]
-                if key.kind == "map":
-                    rname = key.pass_.split("/", 1)[1]
-                    red = plan.reductions[(key.step, rname)]
-                    partial = red.map(key.tensor, inputs, step_stats[key.step])
-                    acc = accs.get((key.step, rname))
-                    accs[(key.step, rname)] = red.fold_partial(red.initial() if acc is None else acc, key.tensor, partial)
+    try:
+        for key in plan.order:
+            op = ops[key.step]
+            read = written = 0
+            try:
+                if key.kind == "reduce":
+                    name = key.tensor[1:]
+                    red = plan.reductions[(key.step, name)]
+                    acc = accs.pop((key.step, name), None)
+                    step_stats[key.step][name] = red.finish(red.initial() if acc is None else acc, step_stats[key.step])
                 else:
-                    ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
-                    out = op.compute(inputs, ctx)
-                    size = out.nbytes if isinstance(out, torch.Tensor) else 0
-                    live += size
-                    stats.peak_live_bytes = max(stats.peak_live_bytes, live)
-                    if isinstance(op, LoadOp):
+                    inputs = [values[s] for s in plan.sources[key]]
+                    if key.kind == "map":
+                        rname = key.pass_.split("/", 1)[1]
+                        red = plan.reductions[(key.step, rname)]
+                        partial = red.map(key.tensor, inputs, step_stats[key.step])
+                        acc = accs.get((key.step, rname))
+                        accs[(key.step, rname)] = red.fold_partial(red.initial() if acc is None else acc, key.tensor, partial)
+                    elif isinstance(op, LoadOp):
+                        for k in window.take(key):  # read ahead in the background, bounded
+                            ctx = TaskContext(k.step, k.tensor, seed, dev, {})
+                            reads[k] = pool.submit(op_compute, plan.ops[k.step], ctx) if pool else _done(
+                                op_compute(plan.ops[k.step], ctx))
+                        out = reads.pop(key).result()
+                        size = out.nbytes
+                        live += size
+                        stats.peak_live_bytes = max(stats.peak_live_bytes, live + window.ahead)
                         read = size
                         stats.bytes_read += size
-                    if isinstance(op, SaveOp):
-                        if not allow_nonfinite and out.dtype.is_floating_point:
-                            _check_finite(out, op.step.input, key.tensor)
-                        sinks[key.step].write(key.tensor, out)
-                        written = size
-                        stats.bytes_written += size
-                        stats.tensors_written += 1
-                    if remaining[key] > 0:
                         values[key] = out
                     else:
-                        live -= size
-                for s in plan.sources[key]:
-                    remaining[s] -= 1
-                    if remaining[s] == 0:
-                        v = values.pop(s)
-                        live -= v.nbytes if isinstance(v, torch.Tensor) else 0
-        except MergeEngineError as exc:
-            exc.step = exc.step or key.step
-            exc.tensor = exc.tensor or (key.tensor if key.kind != "reduce" else None)
-            raise
-        except torch.cuda.OutOfMemoryError:
-            raise ExecutionError("out of GPU memory; run with --device cpu", step=key.step, tensor=key.tensor) from None
-        except Exception as exc:  # an op bug or a torch error: keep the context, one line
-            raise ExecutionError(f"{type(exc).__name__}: {exc}", step=key.step, tensor=key.tensor) from exc
-        stats.tasks += 1
-        if progress is not None:
-            progress(key, read, written)
+                        ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
+                        out = op.compute(inputs, ctx)
+                        size = out.nbytes if isinstance(out, torch.Tensor) else 0
+                        live += size
+                        stats.peak_live_bytes = max(stats.peak_live_bytes, live + window.ahead)
+                        if isinstance(op, SaveOp):
+                            if not allow_nonfinite and out.dtype.is_floating_point:
+                                _check_finite(out, op.step.input, key.tensor)
+                            sinks[key.step].write(key.tensor, out)
+                            written = size
+                            stats.bytes_written += size
+                            stats.tensors_written += 1
+                        if remaining[key] > 0:
+                            values[key] = out
+                        else:
+                            live -= size
+                    for s in plan.sources[key]:
+                        remaining[s] -= 1
+                        if remaining[s] == 0:
+                            v = values.pop(s)
+                            live -= v.nbytes if isinstance(v, torch.Tensor) else 0
+            except MergeEngineError as exc:
+                exc.step = exc.step or key.step
+                exc.tensor = exc.tensor or (key.tensor if key.kind != "reduce" else None)
+                raise
+            except torch.cuda.OutOfMemoryError:
+                raise ExecutionError("out of GPU memory; run with --device cpu", step=key.step, tensor=key.tensor) from None
+            except Exception as exc:  # an op bug or a torch error: keep the context, one line
+                raise ExecutionError(f"{type(exc).__name__}: {exc}", step=key.step, tensor=key.tensor) from exc
+            stats.tasks += 1
+            if progress is not None:
+                progress(key, read, written)
+    finally:
+        if pool is not None:  # stop reading ahead, also after a failure
+            pool.shutdown(wait=True, cancel_futures=True)
     stats.wall_seconds = time.perf_counter() - start
     stats.statistics = step_stats
     return stats
+
+
+def op_compute(op: Any, ctx: TaskContext) -> torch.Tensor:
+    """Run a load task (no inputs); used by the read-ahead thread."""
+    return op.compute([], ctx)
+
+
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    fut: Future[torch.Tensor] = Future()
+    fut.set_result(value)
+    return fut
 
 
 def _check_finite(t: torch.Tensor, step: str, name: str) -> None:

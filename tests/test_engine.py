@@ -181,14 +181,13 @@ def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
     assert (tmp_path / "out").exists()
 
 
-def test_peak_memory_stays_a_few_tensors_on_a_deep_model(tmp_path):
-    shape = LlamaShape(num_hidden_layers=24, vocab_size=64)
+def _deep_run(tmp_path, layers):
+    shape = LlamaShape(num_hidden_layers=layers, vocab_size=64)
     base = make_weights(shape, 0)
+    root = tmp_path / f"l{layers}"
     for name, seed in [("b", None), ("f1", 1), ("f2", 2)]:
-        write_checkpoint(tmp_path / name, base if seed is None else fine_tune(base, seed), shape)
-    r = write_recipe(
-        tmp_path,
-        """
+        write_checkpoint(root / name, base if seed is None else fine_tune(base, seed), shape)
+    r = write_recipe(root, """
         steps:
           - {id: base, op: load, model: ./b}
           - {id: f1, op: load, model: ./f1}
@@ -198,16 +197,21 @@ def test_peak_memory_stays_a_few_tensors_on_a_deep_model(tmp_path):
           - {id: p1, op: dp_prune, input: d1, density: 0.3}
           - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [p1, d2]}
           - {id: out, op: save, input: m, path: out}
-        """,
-    )
-    result = api.run_recipe(r)
-    largest = max(m.nbytes for m in result.plan.metas["d1"].values())
-    total = sum(m.nbytes for m in result.plan.metas["d1"].values())
-    assert result.stats.peak_live_bytes <= 6 * largest
-    assert result.stats.peak_live_bytes < total / 20
-    # the dry-run estimate is exact: same accounting, same schedule
-    assert result.plan.estimate.peak_live_bytes == result.stats.peak_live_bytes
-    assert result.plan.estimate.bytes_read == result.stats.bytes_read
+        """)
+    return api.run_recipe(r)
+
+
+def test_peak_memory_stays_a_few_tensors_whatever_the_depth(tmp_path):
+    shallow, deep = _deep_run(tmp_path, 4), _deep_run(tmp_path, 24)
+    largest = max(m.nbytes for m in deep.plan.metas["d1"].values())
+    total = sum(m.nbytes for m in deep.plan.metas["d1"].values())
+    # live tensors (a few) + read-ahead of the next tensor's three inputs (bf16... here float32)
+    assert deep.stats.peak_live_bytes <= 8 * largest
+    assert deep.stats.peak_live_bytes < total / 10
+    assert deep.stats.peak_live_bytes == shallow.stats.peak_live_bytes  # does not grow with layers
+    # the dry-run estimate is exact: same accounting (read-ahead included), same schedule
+    assert deep.plan.estimate.peak_live_bytes == deep.stats.peak_live_bytes
+    assert deep.plan.estimate.bytes_read == deep.stats.bytes_read
 
 
 def test_schedule_finishes_each_tensor_before_loading_the_next(tmp_path, models):

@@ -91,6 +91,7 @@ class Plan:
     checkpoints: dict[str, Checkpoint]
     save_paths: dict[str, Path] = field(default_factory=dict)
     estimate: Estimate = field(default_factory=Estimate)
+    prefetch_bytes: int = 0
 
     @property
     def ops(self) -> dict[str, Op]:
@@ -118,6 +119,7 @@ def build_plan(
     out: str | Path | None = None,
     checkpoints: dict[str, Checkpoint] | None = None,
     roots: list[str] | None = None,
+    prefetch: bool = True,
 ) -> Plan:
     """Open the inputs' headers, expand steps into tensor tasks, schedule them and estimate costs.
 
@@ -126,6 +128,7 @@ def build_plan(
         out: overrides the path of the (single) save step, resolved against the current folder.
         checkpoints: already opened checkpoints by load step id (reused across plans).
         roots: steps whose tensors are wanted (default: all save steps).
+        prefetch: read the next tensor's inputs in the background while computing the current one.
 
     Returns:
         The plan. Reads headers only.
@@ -184,7 +187,8 @@ def build_plan(
     plan = _expand(steps, active, metas, roots)
     plan.checkpoints = ckpts
     plan.save_paths = save_paths
-    plan.estimate = simulate(plan)
+    plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0
+    plan.estimate = simulate(plan, plan.prefetch_bytes)
     plan.estimate.bytes_read_unique = sum(
         m.nbytes for sid in active if isinstance(steps.ops[sid], LoadOp) for m in metas[sid].values()
     )
@@ -293,15 +297,66 @@ def value_bytes(plan: Plan, key: TaskKey) -> int:
     return plan.metas[key.step][key.tensor].nbytes
 
 
-def simulate(plan: Plan) -> Estimate:
-    """Walk the schedule with the executor's accounting rules and return the exact figures."""
+def is_load(plan: Plan, key: TaskKey) -> bool:
+    """Whether a task reads tensor data from an input."""
+    return key.kind == "compute" and isinstance(plan.ops[key.step], LoadOp)
+
+
+def default_prefetch_bytes(plan: Plan) -> int:
+    """Enough read-ahead for one tensor's inputs: the largest bytes loaded for one (pass, tensor)."""
+    groups: dict[tuple[int, str], int] = {}
+    for k in plan.order:
+        if is_load(plan, k):
+            g = (plan.phase[k], k.tensor)
+            groups[g] = groups.get(g, 0) + value_bytes(plan, k)
+    return max(groups.values(), default=0)
+
+
+class PrefetchWindow:
+    """Which loads are read ahead, and when: deterministic, so the plan and the executor account
+    read-ahead memory identically.
+
+    When the executor needs load ``key``, every load up to it, then further loads in schedule
+    order while the bytes read but not yet used stay within ``budget``, are submitted.
+    """
+
+    def __init__(self, plan: Plan, budget: int) -> None:
+        self.loads = [k for k in plan.order if is_load(plan, k)]
+        self.sizes = [value_bytes(plan, k) for k in self.loads]
+        self.position = {k: i for i, k in enumerate(self.loads)}
+        self.budget = budget
+        self.next = 0
+        self.ahead = 0  # bytes submitted and not yet taken
+
+    def take(self, key: TaskKey) -> list[TaskKey]:
+        """Load ``key`` is needed now: returns the loads to submit (in order), then counts ``key`` as taken."""
+        i = self.position[key]
+        submit = []
+        while self.next < len(self.loads) and (
+            self.next <= i or self.ahead + self.sizes[self.next] <= self.budget
+        ):
+            submit.append(self.loads[self.next])
+            self.ahead += self.sizes[self.next]
+            self.next += 1
+        self.ahead -= self.sizes[i]
+        return submit
+
+
+def simulate(plan: Plan, prefetch_bytes: int = 0) -> Estimate:
+    """Walk the schedule with the executor's accounting rules and return the exact figures.
+
+    Live bytes include tensors read ahead but not yet used (``prefetch_bytes`` of read-ahead).
+    """
     est = Estimate(passes=max(plan.phase.values(), default=0) + 1)
     remaining = uses(plan)
+    window = PrefetchWindow(plan, prefetch_bytes)
     live = 0
     for key in plan.order:
         size = value_bytes(plan, key)
+        if is_load(plan, key):
+            window.take(key)
         live += size
-        est.peak_live_bytes = max(est.peak_live_bytes, live)
+        est.peak_live_bytes = max(est.peak_live_bytes, live + window.ahead)
         est.largest_tensor_bytes = max(est.largest_tensor_bytes, size)
         op = plan.ops[key.step]
         if key.kind == "compute" and isinstance(op, LoadOp):
@@ -337,7 +392,8 @@ def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
     graph = plan.graph.subgraph(order).copy()
     sources = {k: v for k, v in plan.sources.items() if k in keep}
     new = Plan(plan.steps, plan.active, plan.metas, graph, order, sources, plan.reductions,
-               {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths)
-    new.estimate = simulate(new)
+               {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths,
+               prefetch_bytes=plan.prefetch_bytes)
+    new.estimate = simulate(new, new.prefetch_bytes)
     new.estimate.bytes_read_unique = plan.estimate.bytes_read_unique
     return new

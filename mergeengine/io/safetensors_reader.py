@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ class SafetensorsCheckpoint(Checkpoint):
                     raise ModelError(f"tensor '{name}' appears in two shards", file=str(file))
                 self._infos[name] = TensorInfo(tuple(entry["shape"]), dtype, str(file))
                 self._file_of[name] = file
-        self._handles: dict[Path, Any] = {}
+        # safe_open handles are per thread: the executor reads ahead in a background thread.
+        self._local = threading.local()
 
     def _find_files(self) -> list[Path]:
         p = self.path
@@ -143,13 +145,14 @@ class SafetensorsCheckpoint(Checkpoint):
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"tensor '{name}' not in checkpoint", file=self.source)
-        handle = self._handles.get(file)
+        handles = self._local.__dict__.setdefault("handles", {})
+        handle = handles.get(file)
         if handle is None:
             try:
                 handle = safe_open(str(file), framework="pt", device="cpu")
             except Exception as exc:  # safetensors raises its own types
                 raise ModelError(f"cannot open: {exc}", file=str(file)) from None
-            self._handles[file] = handle
+            handles[file] = handle
         try:
             return handle.get_tensor(name)
         except Exception as exc:
@@ -180,5 +183,5 @@ class SafetensorsCheckpoint(Checkpoint):
         return written
 
     def close(self) -> None:
-        """Drop the open ``safe_open`` handles."""
-        self._handles.clear()
+        """Drop this thread's open ``safe_open`` handles (others go with their threads)."""
+        self._local = threading.local()
