@@ -7,6 +7,8 @@ read one tensor at a time with :meth:`Checkpoint.read`.
 
 from __future__ import annotations
 
+import json
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +46,11 @@ TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """What the headers say about one tensor.
-
-    Attributes:
-        shape: the tensor's shape.
-        dtype: the dtype :meth:`Checkpoint.read` returns.
-        file: the file holding it (for messages and provenance).
-    """
+class TensorMeta:
+    """Shape and dtype of a tensor, known before any data is read."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    file: str = ""
 
     @property
     def numel(self) -> int:
@@ -66,8 +61,19 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tensor as :meth:`Checkpoint.read` returns it."""
+        """Bytes of the tensor in memory."""
         return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo(TensorMeta):
+    """What a checkpoint's headers say about one tensor (``dtype``: what :meth:`Checkpoint.read` returns).
+
+    Attributes:
+        file: the file holding it (for messages and provenance).
+    """
+
+    file: str = ""
 
 
 class Checkpoint(ABC):
@@ -108,3 +114,59 @@ class Checkpoint(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open file handles."""
+
+
+# Files copied from a model folder into the output next to the weights.
+SUPPORT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class FolderCheckpoint(Checkpoint):
+    """Shared behaviour of checkpoints that live in a Hugging Face model folder.
+
+    Subclasses fill ``folder``, ``_files`` (weight files) and ``_infos`` (tensor headers).
+    """
+
+    folder: Path
+    _files: list[Path]
+    _infos: dict[str, TensorInfo]
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names -> header information, in file order."""
+        return self._infos
+
+    def config(self) -> dict[str, Any] | None:
+        """The folder's config.json, if any."""
+        from mergeengine.errors import ModelError
+
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"config.json is not valid JSON: {exc}", file=str(cfg)) from None
+
+    def weight_files(self) -> list[Path]:
+        """The weight files read."""
+        return list(self._files)
+
+    def write_support_files(self, dest: Path) -> list[str]:
+        """Copy tokenizer and generation files found beside the weights."""
+        written = []
+        for name in SUPPORT_FILES:
+            src = self.folder / name
+            if src.is_file():
+                shutil.copyfile(src, dest / name)
+                written.append(name)
+        return written

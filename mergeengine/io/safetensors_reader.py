@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import struct
 import threading
 from pathlib import Path
@@ -14,25 +13,12 @@ import torch
 from safetensors import safe_open
 
 from mergeengine.errors import ModelError
-from mergeengine.io.checkpoint import ST_TO_TORCH, Checkpoint, TensorInfo
+from mergeengine.io.checkpoint import ST_TO_TORCH, FolderCheckpoint, TensorInfo
 
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Files copied from a model folder into the output next to the weights.
-SUPPORT_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -66,7 +52,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-class SafetensorsCheckpoint(Checkpoint):
+class SafetensorsCheckpoint(FolderCheckpoint):
     """A safetensors model: a folder with ``model.safetensors`` or shards + index, or one file.
 
     Args:
@@ -136,10 +122,6 @@ class SafetensorsCheckpoint(Checkpoint):
             )
         raise ModelError("no model.safetensors, shards or index in this folder", file=str(p))
 
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Names -> header information, in file order."""
-        return self._infos
-
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor through a memory-mapped ``safe_open`` handle."""
         file = self._file_of.get(name)
@@ -157,30 +139,6 @@ class SafetensorsCheckpoint(Checkpoint):
             return handle.get_tensor(name)
         except Exception as exc:
             raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
-
-    def config(self) -> dict[str, Any] | None:
-        """The folder's config.json, if any."""
-        cfg = self.folder / "config.json"
-        if not cfg.is_file():
-            return None
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"config.json is not valid JSON: {exc}", file=str(cfg)) from None
-
-    def weight_files(self) -> list[Path]:
-        """The safetensors files read."""
-        return list(self._files)
-
-    def write_support_files(self, dest: Path) -> list[str]:
-        """Copy tokenizer and generation files found beside the weights."""
-        written = []
-        for name in SUPPORT_FILES:
-            src = self.folder / name
-            if src.is_file():
-                shutil.copyfile(src, dest / name)
-                written.append(name)
-        return written
 
     def close(self) -> None:
         """Drop this thread's open ``safe_open`` handles (others go with their threads)."""

@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mergeengine.errors import ModelError
-from mergeengine.io.checkpoint import DTYPE_BYTES, Checkpoint, TensorInfo
-from mergeengine.io.safetensors_reader import SUPPORT_FILES
+from mergeengine.io.checkpoint import DTYPE_BYTES, FolderCheckpoint, TensorInfo
 
 LOG = logging.getLogger(__name__)
 
@@ -86,7 +83,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-class TorchBinCheckpoint(Checkpoint):
+class TorchBinCheckpoint(FolderCheckpoint):
     """A PyTorch checkpoint: a folder with ``pytorch_model.bin`` or shards + index, or one file.
 
     Only open these for load steps with ``allow_pickle: true``.
@@ -152,10 +149,6 @@ class TorchBinCheckpoint(Checkpoint):
             return found
         raise ModelError("no pytorch_model.bin, shards or index in this folder", file=str(p))
 
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Names -> header information, in pickle order."""
-        return self._infos
-
     def read(self, name: str) -> torch.Tensor:
         """Copy one tensor out of the memory-mapped file (contiguous, not sharing storage)."""
         file = self._file_of.get(name)
@@ -168,30 +161,6 @@ class TorchBinCheckpoint(Checkpoint):
             return sd[name].clone(memory_format=torch.contiguous_format)
         except Exception as exc:
             raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
-
-    def config(self) -> dict[str, Any] | None:
-        """The folder's config.json, if any."""
-        cfg = self.folder / "config.json"
-        if not cfg.is_file():
-            return None
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"config.json is not valid JSON: {exc}", file=str(cfg)) from None
-
-    def weight_files(self) -> list[Path]:
-        """The pickle files read."""
-        return list(self._files)
-
-    def write_support_files(self, dest: Path) -> list[str]:
-        """Copy tokenizer and generation files found beside the weights."""
-        written = []
-        for name in SUPPORT_FILES:
-            src = self.folder / name
-            if src.is_file():
-                shutil.copyfile(src, dest / name)
-                written.append(name)
-        return written
 
     def close(self) -> None:
         """Drop the memory maps (they are reopened on the next read)."""

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeengine.errors import ShapeError
+from mergeengine.io.checkpoint import TensorMeta
 
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 
@@ -45,25 +46,6 @@ class StepKind:
     kind: Kind
     origin: str
     base: str | None = None
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of one tensor a step produces (known before any data is read)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 Source = tuple[str, str]  # (step id, tensor name)
