@@ -186,3 +186,29 @@ def test_tiny_tensors_do_not_crash_any_method(tmp_path):
               - {{id: out, op: save, input: m, path: out}}
             """)
         api.run_recipe(r, overwrite=True)
+
+
+def test_chunked_topk_equals_whole_tensor_mask_with_ties():
+    from mergeengine.kernels.selection import ChunkedTopk, topk_abs_mask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (70_001,), generator=g).float()  # heavy ties, zeros
+    for k in [0, 1, 5000, 40_000, 70_001]:
+        chooser = ChunkedTopk(x, k)
+        chunks = [chooser.mask(x[s:s + 997]) for s in range(0, x.numel(), 997)]
+        assert torch.equal(torch.cat(chunks), topk_abs_mask(x, k)), k
+
+
+def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkeypatch):
+    from mergeengine.ops import ties as ties_op
+
+    whole = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]", out="whole")
+    monkeypatch.setattr(ties_op, "CHUNK_NUMEL", 333)
+    chunked = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
+                    out="chunked")
+    b, dm, dc = tensors
+    for n in whole:
+        assert torch.equal(whole[n], chunked[n]), n
+    n = "model.layers.1.mlp.down_proj.weight"
+    expected = b[n] + ties_direct([topk(dm[n], 0.2), topk(dc[n], 0.5)], [1.0, 3.0], "weighted")
+    torch.testing.assert_close(chunked[n], expected, atol=1e-6, rtol=1e-5)

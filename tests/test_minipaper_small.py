@@ -50,6 +50,21 @@ def test_data_is_deterministic_and_splits_disjoint(minipaper) -> None:
     assert int(answer) == int(a) + int(b)
 
 
+def test_pretraining_never_shows_an_evaluation_string(minipaper) -> None:
+    """The base sees reverse/sort in prose and in task format, but never on a val/test string."""
+    import re
+
+    data = minipaper["data"]
+    cfg = data.DataConfig(n_train=10, n_val=40, n_test=60, max_letters=3, pretrain_docs=3000)
+    held_out = data.held_out_strings(cfg)
+    assert 150 < len(held_out) <= 200  # 100 prompts per task; the two tasks may share a string
+    text = "\n".join(data.pretrain_documents(cfg))
+    seen = set(re.findall(r"(?:reverse: |sort: |the reverse of )([a-z]+)", text))
+    seen |= set(re.findall(r"([a-z]+) in order is", text))
+    assert "reverse: " in text and "the reverse of " in text and " in order is " in text
+    assert len(seen) > 500 and not (seen & held_out)
+
+
 def test_models_are_hf_folders(small_run) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

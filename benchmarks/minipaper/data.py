@@ -8,8 +8,8 @@ Skills (one fully fine-tuned expert each), prompt -> answer, answers end with a 
 * ``reverse``: ``"reverse: abcde -> "`` -> ``"edcba"``.
 * ``sort``: ``"sort: dbca -> "`` -> ``"abcd"``.
 
-The base sees reverse and sort in prose during pretraining (see :func:`pretrain_documents`), so
-those experts are small fine-tunes; addition is new to it.
+The base sees reverse and sort during pretraining, in prose and in their task format (see
+:func:`pretrain_documents`), so those experts are small fine-tunes; addition is new to it.
 
 Everything is generated from a seed with :class:`random.Random`, so the same config always gives
 the same files. Splits never share a prompt.
@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
 
 #: bump when a change here changes the generated data (it is part of every cache key)
-DATA_VERSION = 2
+DATA_VERSION = 3
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TASKS = ("addition", "reverse", "sort")
 
@@ -44,6 +44,8 @@ class DataConfig:
         min_letters: shortest string of ``reverse`` / ``sort``.
         max_letters: longest string of ``reverse`` / ``sort``.
         pretrain_docs: documents in the pretraining text mixture.
+        format_fraction: share of the pretraining's reverse / sort sentences written in the task's
+            own format (``"reverse: abc -> cba"``) rather than in prose.
     """
 
     seed: int = 1234
@@ -54,6 +56,7 @@ class DataConfig:
     min_letters: int = 3
     max_letters: int = 7
     pretrain_docs: int = 40000
+    format_fraction: float = 0.5
 
     def to_dict(self) -> dict:
         """The config as a JSON-ready dict (hashed into cache keys)."""
@@ -134,14 +137,16 @@ _VERBS = "sees likes finds takes moves holds follows paints counts opens".split(
 _NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
 
 
-def _sentence(rng: random.Random, cfg: DataConfig) -> str:
+def _sentence(rng: random.Random, cfg: DataConfig, held_out: set[str]) -> str:
     kind = rng.randrange(10)
-    if kind == 8:  # the reverse skill in prose: the expert only has to map it to the task format
+    if kind in (8, 9):  # the reverse / sort skills, never on a validation or test string
         s = _letters(rng, cfg)
-        return f"the reverse of {s} is {s[::-1]}."
-    if kind == 9:
-        s = _letters(rng, cfg)
-        return f"{s} in order is {''.join(sorted(s))}."
+        while s in held_out:
+            s = _letters(rng, cfg)
+        in_format = rng.random() < cfg.format_fraction
+        if kind == 8:
+            return f"reverse: {s} -> {s[::-1]}" if in_format else f"the reverse of {s} is {s[::-1]}."
+        return f"sort: {s} -> {''.join(sorted(s))}" if in_format else f"{s} in order is {''.join(sorted(s))}."
     n1, n2 = rng.choice(_NOUNS), rng.choice(_NOUNS)
     a1, a2 = rng.choice(_ADJS), rng.choice(_ADJS)
     if kind == 0:
@@ -165,16 +170,33 @@ def _sentence(rng: random.Random, cfg: DataConfig) -> str:
     return f"is the {n1} {a1}? yes! the {n1} is {a1}; not {a2}."
 
 
+def held_out_strings(cfg: DataConfig) -> set[str]:
+    """The letter strings of every reverse / sort validation and test prompt."""
+    small = replace(cfg, n_train=0)
+    return {
+        r["prompt"].split(": ", 1)[1].removesuffix(" -> ")
+        for task in ("reverse", "sort")
+        for split, records in make_splits(task, small).items()
+        if split != "train"
+        for r in records
+    }
+
+
 def pretrain_documents(cfg: DataConfig) -> list[str]:
     """The base model's training text: short documents of 1 to 4 simple sentences each.
 
     Templated sentences, counting, letter runs, one-digit sums in words, and the reverse and
-    sort skills in prose ("the reverse of abc is cba."): like an LLM that can already do a
-    task in some form, the base makes the reverse and sort fine-tunes small. Multi-digit
-    addition is absent, so its expert has to learn a new skill: the large-delta fine-tune.
+    sort skills, in prose ("the reverse of abc is cba.") or, for ``format_fraction`` of them, in
+    the task format ("reverse: abc -> cba"); never on a string of a validation or test prompt.
+    Like an LLM that can already do a task in some form, the base makes the reverse and sort
+    fine-tunes small. Multi-digit addition is absent, so its expert has to learn a new skill:
+    the large-delta fine-tune.
     """
     rng = random.Random(f"{cfg.seed}-pretrain")
-    return [" ".join(_sentence(rng, cfg) for _ in range(rng.randint(1, 4))) for _ in range(cfg.pretrain_docs)]
+    held_out = held_out_strings(cfg)
+    return [
+        " ".join(_sentence(rng, cfg, held_out) for _ in range(rng.randint(1, 4))) for _ in range(cfg.pretrain_docs)
+    ]
 
 
 # --- files ---------------------------------------------------------------------------------------

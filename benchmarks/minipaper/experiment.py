@@ -354,7 +354,10 @@ def table2(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]
         factors: dict[str, list[float]] | None = None
         if sparsifier in DPA_STARTS:
             recipe = merge_recipe(ctx.base, ctx.experts, row, lam=1.0, density=settings.merge_density)
-            result = search(with_search(recipe, ctx.val_file(), [f"p_{n}" for n in ctx.experts], settings))
+            searched = with_search(recipe, ctx.val_file(), [f"p_{n}" for n in ctx.experts], settings)
+            (ctx.work / f"{row}.search.yaml").write_text(yaml.safe_dump(searched, sort_keys=False))
+            result = search(searched)
+            entry["search_recipe"] = searched
             factors = {n: factor_pair(result, f"p_{n}") for n in ctx.experts}
             entry |= {
                 "search_tasks": str(ctx.val_file()),
@@ -540,6 +543,7 @@ def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: st
     rel = os.path.relpath
     tasks = [e["task"] for e in cfg["experts"]]
     settings = results["settings"]
+    t2_recipe = results["table2"]["dppa_release"]["search_recipe"]
     lines = [
         "# The DPPA paper in miniature",
         "",
@@ -613,6 +617,14 @@ def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: st
         *_markdown_table2(results),
         "",
         f"![merges]({rel(merge_png, path.parent)})",
+        "",
+        "The DPPA row's recipe, as the search ran it (`mergeengine search` runs the same file; "
+        "`_cache/` stands for `benchmarks/minipaper/_cache/`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(_short_paths(t2_recipe, Path(train["paths"]["base"]).parent), sort_keys=False,
+                       default_flow_style=None, width=110).rstrip(),
+        "```",
         "",
         "## The paper's claims, measured",
         "",
@@ -710,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Markdown report (default: docs/minipaper.md; --small: the run's cache folder)")
     parser.add_argument("--img-dir", type=Path, default=None,
                         help="plots (default: docs/img; --small: beside the report)")
+    parser.add_argument("--from-results", type=Path, default=None,
+                        help="only rewrite the report and plots from this results.json (no training, no evaluation)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -719,7 +733,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, settings = train_mod.small_config(), small_settings(args.seeds or 2)
     else:
         cfg, settings = train_mod.ExperimentConfig(), RunSettings(seeds=args.seeds or 3)
-    results = run_experiment(cfg, settings, args.cache_dir, args.threads)
+    if args.from_results:
+        results = json.loads(args.from_results.read_text())
+    else:
+        results = run_experiment(cfg, settings, args.cache_dir, args.threads)
     work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
     report = args.report or (work / "minipaper.md" if args.small else REPO / "docs" / "minipaper.md")
     img_dir = args.img_dir or (report.parent if args.small else REPO / "docs" / "img")

@@ -95,9 +95,9 @@ class ExperimentConfig:
     shape: ModelShape = field(default_factory=ModelShape)
     base: BaseTraining = field(default_factory=BaseTraining)
     experts: tuple[ExpertTraining, ...] = (
-        ExpertTraining("addition", steps=1000, lr=1e-3),
-        ExpertTraining("reverse", steps=400, lr=3e-4),
-        ExpertTraining("sort", steps=400, lr=3e-4),
+        ExpertTraining("addition", steps=1000, lr=3e-4),
+        ExpertTraining("reverse", steps=200, lr=1e-4),
+        ExpertTraining("sort", steps=200, lr=1e-4),
     )
     eval_batch_size: int = 200
 

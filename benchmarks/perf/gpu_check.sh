@@ -42,7 +42,7 @@ trap '[ -n "$SMI_PID" ] && kill "$SMI_PID" 2>/dev/null || true' EXIT
 
 # cuda only, one repeat each, results beside (not into) benchmarks/perf/results.json, no doc update.
 "$PY" benchmarks/perf/run.py --sizes tinyllama --tools floor,mergeengine --methods "$METHODS" \
-    --device cuda --repeats 1 --busy-retries 0 --max-wait 0 --timeout 240 \
+    --device cuda --repeats 1 --busy-retries 0 --max-wait 0 --timeout 240 --no-cold-hash \
     --results "$DEST/gpu_results.json" --no-report
 
 "$PY" - "$DEST/gpu_results.json" <<'EOF'

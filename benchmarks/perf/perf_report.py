@@ -93,11 +93,11 @@ def size_table(size: str, entry: dict, best: dict[tuple[str, str], dict]) -> lis
     ft = entry.get("fine_tunes", 3)
     floors = {m: best.get(("floor", _roles(m, ft))) for m in METHOD_ORDER}
     for method in METHOD_ORDER:
-        for tool in ("mergeengine", "mergekit"):
+        for tool in ("mergeengine", "mergeengine:first-run", "mergekit"):
             b = best.get((tool, method))
             if b is None:
                 continue
-            mk = best.get(("mergekit", method)) if tool == "mergeengine" else None
+            mk = best.get(("mergekit", method)) if tool.startswith("mergeengine") else None
             fl = floors.get(method)
             walls = ", ".join(f"{w:.1f}" for w in b["walls"]) + (" (machine busy)" if b["all_busy"] else "")
             lines.append(
@@ -223,7 +223,10 @@ def render(results: dict) -> str:
         "largest `RssAnon` polled every 50 ms — the memory that can actually exhaust RAM; both are the maximum "
         "over runs. *I/O floor*: a process that reads every input byte once from the page cache and "
         "writes one output of the output's size (no fsync). *flush after*: time of a `sync` right after the "
-        "run, i.e. write-back the tool left to the kernel (mergeengine fsyncs each shard itself; mergekit does not).",
+        "run, i.e. write-back the tool left to the kernel (mergeengine fsyncs each shard itself; mergekit does not). "
+        "*mergeengine:first-run*: task_arithmetic with an empty sha256 cache (`MERGEENGINE_CACHE`), as on the "
+        "first run over new local input files: mergeengine then hashes every input file for the output's "
+        "provenance (later runs find the hashes cached; files in a Hugging Face cache are never re-hashed).",
         "",
     ]
     for size in _sizes(summary):

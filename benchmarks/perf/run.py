@@ -46,6 +46,9 @@ DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "img" / "perf.png"
 MERGEKIT_VENV = WORK / "mergekit-venv"
 MERGEKIT_PINS = ("torch==2.13.0", "mergekit==0.1.5")
+# mergeengine run with an empty sha256 cache (MERGEENGINE_CACHE): the first run on new input files,
+# which hashes every input for the output's provenance; later runs find the hashes cached.
+COLD_HASH = "mergeengine:first-run"
 
 # name -> (LlamaShape kwargs, fine-tunes, default repeats)
 SIZES: dict[str, tuple[dict[str, int], int, int]] = {
@@ -314,6 +317,8 @@ def run_size(size: str, args: argparse.Namespace, results: dict, command: str) -
             plan.append(("floor", "+".join(roles)))
     if "mergeengine" in args.tools:
         plan += [("mergeengine", m) for m in methods]
+        if "task_arithmetic" in methods and not args.no_cold_hash:
+            plan.append((COLD_HASH, "task_arithmetic"))
     if mk is not None:
         plan += [("mergekit", m) for m in methods if m in MERGEKIT_METHODS]
     replaced = {(t, m) for t, m in plan}
@@ -352,9 +357,15 @@ def _one(size: str, tool: str, method: str, facts: dict, mk: Path | None, logdir
         return rec
     run = facts["runs"][method]
     inputs = [f for r in run["roles"] for f in files[r]]
-    if tool == "mergeengine":
+    if tool in ("mergeengine", COLD_HASH):
         cmd = [*engine_cmd(), "run", str(run["recipe"]), "-q", "--overwrite", "--device", args.device]
-        return measured_run(name, cmd, run["out"], inputs, logdir, args)
+        env = None
+        if tool == COLD_HASH:  # an empty sha256 cache: the first run on new input files
+            cache = facts["root"] / "empty-hash-cache"
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True)
+            env = {**os.environ, "MERGEENGINE_CACHE": str(cache)}
+        return measured_run(name.replace(":", "-"), cmd, run["out"], inputs, logdir, args, env=env)
     assert mk is not None
     cmd = [str(mk), str(run["mergekit_config"]), str(run["mergekit_out"]), "--lazy-unpickle", "--quiet",
            "--no-copy-tokenizer", "--random-seed", "0"]
@@ -452,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-repeats", type=int, default=7)
     p.add_argument("--profile", default="", help="comma-separated methods to profile with py-spy (no timed runs)")
     p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
+    p.add_argument("--no-cold-hash", action="store_true",
+                   help=f"skip the extra task_arithmetic run with an empty sha256 cache ({COLD_HASH})")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged folders under _work/<size>/out")
     p.add_argument("--results", type=Path, default=RESULTS, help="results file (read, merged, written)")
     p.add_argument("--report-only", action="store_true", help="regenerate docs and plot from results.json")

@@ -360,3 +360,49 @@ def _high_keys(flat: torch.Tensor) -> torch.Tensor:
     """
     keys = flat.view(torch.int16)[_HIGH_HALF::2].clone(memory_format=torch.contiguous_format)
     return keys.bitwise_and_(0x7FFF)
+
+
+class ChunkedTopk:
+    """:func:`topk_abs_mask` of a flat tensor, delivered chunk by chunk.
+
+    The k-th largest magnitude is selected once on the whole tensor; :meth:`mask` then gives the
+    mask of consecutive chunks (requested in increasing order) with the same tie rule (the first
+    tied entries in flat order are kept). Elementwise work after the selection can so run on
+    cache-sized chunks, with chunk-sized temporaries.
+
+    Args:
+        flat: a contiguous 1-D float32 tensor.
+        k: number of entries to keep, ``0 <= k <= flat.numel()``.
+    """
+
+    def __init__(self, flat: torch.Tensor, k: int) -> None:
+        numel = flat.numel()
+        if not 0 <= k <= numel:
+            raise ValueError(f"k={k} out of range for {numel} elements")
+        self.keep_all = k == numel
+        self.keep_none = k == 0
+        self.bits = 0
+        self.ties_left = 0
+        self.all_ties = True
+        if not (self.keep_all or self.keep_none):
+            selected = select_abs_rank(flat, numel - k + 1)
+            count_greater = numel - selected.count_less - selected.count_equal
+            self.bits = selected.bits
+            self.ties_left = k - count_greater
+            self.all_ties = self.ties_left == selected.count_equal
+
+    def mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the next chunk (a contiguous float32 slice of the tensor, in order)."""
+        if self.keep_all:
+            return torch.ones(chunk.shape, dtype=torch.bool, device=chunk.device)
+        if self.keep_none:
+            return torch.zeros(chunk.shape, dtype=torch.bool, device=chunk.device)
+        bits = chunk.view(torch.int32) & _ABS_MASK
+        if self.all_ties:
+            return bits >= self.bits
+        keep = bits > self.bits
+        if self.ties_left > 0:
+            tie_index = torch.nonzero(bits == self.bits).view(-1)[: self.ties_left]
+            keep[tie_index] = True
+            self.ties_left -= tie_index.numel()
+        return keep
