@@ -85,7 +85,6 @@ DEFAULT_LAYER_THRESHOLD = 3.0  # L: hard-coded to 3 at layer level in the releas
 
 # Absorbs the float rounding of numel * (1 - d) when it is mathematically an integer.
 _RANK_TOLERANCE = 1e-6
-# Float64 sums are taken in chunks so that no float64 copy of a whole tensor is made.
 # First all-digit dotted segment: model.layers.3.mlp..., transformer.h.3.attn..., blocks.3...
 _LAYER_INDEX = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
 
