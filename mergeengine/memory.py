@@ -23,8 +23,12 @@ _M_MMAP_THRESHOLD = -3
 _DONE = False
 
 
-def reuse_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
+def reuse_freed_memory(max_block_bytes: int = 64 << 20) -> bool:
     """Ask glibc to keep freed blocks up to ``max_block_bytes`` for reuse (Linux/glibc only).
+
+    64 MiB covers the per-layer tensors of 7B-class models (in float32), which are allocated
+    over and over; the few larger ones (embeddings, lm_head) still come from and go back to
+    the kernel, so the retained heap stays near the working set of one layer.
 
     Called by ``mergeengine run``; library users may call it too. Idempotent.
 

@@ -70,7 +70,7 @@ def test_models_are_hf_folders(small_run) -> None:
 
     summary, _ = small_run
     folders = [Path(summary["paths"]["base"])] + [Path(p) for p in summary["paths"]["experts"].values()]
-    assert len(folders) == 4
+    assert len(folders) == 5  # base, three experts, addition-large
     for folder in folders:
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert (folder / name).is_file(), f"{folder.name}/{name} missing"
@@ -82,22 +82,20 @@ def test_models_are_hf_folders(small_run) -> None:
 
 def test_summary_numbers_and_expert_learned(small_run) -> None:
     summary, _ = small_run
-    tasks = [e["task"] for e in summary["config"]["experts"]]
-    assert tasks == ["addition", "reverse", "sort"]
+    experts = {e["name"] or e["task"]: e["task"] for e in summary["config"]["experts"]}
+    assert experts == {"addition": "addition", "reverse": "reverse", "sort": "sort", "addition-large": "addition"}
+    assert summary["config"]["merge_experts"] == ["addition", "reverse", "sort"]
     test_acc = summary["accuracy"]["test"]
-    assert set(test_acc) == {"base", *tasks}
+    assert set(test_acc) == {"base", *experts}
     for model_scores in test_acc.values():
-        for task in tasks:
+        for task in ("addition", "reverse", "sort"):
             assert 0.0 <= model_scores[task] <= 1.0
     # a few steps do not teach a skill, but they must make the expert's answers likelier than the base's
-    for task in tasks:
-        assert test_acc[task][f"{task}:loglik"] > test_acc["base"][f"{task}:loglik"]
-    for stats in summary["delta"].values():
-        assert stats["mean_abs_delta_linear"] > 0
-    assert (
-        summary["delta"]["addition"]["mean_abs_delta_linear"]
-        > summary["delta"]["sort"]["mean_abs_delta_linear"]
-    )
+    for label, task in experts.items():
+        assert test_acc[label][f"{task}:loglik"] > test_acc["base"][f"{task}:loglik"]
+    delta = {label: stats["mean_abs_delta_linear"] for label, stats in summary["delta"].items()}
+    assert set(delta) == set(experts) and min(delta.values()) > 0
+    assert delta["addition-large"] > delta["addition"] > delta["sort"]
 
 
 def test_task_files_with_references_work_with_mergeengine_eval(small_run) -> None:
@@ -144,7 +142,7 @@ def test_experiment_small_end_to_end(minipaper, small_run, tmp_path: Path) -> No
     settings = experiment.small_settings()
 
     t1 = results["table1"]
-    assert set(t1) == {"addition", "reverse", "sort"}
+    assert set(t1) == {"addition", "reverse", "sort", "addition-large"}
     for methods in t1.values():
         assert list(methods) == list(experiment.METHODS)
         for method, cells in methods.items():
@@ -169,6 +167,8 @@ def test_experiment_small_end_to_end(minipaper, small_run, tmp_path: Path) -> No
         assert len(entry["runs"]) == (settings.seeds if row == "dare_ties" else 1)
         if row.startswith("dppa"):
             assert entry["search_tasks"].endswith("tasks.val.yaml")
+            assert entry["lambda_for_search"] in settings.lambdas
+            assert entry["search_recipe"]["steps"][-2]["lambda"] == entry["lambda_for_search"]
             assert set(entry["factors"]) == {"addition", "reverse", "sort"} and entry["trials"]
 
     text = report.read_text()

@@ -77,7 +77,10 @@ class BaseTraining:
 
 @dataclass(frozen=True)
 class ExpertTraining:
-    """Full fine-tuning of the base on one skill; loss on the answer and its newline only."""
+    """Full fine-tuning of the base on one skill; loss on the answer and its newline only.
+
+    ``name`` tells apart two experts of the same task (default: the task's name).
+    """
 
     task: str
     steps: int
@@ -85,6 +88,12 @@ class ExpertTraining:
     batch_size: int = 64
     warmup_steps: int = 20
     seed: int = 0
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The expert's name in folders, summaries and tables."""
+        return self.name or self.task
 
 
 @dataclass(frozen=True)
@@ -98,15 +107,19 @@ class ExperimentConfig:
         ExpertTraining("addition", steps=1000, lr=3e-4),
         ExpertTraining("reverse", steps=200, lr=1e-4),
         ExpertTraining("sort", steps=200, lr=1e-4),
+        # pruning only (Table 1): the same skill with a 3x larger learning rate, hence a larger delta
+        ExpertTraining("addition", steps=1000, lr=1e-3, name="addition-large"),
     )
+    #: the experts Table 2 merges (one per task; their accuracies are the task files' references)
+    merge_experts: tuple[str, ...] = ("addition", "reverse", "sort")
     eval_batch_size: int = 200
 
-    def expert(self, task: str) -> ExpertTraining:
-        """The training config of ``task``'s expert."""
+    def expert(self, label: str) -> ExpertTraining:
+        """The training config of the expert called ``label``."""
         for e in self.experts:
-            if e.task == task:
+            if e.label == label:
                 return e
-        raise KeyError(f"Unknown expert '{task}'. Available: {', '.join(e.task for e in self.experts)}")
+        raise KeyError(f"Unknown expert '{label}'. Available: {', '.join(e.label for e in self.experts)}")
 
 
 def small_config() -> ExperimentConfig:
@@ -119,6 +132,7 @@ def small_config() -> ExperimentConfig:
             ExpertTraining("addition", steps=15, lr=3e-3, batch_size=16, warmup_steps=2),
             ExpertTraining("reverse", steps=10, lr=1e-3, batch_size=16, warmup_steps=2),
             ExpertTraining("sort", steps=10, lr=1e-3, batch_size=16, warmup_steps=2),
+            ExpertTraining("addition", steps=15, lr=1e-2, batch_size=16, warmup_steps=2, name="addition-large"),
         ),
         eval_batch_size=24,
     )
@@ -146,9 +160,9 @@ class Paths:
     def base(self) -> Path:
         return self.cache / f"base-{config_hash(self.cfg.data, self.cfg.shape, self.cfg.base)}"
 
-    def expert(self, task: str) -> Path:
-        key = config_hash(self.cfg.data, self.cfg.shape, self.cfg.base, self.cfg.expert(task))
-        return self.cache / f"expert-{task}-{key}"
+    def expert(self, label: str) -> Path:
+        key = config_hash(self.cfg.data, self.cfg.shape, self.cfg.base, self.cfg.expert(label))
+        return self.cache / f"expert-{label}-{key}"
 
     @property
     def run(self) -> Path:
@@ -295,26 +309,26 @@ def _expert_batches(tokenizer: Any, records: list[dict], tc: ExpertTraining) -> 
     return batches
 
 
-def train_expert(cfg: ExperimentConfig, paths: Paths, task: str) -> Path:
-    """Fully fine-tune the base on ``task`` (cached). Returns the expert's folder."""
+def train_expert(cfg: ExperimentConfig, paths: Paths, label: str) -> Path:
+    """Fully fine-tune the base into expert ``label`` (cached). Returns the expert's folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = paths.expert(task)
+    folder = paths.expert(label)
     if (folder / "model.safetensors").is_file():
-        LOG.info("expert %s: cached at %s", task, folder)
+        LOG.info("expert %s: cached at %s", label, folder)
         return folder
-    tc = cfg.expert(task)
+    tc = cfg.expert(label)
     tokenizer = AutoTokenizer.from_pretrained(paths.base)
     model = AutoModelForCausalLM.from_pretrained(paths.base, dtype=torch.float32)
-    records = data_mod.read_jsonl(paths.data / task / "train.jsonl")
+    records = data_mod.read_jsonl(paths.data / tc.task / "train.jsonl")
     torch.manual_seed(tc.seed)
     t0 = time.perf_counter()
     losses = _train_loop(
-        model, _expert_batches(tokenizer, records, tc), tc.steps, tc.lr, tc.warmup_steps, f"expert {task}"
+        model, _expert_batches(tokenizer, records, tc), tc.steps, tc.lr, tc.warmup_steps, f"expert {label}"
     )
     seconds = time.perf_counter() - t0
     _save_atomically(model, tokenizer, folder, {"seconds": seconds, "losses": losses, "config": asdict(tc)})
-    LOG.info("expert %s: trained in %.1fs", task, seconds)
+    LOG.info("expert %s: trained in %.1fs", label, seconds)
     return folder
 
 
@@ -352,7 +366,7 @@ def evaluate_models(cfg: ExperimentConfig, paths: Paths, split: str) -> dict[str
 
     tasks = load_tasks(paths.data / f"tasks.{split}.yaml")
     table: dict[str, dict[str, float]] = {}
-    for name, folder in [("base", paths.base)] + [(e.task, paths.expert(e.task)) for e in cfg.experts]:
+    for name, folder in [("base", paths.base)] + [(e.label, paths.expert(e.label)) for e in cfg.experts]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         result = evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size)
@@ -369,11 +383,12 @@ def evaluate_models(cfg: ExperimentConfig, paths: Paths, split: str) -> dict[str
 
 
 def write_reference_task_files(cfg: ExperimentConfig, paths: Paths, accuracies: dict[str, dict]) -> None:
-    """``run/tasks.{split}.yaml``: each task's reference is its own expert's accuracy on that split."""
+    """``run/tasks.{split}.yaml``: each task's reference is its merge expert's accuracy on that split."""
     paths.run.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(paths.data, paths.run)
     for split in ("val", "test"):
-        refs = {e.task: max(accuracies[split][e.task][e.task], 1e-6) for e in cfg.experts}
+        refs = {e.task: max(accuracies[split][e.label][e.task], 1e-6)
+                for e in map(cfg.expert, cfg.merge_experts)}
         doc = data_mod.task_file_entries(split, cfg.data, refs)
         for entry in doc["tasks"]:
             entry["path"] = f"{rel}/{entry['path']}"
@@ -396,7 +411,7 @@ def run(cfg: ExperimentConfig, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
         os.replace(tmp, paths.data)
     train_base(cfg, paths)
     for e in cfg.experts:
-        train_expert(cfg, paths, e.task)
+        train_expert(cfg, paths, e.label)
     t0 = time.perf_counter()
     accuracies = {split: evaluate_models(cfg, paths, split) for split in ("val", "test")}
     eval_seconds = time.perf_counter() - t0
@@ -410,37 +425,37 @@ def run(cfg: ExperimentConfig, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
         "paths": {
             "data": str(paths.data),
             "base": str(paths.base),
-            "experts": {e.task: str(paths.expert(e.task)) for e in cfg.experts},
+            "experts": {e.label: str(paths.expert(e.label)) for e in cfg.experts},
             "tasks_val": str(paths.run / "tasks.val.yaml"),
             "tasks_test": str(paths.run / "tasks.test.yaml"),
         },
         "params": log_of(paths.base)["params"],
         "train_seconds": {"base": log_of(paths.base)["seconds"]}
-        | {e.task: log_of(paths.expert(e.task))["seconds"] for e in cfg.experts},
+        | {e.label: log_of(paths.expert(e.label))["seconds"] for e in cfg.experts},
         "eval_seconds": eval_seconds,
         "accuracy": accuracies,
-        "delta": {e.task: delta_stats(paths.base, paths.expert(e.task)) for e in cfg.experts},
+        "delta": {e.label: delta_stats(paths.base, paths.expert(e.label)) for e in cfg.experts},
     }
     summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
+    return json.loads(summary_path.read_text())  # the same types as a cached run's (lists, not tuples)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable training report: times, test accuracy matrix, delta sizes."""
-    tasks = [e["task"] for e in summary["config"]["experts"]]
+    tasks = list(dict.fromkeys(e["task"] for e in summary["config"]["experts"]))
     lines = [
         f"parameters: {summary['params']:,}",
         "train seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["train_seconds"].items()),
         f"eval seconds (all models, val+test): {summary['eval_seconds']:.1f}",
         "test accuracy (rows: model, columns: task):",
-        f"{'model':<10}" + "".join(f"{t:>10}" for t in tasks),
+        f"{'model':<15}" + "".join(f"{t:>10}" for t in tasks),
     ]
     for model, accs in summary["accuracy"]["test"].items():
-        lines.append(f"{model:<10}" + "".join(f"{accs[t]:10.3f}" for t in tasks))
+        lines.append(f"{model:<15}" + "".join(f"{accs[t]:10.3f}" for t in tasks))
     lines.append("delta per expert: mean|D| linear, max|D| linear, ||D||/||B|| linear, mean|D| all")
     for t, d in summary["delta"].items():
         lines.append(
-            f"{t:<10}{d['mean_abs_delta_linear']:12.6f}{d['max_abs_delta_linear']:10.4f}"
+            f"{t:<15}{d['mean_abs_delta_linear']:12.6f}{d['max_abs_delta_linear']:10.4f}"
             f"{d['relative_norm_linear']:10.4f}{d['mean_abs_delta_all']:12.6f}"
         )
     return "\n".join(lines)

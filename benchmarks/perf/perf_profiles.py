@@ -1,7 +1,10 @@
-"""Summaries of py-spy collapsed-stack profiles (``py-spy record --format raw --idle``).
+"""Summaries of py-spy collapsed-stack profiles (``py-spy record --format raw --idle --threads``).
 
-Each line of the file is ``frame;frame;...;leaf COUNT`` with frames ``function (file:line)``. The
-file opens in https://www.speedscope.app (or flamegraph.pl) as it is. The summary keeps:
+Each line of the file is ``thread (TID): NAME;frame;...;leaf COUNT`` with frames ``function
+(file:line)``. The file opens in https://www.speedscope.app (or flamegraph.pl) as it is. Shares
+are of the main thread's samples (with ``--idle`` every sample of a thread is one tick of wall
+time, so they are shares of the run's wall time); other threads (read-ahead, input hashing) are
+listed with the share of wall time they were busy. The summary keeps:
 
 * ``self_lines``: where samples end (the Python line running a torch op or blocked in a read, a
   write or an fsync), as a share of all samples;
@@ -29,6 +32,8 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     ("diff", "compute", "ops/diff.py"),
     ("dpa_amplify", "compute", "ops/dpa_amplify.py"),
     ("load (read tensor)", "compute", "ops/load.py"),
+    ("wait for read-ahead thread", "result", "concurrent/futures/_base.py"),
+    ("wait for input hashes", "get", "api.py"),
     ("statistics pass: DP module stats", "map_module", "ops/dp_stats.py"),
     ("statistics pass: DP layer outliers", "map_layer", "ops/dp_stats.py"),
     ("statistics pass: reduce", "finish_module", "ops/dp_stats.py"),
@@ -53,14 +58,29 @@ def _parse(frame: str) -> tuple[str, str, str]:
     return m.group("func"), file, m.group("line") or ""
 
 
-def read_collapsed(path: Path) -> list[tuple[list[tuple[str, str, str]], int]]:
-    """(frames root -> leaf, count) for each line of a collapsed-stack file."""
+_THREAD = re.compile(r"^thread \((?P<tid>\d+)\)(?::\s*(?P<name>.*))?$")
+# Leaf functions of a thread that waits (a pool worker between tasks, a join, a lock).
+IDLE_LEAVES = {"wait", "_wait_for_tstate_lock", "get", "_worker", "acquire", "select", "sleep"}
+
+
+def read_collapsed(path: Path) -> list[tuple[str, list[tuple[str, str, str]], int]]:
+    """(thread id, frames root -> leaf, count) for each line of a collapsed-stack file."""
     stacks = []
+    names: dict[str, str] = {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        stacks.append(([_parse(f) for f in stack.split(";")], int(count)))
+        frames = stack.split(";")
+        tid = ""
+        m = _THREAD.match(frames[0])
+        if m:
+            tid = m.group("tid")
+            if m.group("name"):
+                names[tid] = m.group("name")
+            frames = frames[1:]
+        stacks.append((tid, [_parse(f) for f in frames], int(count)))
+    read_collapsed.names = names  # type: ignore[attr-defined]
     return stacks
 
 
@@ -77,12 +97,25 @@ def bucket_of(frames: list[tuple[str, str, str]]) -> str:
 def summarize(path: Path, top: int = 15) -> dict:
     """Shares of samples by leaf line, by function (inclusive) and by stage."""
     stacks = read_collapsed(path)
-    total = sum(c for _, c in stacks) or 1
+    names: dict[str, str] = read_collapsed.names  # type: ignore[attr-defined]
+    per_thread: Counter[str] = Counter()
+    for tid, _, c in stacks:
+        per_thread[tid] += c
+    main = next((t for t, n in names.items() if n == "MainThread"), None) or (
+        min(per_thread, key=lambda t: int(t) if t.isdigit() else 0) if per_thread else "")
+    total = per_thread[main] or 1
     self_lines: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     buckets: Counter[str] = Counter()
-    for frames, count in stacks:
+    busy: dict[str, Counter[str]] = {}
+    for tid, frames, count in stacks:
+        if not frames:
+            continue
         func, file, line = frames[-1]
+        if tid != main:
+            if func.rsplit(".", 1)[-1] not in IDLE_LEAVES:
+                busy.setdefault(tid, Counter())[f"{func} ({file}:{line})"] += count
+            continue
         self_lines[f"{func} ({file}:{line})"] += count
         seen = {f"{fn} ({fl})" for fn, fl, _ in frames if fl.startswith("mergeengine/") or fn in ("get_tensor",)}
         for key in seen:
@@ -92,8 +125,13 @@ def summarize(path: Path, top: int = 15) -> dict:
     def share(c: Counter[str], n: int | None) -> list[list[object]]:
         return [[k, round(100 * v / total, 1)] for k, v in c.most_common(n)]
 
+    threads = []
+    for tid, c in sorted(busy.items(), key=lambda kv: -sum(kv[1].values())):
+        threads.append({"thread": names.get(tid, tid), "busy": round(100 * sum(c.values()) / total, 1),
+                        "top": share(c, 3)})
     return {
         "samples": total,
+        "threads": threads,
         "self_lines": share(self_lines, top),
         "inclusive": share(inclusive, 2 * top),
         "buckets": share(buckets, None),

@@ -425,7 +425,7 @@ def run_profiles(args: argparse.Namespace, results: dict) -> None:
             run = facts["runs"][method]
             inputs = [f for r in run["roles"] for f in facts["files"][r]]
             raw = pdir / f"{method}.collapsed.txt"
-            cmd = [pyspy, "record", "--idle", "--rate", str(args.profile_rate), "--format", "raw", "-o", str(raw),
+            cmd = [pyspy, "record", "--idle", "--threads", "--rate", str(args.profile_rate), "--format", "raw", "-o", str(raw),
                    "--", *engine_cmd(), "run", str(run["recipe"]), "-q", "--overwrite", "--device", args.device]
             rec = measured_run(f"profile-{method}", cmd, run["out"], inputs, facts["root"] / "logs", args)
             summary = summarize(raw)

@@ -18,6 +18,8 @@ from mergeengine.io.checkpoint import ST_TO_TORCH, FolderCheckpoint, TensorInfo
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+# Bytes read through one safe_open mapping before it is dropped and reopened (see read()).
+REMAP_BYTES = 256 << 20
 SINGLE_NAME = "model.safetensors"
 
 
@@ -123,22 +125,30 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         raise ModelError("no model.safetensors, shards or index in this folder", file=str(p))
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor through a memory-mapped ``safe_open`` handle."""
+        """Read one tensor through a memory-mapped ``safe_open`` handle.
+
+        A handle is dropped (its mapping unmapped) after :data:`REMAP_BYTES` have been read
+        through it: mapped pages count in the process's RSS for as long as the mapping lives, so
+        this keeps file-backed RSS at about one window per input instead of the whole input.
+        """
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"tensor '{name}' not in checkpoint", file=self.source)
         handles = self._local.__dict__.setdefault("handles", {})
-        handle = handles.get(file)
-        if handle is None:
+        entry = handles.get(file)
+        if entry is None:
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                entry = handles[file] = [safe_open(str(file), framework="pt", device="cpu"), 0]
             except Exception as exc:  # safetensors raises its own types
                 raise ModelError(f"cannot open: {exc}", file=str(file)) from None
-            handles[file] = handle
         try:
-            return handle.get_tensor(name)
+            tensor = entry[0].get_tensor(name)
         except Exception as exc:
             raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
+        entry[1] += tensor.nbytes
+        if entry[1] >= REMAP_BYTES:
+            del handles[file]
+        return tensor
 
     def close(self) -> None:
         """Drop this thread's open ``safe_open`` handles (others go with their threads)."""
