@@ -267,6 +267,14 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
     pass_phase = {f"{k.step}/{k.tensor[1:]}": ph for k, ph in rphase.items()}
     phase = {k: (rphase[k] if k.kind == "reduce" else pass_phase.get(k.pass_, main_phase)) for k in graph}
 
+    # Statistics passes that run in the same phase share their upstream work: the base model's
+    # tensors are read once for both experts' DP statistics, not once per reduction.
+    merged = {k: TaskKey(k.step, k.tensor, f"#{phase[k] + 1}") for k in graph if k.kind == "compute" and k.pass_}
+    if merged:
+        graph = nx.relabel_nodes(graph, merged, copy=True)
+        sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
+        phase = {merged.get(k, k): ph for k, ph in phase.items()}
+
     names = sorted({k.tensor for k in graph if k.kind != "reduce"}, key=natural_key)
     tensor_rank = {n: i for i, n in enumerate(names)}
     step_rank = {s: i for i, s in enumerate(ops)}
