@@ -200,10 +200,10 @@ def test_chunked_topk_equals_whole_tensor_mask_with_ties():
 
 
 def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkeypatch):
-    from mergeengine.ops import ties as ties_op
+    from mergeengine.ops import merge as merge_op
 
     whole = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]", out="whole")
-    monkeypatch.setattr(ties_op, "CHUNK_NUMEL", 333)
+    monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 333)
     chunked = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
                     out="chunked")
     b, dm, dc = tensors

@@ -142,15 +142,15 @@ def test_output_exists_needs_overwrite(tmp_path, models):
 
 def test_failure_mid_run_leaves_nothing_behind(tmp_path, models, monkeypatch):
     calls = {"n": 0}
-    original = TaskArithmetic.combine
+    original = TaskArithmetic.compute
 
-    def failing(self, deltas, ctx):
+    def failing(self, inputs, ctx):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("boom")
-        return original(self, deltas, ctx)
+        return original(self, inputs, ctx)
 
-    monkeypatch.setattr(TaskArithmetic, "combine", failing)
+    monkeypatch.setattr(TaskArithmetic, "compute", failing)
     with pytest.raises(Exception, match="boom") as info:
         api.run_recipe(ta_recipe(tmp_path, models))
     assert "step 'merged'" in str(info.value) and "tensor '" in str(info.value)
@@ -240,3 +240,21 @@ def test_dry_run_reads_no_tensor_data(tmp_path, models, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "estimated peak live memory" in text and "tensors written: 21" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_diffs_feeding_a_merge_are_fused(tmp_path, models):
+    plan = api.plan_recipe(ta_recipe(tmp_path, models))
+    assert not [k for k in plan.order if k.step in ("d_math", "d_code")]  # no materialised deltas
+    assert any("fused" in n for n in plan.ops["merged"].plan_notes())
+    # a diff that is also used elsewhere still runs, for that other use
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: math, op: load, model: {models['math']}}}
+          - {{id: d, op: diff, model: math, base: base}}
+          - {{id: p, op: magnitude_prune, input: d, density: 0.5}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [d, p]}}
+          - {{id: out, op: save, input: m, path: out}}
+        """, "r2.yaml")
+    plan = api.plan_recipe(r)
+    assert [k for k in plan.order if k.step == "d"]

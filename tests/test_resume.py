@@ -34,15 +34,15 @@ def files(folder):
 
 def interrupt_at(monkeypatch, n, exc=KeyboardInterrupt):
     calls = {"n": 0}
-    original = TaskArithmetic.combine
+    original = TaskArithmetic.compute
 
-    def combine(self, deltas, ctx):
+    def compute(self, inputs, ctx):
         calls["n"] += 1
         if calls["n"] == n:
             raise exc()
-        return original(self, deltas, ctx)
+        return original(self, inputs, ctx)
 
-    monkeypatch.setattr(TaskArithmetic, "combine", combine)
+    monkeypatch.setattr(TaskArithmetic, "compute", compute)
     return calls
 
 

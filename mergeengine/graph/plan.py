@@ -184,6 +184,10 @@ def build_plan(
         cls = type(failures[0]) if len({type(f) for f in failures}) == 1 else MergeEngineError
         raise failures[0] if len(failures) == 1 else cls("; ".join(str(f) for f in failures))
 
+    for sid in active:  # merges read fine-tunes directly instead of materialised deltas
+        fuse = getattr(steps.ops[sid], "fuse_diffs", None)
+        if fuse is not None:
+            fuse(steps.ops)
     plan = _expand(steps, active, metas, roots)
     plan.checkpoints = ckpts
     plan.save_paths = save_paths
@@ -310,14 +314,18 @@ def is_load(plan: Plan, key: TaskKey) -> bool:
     return key.kind == "compute" and isinstance(plan.ops[key.step], LoadOp)
 
 
+MAX_PREFETCH_BYTES = 256 << 20
+
+
 def default_prefetch_bytes(plan: Plan) -> int:
-    """Enough read-ahead for one tensor's inputs: the largest bytes loaded for one (pass, tensor)."""
+    """Enough read-ahead for one tensor's inputs (the largest bytes loaded for one (pass, tensor)),
+    at most :data:`MAX_PREFETCH_BYTES`: the rare huge tensors (embeddings) are not worth the memory."""
     groups: dict[tuple[int, str], int] = {}
     for k in plan.order:
         if is_load(plan, k):
             g = (plan.phase[k], k.tensor)
             groups[g] = groups.get(g, 0) + value_bytes(plan, k)
-    return max(groups.values(), default=0)
+    return min(max(groups.values(), default=0), MAX_PREFETCH_BYTES)
 
 
 class PrefetchWindow:

@@ -25,6 +25,8 @@ from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMet
 from mergeengine.ops.vocab import VocabPolicy, is_vocab_tensor, pad_rows
 
 Density = Annotated[float, Field(gt=0, le=1)]
+# Elements per chunk of elementwise merge work (4 MiB of float32: cache-sized temporaries).
+CHUNK_NUMEL = 1 << 20
 
 
 class MergeStep(StepModel):
@@ -51,6 +53,11 @@ class MergeStep(StepModel):
             if isinstance(value, list) and len(value) != len(self.inputs):
                 raise ValueError(f"{field} has {len(value)} entries but inputs has {len(self.inputs)}")
         return self
+
+
+def merge_chunk() -> int:
+    """The current chunk size (a function so tests can shrink :data:`CHUNK_NUMEL`)."""
+    return CHUNK_NUMEL
 
 
 def per_input(value: float | list[float], n: int) -> list[float]:
@@ -123,9 +130,34 @@ class MergeOp(Op):
             out.append((sid, fixed))
         return out
 
+    read_from: dict[str, str] = {}
+
+    def fuse_diffs(self, ops: Mapping[str, Op]) -> list[str]:
+        """Read fine-tuned models directly where an input is a plain ``diff`` against this base.
+
+        ``base + lambda * f(model - base)`` needs no materialised float32 delta: the subtraction
+        happens inside the merge (bit-identical). The diff step then only runs if another step
+        uses it. Returns the fused input ids.
+        """
+        self.read_from = {}
+        if not self.needs_base or self.step.vocab != "error":
+            return []
+        for i in self.step.inputs:
+            op = ops.get(i)
+            if op is not None and op.name == "diff" and op.step.base == self.step.base and op.step.vocab == "error":
+                self.read_from[i] = op.step.model
+                self.input_kinds[i] = "model"
+        return list(self.read_from)
+
+    def plan_notes(self) -> list[str]:
+        if not self.read_from:
+            return []
+        pairs = ", ".join(f"{m} (for {i})" for i, m in self.read_from.items())
+        return [f"reads {pairs} directly: the subtraction is fused into the merge"]
+
     def sources(self, name: str) -> list[tuple[str, str]]:
         base = [(self.step.base, name)] if self.step.base and self.needs_base else []
-        return base + [(i, name) for i in self.step.inputs]
+        return base + [(self.read_from.get(i, i), name) for i in self.step.inputs]
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         rows = self.target_rows.get(ctx.tensor)
@@ -155,6 +187,25 @@ class TaskArithmetic(MergeOp):
 
     method = "task_arithmetic"
     Step = TaskArithmeticStep
+
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        """Chunk by chunk: float32 temporaries stay cache-sized; same bytes as the whole-tensor path."""
+        rows = self.target_rows.get(ctx.tensor)
+        if rows is not None:
+            return super().compute(inputs, ctx)
+        flat = [t.reshape(-1) for t in inputs]
+        numel = flat[0].numel()
+        out = torch.empty(numel, dtype=torch.float32, device=flat[0].device)
+        is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
+        for start in range(0, numel, merge_chunk()):
+            end = min(start + merge_chunk(), numel)
+            base = flat[0][start:end].float()
+            acc = None
+            for w, x, model in zip(self.weights, flat[1:], is_model, strict=True):
+                d = x[start:end].float() - base if model else x[start:end].float()
+                acc = d * w if acc is None else acc.add_(d, alpha=w)
+            torch.add(base, acc, alpha=self.step.lambda_, out=out[start:end])
+        return out.view(inputs[0].shape)
 
     def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         out = deltas[0] * self.weights[0]

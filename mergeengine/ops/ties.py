@@ -24,13 +24,10 @@ from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import ChunkedTopk, keep_count
 from mergeengine.kernels.sparsify import threshold_prune
 from mergeengine.kernels.ties import ties_merge, ties_trim
-from mergeengine.ops import register_method
+from mergeengine.ops import merge, register_method
 from mergeengine.ops.base import Reduction, TaskContext
 from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.vocab import pad_rows
-
-# Elements per chunk of the elementwise part (4 MiB of float32: cache-sized temporaries).
-CHUNK_NUMEL = 1 << 20
 
 
 class NonNegativeWeights(BaseModel):
@@ -115,8 +112,8 @@ class Ties(MergeOp):
             masks = [c.mask for c in choosers]
         out = torch.empty(numel, dtype=torch.float32, device=base.device)
         zero = torch.zeros((), dtype=torch.float32, device=base.device)
-        for start in range(0, numel, CHUNK_NUMEL):
-            end = min(start + CHUNK_NUMEL, numel)
+        for start in range(0, numel, merge.CHUNK_NUMEL):
+            end = min(start + merge.CHUNK_NUMEL, numel)
             trimmed = [torch.where(m(d[start:end]), d[start:end], zero) for m, d in zip(masks, deltas, strict=True)]
             merged = ties_merge(trimmed, self.weights, vote=self.step.vote)
             torch.add(base[start:end].float(), merged, alpha=self.step.lambda_, out=out[start:end])
