@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     r.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in results")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished shards")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the math (default: all cores but one, which does the I/O)")
     common(r)
 
     v = sub.add_parser("validate", help="check a recipe without reading weights")
@@ -151,9 +153,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         fmt = getattr(args, "format", "text")
         print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
         return 0
-    from mergeengine.memory import reuse_freed_memory
+    from mergeengine.runtime import reuse_freed_memory, set_threads
 
     reuse_freed_memory()
+    set_threads(args.threads)
     recipe = api.load_recipe(args.recipe)
     if recipe.recipe.search is not None:  # search first, then run what it resolved
         from mergeengine.search import run_search, write_search_outputs

@@ -19,7 +19,7 @@ LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 # Bytes read through one safe_open mapping before it is dropped and reopened (see read()).
-REMAP_BYTES = 256 << 20
+REMAP_BYTES = 64 << 20
 SINGLE_NAME = "model.safetensors"
 
 

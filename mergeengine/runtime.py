@@ -1,4 +1,11 @@
-"""Process-level memory tuning for long merges.
+"""Process-level tuning for long merges: torch's thread count and glibc's allocator.
+
+Threads: merging is memory-bound, and mergeengine keeps one core busy with its own background
+threads (read-ahead, write-behind, input hashing). torch's intra-op pool sized to every core then
+fights them: on a 2-core machine with one core busy, an elementwise op on 1M floats took 7.5 ms
+with 2 torch threads and 0.35 ms with 1. :func:`set_threads` defaults to all cores but one.
+
+Allocator:
 
 A merge allocates and frees tensors of the same few sizes over and over (one layer after
 another). With glibc's defaults every large tensor is a fresh ``mmap``: its pages are faulted in
@@ -14,9 +21,29 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 LOG = logging.getLogger(__name__)
+
+def default_threads() -> int:
+    """All usable cores but one (for mergeengine's I/O threads), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count (``None``: :func:`default_threads`). Returns it."""
+    import torch
+
+    n = threads if threads and threads > 0 else default_threads()
+    torch.set_num_threads(n)
+    LOG.debug("torch intra-op threads: %d", n)
+    return n
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
