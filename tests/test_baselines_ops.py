@@ -212,3 +212,16 @@ def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkey
     n = "model.layers.1.mlp.down_proj.weight"
     expected = b[n] + ties_direct([topk(dm[n], 0.2), topk(dc[n], 0.5)], [1.0, 3.0], "weighted")
     torch.testing.assert_close(chunked[n], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("params", ["method: dare_ties, density: [0.3, 0.6], rescale: l1",
+                                    "method: dare_linear, density: 0.4, weights: [1, 2]"])
+def test_chunked_dare_equals_whole_tensor_draws(tmp_path, models, tensors, monkeypatch, params):
+    """Sequential chunk draws from one generator equal one whole-tensor draw (guards torch's RNG)."""
+    from mergeengine.ops import merge as merge_op
+
+    whole = merge(tmp_path, models, params, out="whole")
+    monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 4096)
+    chunked = merge(tmp_path, models, params, out="chunked")
+    for n in whole:
+        torch.testing.assert_close(whole[n], chunked[n], atol=1e-6, rtol=1e-5)

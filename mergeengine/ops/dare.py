@@ -13,6 +13,7 @@ order tensors are processed in.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -24,7 +25,7 @@ from mergeengine.kernels.ties import ties_merge
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
-from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
+from mergeengine.ops.merge import Density, MergeOp, MergeStep, merge_chunk, per_input
 from mergeengine.ops.ties import NonNegativeWeights
 
 Rescale = Literal["per_element", "l1", "none"]
@@ -63,16 +64,67 @@ class DareMergeStep(MergeStep):
 
 
 class DareMerge(MergeOp):
-    """DARE on each input delta (generator per input, step and tensor), then a combination."""
+    """DARE on each input delta (generator per input, step and tensor), then a combination.
+
+    Runs chunk by chunk: each input's generator is drawn from sequentially, which gives the same
+    draws as one whole-tensor draw (a test guards this), so chunking changes no byte. The ``l1``
+    rescale needs whole-tensor norms: a first chunked pass computes them, a second applies them.
+    """
 
     step: DareMergeStep
 
-    def dropped(self, deltas: list[torch.Tensor], ctx: TaskContext) -> list[torch.Tensor]:
+    def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        if self.target_rows.get(ctx.tensor) is not None:
+            return super().compute(inputs, ctx)
+        flat = [t.reshape(-1) for t in inputs]
+        numel = flat[0].numel()
+        n = len(self.step.inputs)
+        densities = per_input(self.step.density, n)
+        is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
+        chunk = merge_chunk()
+
+        def deltas(start: int, end: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            base = flat[0][start:end].float()
+            return base, [x[start:end].float() - base if m else x[start:end].float()
+                          for x, m in zip(flat[1:], is_model, strict=True)]
+
+        def generators() -> list[torch.Generator]:
+            return [tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor) for i in range(n)]
+
+        rescale = self.step.rescale
+        factors = [1.0 / p if rescale == "per_element" else 1.0 for p in densities]
+        if rescale == "l1":  # pass 1: the L1 norms before and after dropping, per input
+            before, after = [0.0] * n, [0.0] * n
+            gens = generators()
+            for start in range(0, numel, chunk):
+                _, ds = deltas(start, min(start + chunk, numel))
+                for i, d in enumerate(ds):
+                    kept = dare(d, densities[i], "none", generator=gens[i])
+                    before[i] += float(d.abs().sum())
+                    after[i] += float(kept.abs().sum())
+            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in zip(before, after, strict=True)]
+        out = torch.empty(numel, dtype=torch.float32, device=flat[0].device)
+        gens = generators()
+        for start in range(0, numel, chunk):
+            end = min(start + chunk, numel)
+            base, ds = deltas(start, end)
+            dropped = [dare(d, p, "none", generator=g).mul_(f)
+                       for d, p, g, f in zip(ds, densities, gens, factors, strict=True)]
+            torch.add(base, self.combine_dropped(dropped), alpha=self.step.lambda_, out=out[start:end])
+        return out.view(inputs[0].shape)
+
+    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        """Whole-tensor path (vocabulary-padded tensors)."""
         densities = per_input(self.step.density, len(deltas))
-        return [
+        dropped = [
             dare(d, p, self.step.rescale, generator=tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor))
             for i, (d, p) in enumerate(zip(deltas, densities, strict=True))
         ]
+        return self.combine_dropped(dropped)
+
+    def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the dropped-and-rescaled deltas of one chunk."""
+        raise NotImplementedError
 
 
 class DareLinearStep(DareMergeStep):
@@ -88,9 +140,9 @@ class DareLinear(DareMerge):
     method = "dare_linear"
     Step = DareLinearStep
 
-    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        out = torch.zeros_like(deltas[0])
-        for w, d in zip(self.weights, self.dropped(deltas, ctx), strict=True):
+    def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros_like(dropped[0])
+        for w, d in zip(self.weights, dropped, strict=True):
             out.add_(d, alpha=w)
         return out
 
@@ -110,5 +162,5 @@ class DareTies(DareMerge):
     Step = DareTiesStep
     step: DareTiesStep
 
-    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        return ties_merge(self.dropped(deltas, ctx), self.weights, vote=self.step.vote)
+    def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
+        return ties_merge(dropped, self.weights, vote=self.step.vote)
