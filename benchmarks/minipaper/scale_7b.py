@@ -6,7 +6,7 @@ Writes a random base (bfloat16, like Llama-2-7b-hf's float16 safetensors) and a 
 (float32, like Abel-7B-001's float32 shards) with the real shapes (hidden 4096, intermediate 11008,
 vocabulary 32000) but only ``--layers`` decoder layers, runs ``mergeengine run`` on the DP and
 DP+DPA recipes of ``recipes/paper/`` (same steps, local paths) and records wall time and peak
-memory. Two layer counts give a per-layer cost and a fixed cost (embeddings, lm_head, start-up),
+memory (peak anonymous memory too: RSS also counts the memory-mapped input pages). Two layer counts give a per-layer cost and a fixed cost (embeddings, lm_head, start-up),
 which ``recipes/paper/README.md`` extrapolates to 32 layers. Results: ``WORK/scale_7b.json``.
 """
 
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
 
 from mergeengine.tiny import LlamaShape  # noqa: E402
 
@@ -67,22 +66,21 @@ def recipe(base: Path, ft: Path, method: str, out: Path) -> str:
 
 
 def measure(work: Path, layers: int, method: str) -> dict[str, float]:
-    """One ``mergeengine run`` in a child process: wall seconds and the child's peak RSS."""
+    """One ``mergeengine run`` in a child process, measured by ``benchmarks/perf``'s harness."""
+    from perf_measure import run_measured
+
     base, ft = write_pair(work / f"L{layers}", layers)
     out = work / f"L{layers}" / f"out-{method}"
     path = work / f"L{layers}" / f"{method}.yaml"
     path.write_text(recipe(base, ft, method, out))
     subprocess.run(["sync"], check=False)
-    t0 = time.perf_counter()
-    child = subprocess.Popen([str(REPO / ".venv" / "bin" / "mergeengine"), "run", str(path), "--overwrite", "-q"])
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t0
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"mergeengine run {path} failed with exit code {child.returncode}")
-    rss = usage.ru_maxrss
-    return {"layers": layers, "method": method, "wall_s": wall,
-            "max_rss_gib": rss / 2**20, "input_gib": _size(base) + _size(ft)}
+    m = run_measured([str(REPO / ".venv" / "bin" / "mergeengine"), "run", str(path), "--overwrite", "-q"],
+                     work / f"L{layers}" / f"{method}.log")
+    if m.rc != 0:
+        raise RuntimeError(f"mergeengine run {path} failed (exit {m.rc}); see {m.log}")
+    return {"layers": layers, "method": method, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+            "max_rss_gib": m.max_rss_bytes / 2**30, "peak_anon_gib": m.peak_anon_bytes / 2**30,
+            "others_cpu_cores": m.others_cpu_cores, "input_gib": _size(base) + _size(ft)}
 
 
 def _size(folder: Path) -> float:
@@ -97,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [measure(args.work, n, m) for n in args.layers for m in ("dp", "dpa")]
     for r in rows:
-        print(f"{r['layers']} layer(s) {r['method']:>3}: {r['wall_s']:.1f} s, max RSS {r['max_rss_gib']:.2f} GiB "
-              f"(inputs {r['input_gib']:.2f} GiB)")
+        print(f"{r['layers']} layer(s) {r['method']:>3}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, "
+              f"max RSS {r['max_rss_gib']:.2f} GiB, peak anon {r['peak_anon_gib']:.2f} GiB "
+              f"(inputs {r['input_gib']:.2f} GiB; other jobs used {r['others_cpu_cores']:.1f} cores)")
     (args.work / "scale_7b.json").write_text(json.dumps(rows, indent=2))
     return 0
 

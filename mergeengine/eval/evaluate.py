@@ -292,11 +292,19 @@ def _encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -
     return ctx, tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
+def _pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> int:
+    """A padding id the model can embed: the tokenizer's pad token, else EOS, else 0.
+
+    Padded positions are masked, so any id works, but it must be a row of the embedding: a merge
+    whose vocabulary was truncated to the base's (``vocab: truncate``) keeps the fine-tune's
+    tokenizer, whose added pad token (e.g. id 32000) lies past the last row.
+    """
+    rows = None
+    if model is not None and hasattr(model, "get_input_embeddings"):
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None and (rows is None or 0 <= candidate < rows):
+            return int(candidate)
     return 0
 
 
@@ -309,7 +317,7 @@ def _generate(
     device: torch.device,
 ) -> list[str]:
     transformers = require_transformers()
-    pad = _pad_id(tokenizer)
+    pad = _pad_id(tokenizer, model)
     ids, mask = _pad_left(prompts, pad, device)
     config = transformers.GenerationConfig(
         max_new_tokens=task.max_new_tokens,
@@ -435,7 +443,7 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches), desc="eval", unit="batch")
-    pad = _pad_id(tokenizer)
+    pad = _pad_id(tokenizer, model)
     samples: dict[str, list[SampleResult]] = {spec.name: [] for spec in specs}
     try:
         for spec, records in batches:

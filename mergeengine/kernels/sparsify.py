@@ -90,9 +90,7 @@ def dare(
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale must be one of {', '.join(RESCALE_MODES)}; got {rescale!r}")
     values = delta.detach().to(torch.float32)
-    # Draw on the generator's device, then move: the same seed gives the same mask on any device.
-    draws = torch.rand(values.shape, generator=generator, device=generator.device)
-    survive = draws.to(values.device) < density
+    survive = dare_mask(values.shape, density, generator, values.device)
     kept = _keep(values, survive)
     if rescale == "per_element":
         if density == 0.0:
@@ -107,6 +105,16 @@ def dare(
             return kept
         return kept.mul_(norm_before / norm_after)
     return kept
+
+
+def dare_mask(
+    shape: torch.Size | tuple[int, ...], density: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """DARE's survivors: ``rand(shape) < density``, drawn on the generator's device, then moved.
+
+    Drawing on the generator's device makes the mask the same whatever device the math runs on.
+    """
+    return torch.rand(shape, generator=generator, device=generator.device).to(device) < density
 
 
 def breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.sparsify import dare
+from mergeengine.kernels.sparsify import dare, dare_mask
 from mergeengine.kernels.ties import ties_merge
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
@@ -93,23 +93,25 @@ class DareMerge(MergeOp):
 
         rescale = self.step.rescale
         factors = [1.0 / p if rescale == "per_element" else 1.0 for p in densities]
-        if rescale == "l1":  # pass 1: the L1 norms before and after dropping, per input
+        gens = generators()
+        kept_masks: list[list[torch.Tensor]] = []
+        if rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
             before, after = [0.0] * n, [0.0] * n
-            gens = generators()
             for start in range(0, numel, chunk):
                 _, ds = deltas(start, min(start + chunk, numel))
-                for i, d in enumerate(ds):
-                    kept = dare(d, densities[i], "none", generator=gens[i])
+                masks = [dare_mask(d.shape, p, g, d.device) for d, p, g in zip(ds, densities, gens, strict=True)]
+                for i, (d, m) in enumerate(zip(ds, masks, strict=True)):
                     before[i] += float(d.abs().sum())
-                    after[i] += float(kept.abs().sum())
+                    after[i] += float(torch.where(m, d, 0.0).abs().sum())
+                kept_masks.append(masks)
             factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in zip(before, after, strict=True)]
         out = torch.empty(numel, dtype=torch.float32, device=flat[0].device)
-        gens = generators()
-        for start in range(0, numel, chunk):
+        for c, start in enumerate(range(0, numel, chunk)):
             end = min(start + chunk, numel)
             base, ds = deltas(start, end)
-            dropped = [dare(d, p, "none", generator=g).mul_(f)
-                       for d, p, g, f in zip(ds, densities, gens, factors, strict=True)]
+            masks = kept_masks[c] if kept_masks else [
+                dare_mask(d.shape, p, g, d.device) for d, p, g in zip(ds, densities, gens, strict=True)]
+            dropped = [torch.where(m, d, 0.0).mul_(f) for d, m, f in zip(ds, masks, factors, strict=True)]
             torch.add(base, self.combine_dropped(dropped), alpha=self.step.lambda_, out=out[start:end])
         return out.view(inputs[0].shape)
 
