@@ -159,6 +159,22 @@ def test_batched_left_padding_matches_one_by_one(tiny_model_dir: Path, tmp_path:
         assert a.loglik == pytest.approx(b.loglik, abs=1e-4)
 
 
+def test_pad_token_past_the_embedding_is_not_fed_to_the_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A truncated-vocabulary merge keeps the fine-tune's tokenizer, whose added pad id has no row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = evaluate(model, tokenizer, write_task_file(tmp_path, [{"prompt": p, "answer": "46"} for p in PROMPTS]),
+                         batch_size=4)
+    tokenizer.add_special_tokens({"pad_token": "[EXTRA_PAD]"})
+    assert tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings
+    result = evaluate(model, tokenizer, tmp_path / "tasks.yaml", batch_size=4)
+    for a, b in zip(reference.tasks[0].samples, result.tasks[0].samples, strict=True):
+        assert a.generation == b.generation
+        assert a.loglik == pytest.approx(b.loglik, abs=1e-4)
+
+
 def test_loglik_matches_a_plain_forward(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -36,6 +36,7 @@ def _best(runs: list[dict]) -> dict | None:
         "all_busy": not quiet,
         "floor": best.get("floor"),
         "load1": best.get("load1_before", 0.0),
+        "digests": sorted({r["engine_digest"][:8] for r in pool if r.get("engine_digest")}),
     }
 
 
@@ -100,6 +101,8 @@ def size_table(size: str, entry: dict, best: dict[tuple[str, str], dict]) -> lis
             mk = best.get(("mergekit", method)) if tool.startswith("mergeengine") else None
             fl = floors.get(method)
             walls = ", ".join(f"{w:.1f}" for w in b["walls"]) + (" (machine busy)" if b["all_busy"] else "")
+            if tool.startswith("mergeengine") and b["digests"]:
+                walls += f"; engine {', '.join(b['digests'])}"
             lines.append(
                 f"| {method} | {tool} | {b['wall_s']:.1f} s | {b['cpu_s']:.1f} s | {_gb(b['max_rss_bytes'])} | "
                 f"{_gb(b['peak_anon_bytes'])} | {_ratio(b['wall_s'], mk and mk['wall_s'])} | "
@@ -224,6 +227,7 @@ def render(results: dict) -> str:
         "over runs. *I/O floor*: a process that reads every input byte once from the page cache and "
         "writes one output of the output's size (no fsync). *flush after*: time of a `sync` right after the "
         "run, i.e. write-back the tool left to the kernel (mergeengine fsyncs each shard itself; mergekit does not). "
+        "*engine*: digest of mergeengine's sources at the run (the engine changes between runs). "
         "*mergeengine:first-run*: task_arithmetic with an empty sha256 cache (`MERGEENGINE_CACHE`), as on the "
         "first run over new local input files: mergeengine then hashes every input file for the output's "
         "provenance (later runs find the hashes cached; files in a Hugging Face cache are never re-hashed).",

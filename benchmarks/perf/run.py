@@ -436,6 +436,17 @@ def run_profiles(args: argparse.Namespace, results: dict) -> None:
             log(f"  profile {size} {method}: {summary['samples']} samples, wall {rec['wall_s']:.1f} s -> {raw}")
 
 
+def refresh_profiles(results: dict) -> None:
+    """Re-summarize the stored profiles from their collapsed-stack files (after a change of rules)."""
+    from perf_profiles import summarize
+
+    for entry in results.get("sizes", {}).values():
+        for prof in entry.get("profiles", {}).values():
+            raw = REPO / prof["file"]
+            if raw.exists():
+                prof.update(summarize(raw))
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -494,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for size in args.sizes:
                 run_size(size, args, results, command.strip())
+        save_results(results)
+    else:
+        refresh_profiles(results)
         save_results(results)
     if not args.no_report:
         from perf_report import update_doc, write_plot
