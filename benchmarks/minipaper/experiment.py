@@ -683,8 +683,9 @@ def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: st
         "",
         f"![merges]({rel(merge_png, path.parent)})",
         "",
-        "The DPPA row's recipe, as the search ran it (`mergeengine search` runs the same file; "
-        "`_cache/` stands for `benchmarks/minipaper/_cache/`):",
+        "The release-start DPPA row's recipe, as the search ran it (`_cache/` stands for "
+        "`benchmarks/minipaper/_cache/`). It is saved as `_cache/run-<hash>/experiment/dppa_release.search.yaml`; "
+        "`mergeengine search` on that file finds the same factors and score:",
         "",
         "```yaml",
         yaml.safe_dump(_short_paths(t2_recipe, Path(train["paths"]["base"]).parent), sort_keys=False,
