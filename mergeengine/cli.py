@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from mergeengine import api
 
+    if args.command in ("eval", "search"):  # the math must not fight the I/O threads (see runtime.py)
+        from mergeengine.runtime import set_threads
+
+        set_threads(getattr(args, "threads", None))
     if args.command == "eval":
         from mergeengine.eval.cli import run_eval_command
 
