@@ -179,7 +179,7 @@ def run_recipe(
         outputs = {}
         for s, folder in folders.items():
             writers[s].finish()
-            _finish_folder(full_plan, s, writers[s], folder.tmp)
+            _finish_folder(full_plan, s, folder.tmp)
             _write_reports(full_plan, s, stats, folder.tmp)
             _write_card(full_plan, s, loaded, str(dev), folder.tmp, hashes.get())
             outputs[s] = folder.commit()
@@ -270,7 +270,7 @@ def output_config(plan: Plan, save: str) -> dict[str, Any] | None:
     return cfg
 
 
-def _finish_folder(plan: Plan, save: str, writer: ShardedWriter, tmp: Path) -> None:
+def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
     """Config, tokenizer and extra files next to the shards."""
     cfg = output_config(plan, save)
     if cfg is None:

@@ -22,8 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import ChunkedTopk, keep_count
-from mergeengine.kernels.sparsify import threshold_prune
-from mergeengine.kernels.ties import ties_merge, ties_trim
+from mergeengine.kernels.ties import ties_merge
 from mergeengine.ops import merge, register_method
 from mergeengine.ops.base import Reduction, TaskContext
 from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
@@ -118,15 +117,6 @@ class Ties(MergeOp):
             merged = ties_merge(trimmed, self.weights, vote=self.step.vote)
             torch.add(base[start:end].float(), merged, alpha=self.step.lambda_, out=out[start:end])
         return out.view(inputs[0].shape)
-
-    def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        """Whole-tensor TIES (the reference the chunked :meth:`compute` matches)."""
-        if self.step.trim_scope == "model":
-            trimmed = [threshold_prune(d, t) for d, t in zip(deltas, ctx.stats["trim_low"], strict=True)]
-        else:
-            densities = per_input(self.step.density, len(deltas))
-            trimmed = [ties_trim(d, p) for d, p in zip(deltas, densities, strict=True)]
-        return ties_merge(trimmed, self.weights, vote=self.step.vote)
 
     def report(self, stats: dict[str, Any]) -> dict[str, Any]:
         """The model-wide thresholds (``trim_scope: model``)."""
