@@ -60,6 +60,14 @@ def smollm2_or_skip() -> Path:
     return path
 
 
+def load_tensors(folder: Path, *, as_float: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of an input checkpoint folder, read through the engine's reader."""
+    from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
+
+    c = SafetensorsCheckpoint(folder)
+    return {n: (c.read(n).float() if as_float else c.read(n)) for n in c.tensors()}
+
+
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an output folder (single file or shards)."""
     index = folder / "model.safetensors.index.json"

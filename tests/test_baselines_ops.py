@@ -6,17 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import read_folder, write_recipe
+from conftest import load_tensors, read_folder, write_recipe
 
 from mergeengine import api
-from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.tiny import LlamaShape, write_checkpoint
 
 
 def load(folder):
-    c = SafetensorsCheckpoint(folder)
-    return {n: c.read(n).float() for n in c.tensors()}
+    return load_tensors(folder, as_float=True)
 
 
 @pytest.fixture(scope="module")

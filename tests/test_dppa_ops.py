@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import read_folder, write_recipe
+from conftest import load_tensors, read_folder, write_recipe
 from test_kernels_dppa import reference_dp
 
 from mergeengine import api
-from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
 from mergeengine.kernels.dppa import dp_keep_mask
 
 
 def load(folder):
-    c = SafetensorsCheckpoint(folder)
-    return {n: c.read(n).float() for n in c.tensors()}
+    return load_tensors(folder, as_float=True)
 
 
 def deltas(models, name="math32"):

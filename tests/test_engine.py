@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_folder, write_recipe
+from conftest import load_tensors, read_folder, write_recipe
 from safetensors import safe_open
 
 from mergeengine import api
@@ -17,8 +17,7 @@ from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoi
 
 
 def load(folder):
-    c = SafetensorsCheckpoint(folder)
-    return {n: c.read(n) for n in c.tensors()}
+    return load_tensors(folder)
 
 
 def ta_recipe(tmp_path, models, *, math="math", extra="", save_extra=""):

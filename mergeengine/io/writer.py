@@ -226,10 +226,6 @@ class ShardedWriter:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.folder / JOURNAL_NAME)
 
-    @property
-    def done(self) -> bool:
-        return self._pos == len(self._queue)
-
     def write_index(self) -> None:
         """Write ``model.safetensors.index.json`` when there is more than one shard."""
         if len(self.shards) < 2:
