@@ -355,3 +355,26 @@ def test_find_cached_snapshot_uses_env_cache(hub_cache: Path) -> None:
     assert find_cached_snapshot("org/tiny", "missing") is None
     with pytest.raises(ModelError, match="not a branch"):
         find_cached_snapshot("org/tiny", "../../etc")
+
+
+def test_safetensors_reader_maps_tensors_copy_on_write(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Tensors come back equal to what was written; writing to one never changes the file."""
+    write_checkpoint(tmp_path / "m", weights, SMALL)
+    ckpt = SafetensorsCheckpoint(tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight"
+    t = ckpt.read(name)
+    assert torch.equal(t, weights[name])
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    t.add_(1.0)
+    ckpt.close()
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert torch.equal(SafetensorsCheckpoint(tmp_path / "m").read(name), weights[name])
+
+
+def test_safetensors_header_size_mismatch_is_a_model_error(tmp_path: Path) -> None:
+    """A header whose byte range disagrees with shape x dtype is refused when the model is opened."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}).encode()
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(ModelError, match="tensor 'w' holds 60 bytes .* need 64"):
+        SafetensorsCheckpoint(f)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
+import os
 import struct
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mergeengine.errors import ModelError
 from mergeengine.io.checkpoint import ST_TO_TORCH, FolderCheckpoint, TensorInfo
@@ -18,9 +20,9 @@ from mergeengine.io.checkpoint import ST_TO_TORCH, FolderCheckpoint, TensorInfo
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-# Bytes read through one safe_open mapping before it is dropped and reopened (see read()).
-REMAP_BYTES = 64 << 20
 SINGLE_NAME = "model.safetensors"
+# Linux 5.14+: fault a mapping's pages in with one call (the read-ahead thread pays, not the math).
+MADV_POPULATE_READ = 22
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -29,6 +31,11 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     Raises:
         ModelError: the file is missing, truncated or not safetensors.
     """
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header and the file offset where tensor data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -51,7 +58,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise ModelError(
             f"truncated: header describes {end} data bytes but the file holds {data_len}", file=str(path)
         )
-    return header
+    return header, 8 + n
 
 
 class SafetensorsCheckpoint(FolderCheckpoint):
@@ -76,9 +83,10 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         files = self._find_files()
         self._infos: dict[str, TensorInfo] = {}
         self._file_of: dict[str, Path] = {}
+        self._span: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor's data
         self._files = files
         for file in files:
-            header = read_safetensors_header(file)
+            header, data_start = _read_header(file)
             items = [(k, v) for k, v in header.items() if k != "__metadata__"]
             items.sort(key=lambda kv: kv[1]["data_offsets"][0])
             for name, entry in items:
@@ -89,8 +97,14 @@ class SafetensorsCheckpoint(FolderCheckpoint):
                     raise ModelError(f"tensor '{name}' appears in two shards", file=str(file))
                 self._infos[name] = TensorInfo(tuple(entry["shape"]), dtype, str(file))
                 self._file_of[name] = file
-        # safe_open handles are per thread: the executor reads ahead in a background thread.
-        self._local = threading.local()
+                begin, end = (int(x) for x in entry["data_offsets"])
+                expected = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
+                if end - begin != expected:
+                    raise ModelError(f"tensor '{name}' holds {end - begin} bytes but its shape {entry['shape']} "
+                                     f"and dtype {entry['dtype']} need {expected}: corrupt header", file=str(file))
+                self._span[name] = (data_start + begin, data_start + end)
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _find_files(self) -> list[Path]:
         p = self.path
@@ -125,31 +139,51 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         raise ModelError("no model.safetensors, shards or index in this folder", file=str(p))
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor through a memory-mapped ``safe_open`` handle.
+        """Map one tensor's bytes (copy-on-write) and return a tensor over them: no copy.
 
-        A handle is dropped (its mapping unmapped) after :data:`REMAP_BYTES` have been read
-        through it: mapped pages count in the process's RSS for as long as the mapping lives, so
-        this keeps file-backed RSS at about one window per input instead of the whole input.
+        Each tensor gets its own mapping, faulted in at once (``MADV_POPULATE_READ``, so the
+        read-ahead thread pays for the page faults) and unmapped when the tensor is freed: mapped
+        input pages count in the process's RSS only while a task still needs them. Writes to the
+        tensor go to private pages, never to the file.
         """
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"tensor '{name}' not in checkpoint", file=self.source)
-        handles = self._local.__dict__.setdefault("handles", {})
-        entry = handles.get(file)
-        if entry is None:
-            try:
-                entry = handles[file] = [safe_open(str(file), framework="pt", device="cpu"), 0]
-            except Exception as exc:  # safetensors raises its own types
-                raise ModelError(f"cannot open: {exc}", file=str(file)) from None
+        info = self._infos[name]
+        begin, end = self._span[name]
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
-            tensor = entry[0].get_tensor(name)
-        except Exception as exc:
+            mapped = mmap.mmap(self._fd(file), end - start, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
-        entry[1] += tensor.nbytes
-        if entry[1] >= REMAP_BYTES:
-            del handles[file]
-        return tensor
+        try:
+            mapped.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):  # older kernels: pages fault in on first touch
+            pass
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        count = (end - begin) // itemsize
+        if (begin - start) % itemsize:  # unaligned data (old writers): copy once
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start, count=end - begin)
+            return raw.clone().view(info.dtype).view(info.shape)
+        return torch.frombuffer(mapped, dtype=info.dtype, offset=begin - start, count=count).view(info.shape)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as exc:
+                    raise ModelError(f"cannot open: {exc.strerror}", file=str(file)) from None
+            return fd
 
     def close(self) -> None:
-        """Drop this thread's open ``safe_open`` handles (others go with their threads)."""
-        self._local = threading.local()
+        """Close the open files (tensors already read stay valid: their mappings hold the data)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
