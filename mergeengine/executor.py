@@ -87,6 +87,7 @@ def execute(
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if plan.prefetch_bytes else None
     reads: dict[TaskKey, Future[torch.Tensor]] = {}
     values: dict[TaskKey, Any] = {}
+    checked: set[TaskKey] = set()  # results their op verified free of NaN/Inf
     step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
     accs: dict[tuple[str, str], Any] = {}
     live = 0
@@ -124,11 +125,14 @@ def execute(
                     else:
                         ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
                         out = op.compute(inputs, ctx)
+                        if ctx.checked_finite:
+                            checked.add(key)
                         size = out.nbytes if isinstance(out, torch.Tensor) else 0
                         live += size
                         stats.peak_live_bytes = max(stats.peak_live_bytes, live + window.ahead)
                         if isinstance(op, SaveOp):
-                            if not allow_nonfinite and out.dtype.is_floating_point:
+                            verified = out is inputs[0] and plan.sources[key][0] in checked
+                            if not allow_nonfinite and out.dtype.is_floating_point and not verified:
                                 _check_finite(out, op.step.input, key.tensor)
                             sinks[key.step].write(key.tensor, out)
                             written = size
@@ -142,6 +146,7 @@ def execute(
                         remaining[s] -= 1
                         if remaining[s] == 0:
                             v = values.pop(s)
+                            checked.discard(s)
                             live -= v.nbytes if isinstance(v, torch.Tensor) else 0
             except MergeEngineError as exc:
                 exc.step = exc.step or key.step

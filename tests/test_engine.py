@@ -257,3 +257,33 @@ def test_diffs_feeding_a_merge_are_fused(tmp_path, models):
         """, "r2.yaml")
     plan = api.plan_recipe(r)
     assert [k for k in plan.order if k.step == "d"]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties", "dare_ties", "breadcrumbs"])
+def test_merge_feeding_only_a_save_emits_the_stored_dtype_with_the_same_bytes(tmp_path, models, method):
+    """A merge whose only consumer is a bf16 save rounds chunks straight into bf16 (half the
+    memory); a second float32 save of the same merge keeps float32 results. Same bf16 bytes."""
+    extra = {"ties": ", density: 0.5", "dare_ties": ", density: 0.5", "breadcrumbs": ", density: 0.5, gamma: 0.0"}
+    inputs = "[math, code]" if method == "linear" else "[d_math, d_code]"
+    text = f"""
+        name: t
+        steps:
+          - {{id: base, op: load, model: {models["base"]}}}
+          - {{id: math, op: load, model: {models["math"]}}}
+          - {{id: code, op: load, model: {models["code"]}}}
+          - {{id: d_math, op: diff, model: math, base: base}}
+          - {{id: d_code, op: diff, model: code, base: base}}
+          - {{id: merged, op: merge, method: {method}, base: base, inputs: {inputs}{extra.get(method, "")}}}
+          - {{id: out, op: save, input: merged, path: a, dtype: bfloat16}}
+        """
+    emitting = api.run_recipe(write_recipe(tmp_path, text))
+    assert {m.dtype for m in emitting.plan.steps.ops["merged"].metas.values()} == {torch.bfloat16}
+    a = read_folder(tmp_path / "a")
+    both = api.run_recipe(write_recipe(tmp_path, text.rstrip() + "\n          - {id: out32, op: save, input: merged, path: b32, dtype: float32}\n",
+                                       name="both.yaml"), overwrite=True)
+    assert {m.dtype for m in both.plan.steps.ops["merged"].metas.values()} == {torch.float32}
+    b = read_folder(tmp_path / "b32")
+    assert set(a) == set(b) and all(torch.equal(a[n], t) for n, t in read_folder(tmp_path / "a").items())
+    for n in a:
+        assert torch.equal(a[n], b[n].to(torch.bfloat16)), n
+    assert emitting.stats.peak_live_bytes < both.stats.peak_live_bytes

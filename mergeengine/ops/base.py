@@ -98,6 +98,8 @@ class TaskContext:
         seed: the recipe seed.
         device: where math runs.
         stats: results of this step's reductions, by name.
+        checked_finite: set by an op that has verified its result holds no NaN/Inf (the
+            executor then skips its own check of that result before saving it).
     """
 
     step: str
@@ -105,6 +107,7 @@ class TaskContext:
     seed: int
     device: torch.device
     stats: Mapping[str, Any]
+    checked_finite: bool = False
 
 
 class Op:

@@ -25,7 +25,7 @@ from mergeengine.kernels.ties import ties_merge
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
-from mergeengine.ops.merge import Density, MergeOp, MergeStep, merge_chunk, per_input
+from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, merge_chunk, per_input
 from mergeengine.ops.ties import NonNegativeWeights
 
 Rescale = Literal["per_element", "l1", "none"]
@@ -105,15 +105,15 @@ class DareMerge(MergeOp):
                     after[i] += float(torch.where(m, d, 0.0).abs().sum())
                 kept_masks.append(masks)
             factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in zip(before, after, strict=True)]
-        out = torch.empty(numel, dtype=torch.float32, device=flat[0].device)
-        for c, start in enumerate(range(0, numel, chunk)):
-            end = min(start + chunk, numel)
+        result = ChunkedResult(numel, self.emit_dtype, flat[0].device)
+        for c, (start, end, _) in enumerate(result.chunks()):
             base, ds = deltas(start, end)
             masks = kept_masks[c] if kept_masks else [
                 dare_mask(d.shape, p, g, d.device) for d, p, g in zip(ds, densities, gens, strict=True)]
             dropped = [torch.where(m, d, 0.0).mul_(f) for d, m, f in zip(ds, masks, factors, strict=True)]
-            torch.add(base, self.combine_dropped(dropped), alpha=self.step.lambda_, out=out[start:end])
-        return out.view(inputs[0].shape)
+            merged = self.combine_dropped(dropped)
+            result.put(start, end, torch.add(base, merged, alpha=self.step.lambda_, out=merged))
+        return result.finish(inputs[0].shape, ctx)
 
     def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         """Whole-tensor path (vocabulary-padded tensors)."""

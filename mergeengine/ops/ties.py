@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field, model_validator
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import ChunkedTopk, keep_count
 from mergeengine.kernels.ties import ties_merge
-from mergeengine.ops import merge, register_method
+from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
-from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
+from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.vocab import pad_rows
 
 
@@ -109,14 +109,13 @@ class Ties(MergeOp):
             densities = per_input(self.step.density, len(deltas))
             choosers = [ChunkedTopk(d, keep_count(numel, p)) for d, p in zip(deltas, densities, strict=True)]
             masks = [c.mask for c in choosers]
-        out = torch.empty(numel, dtype=torch.float32, device=base.device)
+        result = ChunkedResult(numel, self.emit_dtype, base.device)
         zero = torch.zeros((), dtype=torch.float32, device=base.device)
-        for start in range(0, numel, merge.CHUNK_NUMEL):
-            end = min(start + merge.CHUNK_NUMEL, numel)
+        for start, end, _ in result.chunks():
             trimmed = [torch.where(m(d[start:end]), d[start:end], zero) for m, d in zip(masks, deltas, strict=True)]
             merged = ties_merge(trimmed, self.weights, vote=self.step.vote)
-            torch.add(base[start:end].float(), merged, alpha=self.step.lambda_, out=out[start:end])
-        return out.view(inputs[0].shape)
+            result.put(start, end, torch.add(base[start:end].float(), merged, alpha=self.step.lambda_, out=merged))
+        return result.finish(inputs[0].shape, ctx)
 
     def report(self, stats: dict[str, Any]) -> dict[str, Any]:
         """The model-wide thresholds (``trim_scope: model``)."""
