@@ -228,3 +228,27 @@ def test_model_quantile_reduce_checks() -> None:
 
 def test_model_quantile_of_no_entries() -> None:
     assert MagnitudeQuantile(0.5).threshold(lambda: [torch.empty(0)]) == math.inf
+
+
+@pytest.mark.parametrize("numel", [5_000, 300_001])
+def test_streamed_selection_equals_whole_tensor_selection(numel: int) -> None:
+    """Chunks handed out in one reused buffer (as merges do) select exactly what the whole tensor does."""
+    from mergeengine.kernels.selection import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(numel, generator=g) * 1e-3
+    x[::7] = 2e-3  # many exact ties
+    scratch = torch.empty(4099)
+
+    def chunks():
+        for s in range(0, numel, 4099):
+            part = scratch[: min(4099, numel - s)]
+            part.copy_(x[s : s + 4099])
+            yield part
+
+    for k in [1, numel // 3, numel - 5, numel]:
+        assert select_abs_rank_streamed(chunks, numel, k) == select_abs_rank(x, k)
+    for keep in [0, numel // 7, numel // 2, numel]:
+        chooser = ChunkedTopk.streamed(chunks, numel, keep)
+        mask = torch.cat([chooser.mask(x[s : s + 4099]) for s in range(0, numel, 4099)])
+        assert torch.equal(mask, topk_abs_mask(x, keep)), keep

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,6 +227,48 @@ def select_abs_rank(x: torch.Tensor, k: int) -> RankSelection:
     )
 
 
+def select_abs_rank_streamed(
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int
+) -> RankSelection:
+    """:func:`select_abs_rank` of a tensor that is never materialised: it arrives as chunks.
+
+    ``chunks()`` must yield the tensor's entries as contiguous 1-D float32 chunks, in the same
+    order each time it is called; it is called twice (the two histogram passes). Each chunk is
+    used before the next is requested, so they may all be views of one scratch buffer. A merge so
+    selects on ``model - base`` computed chunk by chunk in cache-sized scratch, instead of
+    building a float32 copy of the whole delta. The result equals ``select_abs_rank`` on the
+    concatenation of the chunks.
+
+    Args:
+        chunks: a function returning an iterable of float32 chunks.
+        numel: total number of entries over all chunks.
+        k: rank from the smallest, ``1 <= k <= numel``.
+
+    Returns:
+        A :class:`RankSelection`.
+
+    Raises:
+        ValueError: when ``k`` is out of range.
+    """
+    if isinstance(k, bool) or not 1 <= k <= numel:
+        raise ValueError(f"k={k} out of range for {numel} elements")
+    if numel <= HISTOGRAM_MIN_NUMEL:
+        return select_abs_rank(torch.cat([c.reshape(-1).clone() for c in chunks()]), k)  # chunks may share a buffer
+    high: torch.Tensor | None = None
+    for chunk in chunks():  # |x| has a clear sign bit: its high 16 bits are below 2**15
+        counts = torch.bincount(_high_keys(chunk), minlength=1 << 15)
+        high = counts if high is None else high.add_(counts)
+    assert high is not None
+    high_bin, below_high, _ = locate_rank(high, k)
+    low = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64, device=high.device)
+    for chunk in chunks():
+        candidates = chunk.view(torch.int32)[_high_keys(chunk) == high_bin]
+        if candidates.numel():
+            low.add_(torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS))
+    low_bin, below_low, equal = locate_rank(low, k - below_high)
+    return RankSelection(bits=(high_bin << 16) | low_bin, count_less=below_high + below_low, count_equal=equal)
+
+
 def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value of ``|x|`` (1-based), exactly.
 
@@ -371,13 +413,16 @@ class ChunkedTopk:
     cache-sized chunks, with chunk-sized temporaries.
 
     Args:
-        flat: a contiguous 1-D float32 tensor.
-        k: number of entries to keep, ``0 <= k <= flat.numel()``.
+        flat: a contiguous 1-D float32 tensor (or None with ``numel`` and ``selection``).
+        k: number of entries to keep, ``0 <= k <= numel``.
+        numel: the tensor's size when ``flat`` is None.
+        selection: the ``(numel - k + 1)``-th smallest magnitude, when already selected.
     """
 
-    def __init__(self, flat: torch.Tensor, k: int) -> None:
-        numel = flat.numel()
-        if not 0 <= k <= numel:
+    def __init__(self, flat: torch.Tensor | None, k: int, *, numel: int | None = None,
+                 selection: RankSelection | None = None) -> None:
+        numel = flat.numel() if flat is not None else numel
+        if numel is None or not 0 <= k <= numel:
             raise ValueError(f"k={k} out of range for {numel} elements")
         self.keep_all = k == numel
         self.keep_none = k == 0
@@ -385,11 +430,21 @@ class ChunkedTopk:
         self.ties_left = 0
         self.all_ties = True
         if not (self.keep_all or self.keep_none):
-            selected = select_abs_rank(flat, numel - k + 1)
-            count_greater = numel - selected.count_less - selected.count_equal
-            self.bits = selected.bits
+            if selection is None:
+                if flat is None:
+                    raise ValueError("ChunkedTopk needs the tensor or a precomputed selection")
+                selection = select_abs_rank(flat, numel - k + 1)
+            count_greater = numel - selection.count_less - selection.count_equal
+            self.bits = selection.bits
             self.ties_left = k - count_greater
-            self.all_ties = self.ties_left == selected.count_equal
+            self.all_ties = self.ties_left == selection.count_equal
+
+    @classmethod
+    def streamed(cls, chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int) -> ChunkedTopk:
+        """The top-``k`` of a tensor given as chunks (see :func:`select_abs_rank_streamed`)."""
+        if not 0 < k < numel:
+            return cls(None, k, numel=numel, selection=RankSelection(0, 0, 0))
+        return cls(None, k, numel=numel, selection=select_abs_rank_streamed(chunks, numel, numel - k + 1))
 
     def mask(self, chunk: torch.Tensor) -> torch.Tensor:
         """Bool mask of the next chunk (a contiguous float32 slice of the tensor, in order)."""

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -94,27 +94,44 @@ class Ties(MergeOp):
         ]
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        """Select each delta's threshold on the whole tensor, then trim, elect and average chunk by
-        chunk: temporaries stay chunk-sized (and cache-friendly) instead of several full tensors."""
+        """Stream: no float32 copy of any whole delta is ever made.
+
+        Each delta is recomputed chunk by chunk (``model - base`` in cache-sized scratch): twice
+        for its exact top-k threshold (two histogram passes), once more to trim, elect and
+        average. Memory is a few chunks whatever the tensor size.
+        """
         rows = self.target_rows.get(ctx.tensor)
         if rows is not None:
             inputs = [pad_rows(t, rows) for t in inputs]
         base = inputs[0].reshape(-1)
-        deltas = [d.reshape(-1) for d in self._deltas(inputs)]
+        xs = [t.reshape(-1) for t in inputs[1:]]
+        is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
         numel = base.numel()
+        result = ChunkedResult(numel, self.emit_dtype, base.device, scratch=1 + len(xs))
+
+        def delta(i: int, start: int, end: int, b: torch.Tensor, d: torch.Tensor, fresh_base: bool) -> torch.Tensor:
+            if fresh_base and is_model[i]:
+                b.copy_(base[start:end])
+            d.copy_(xs[i][start:end])
+            return d.sub_(b) if is_model[i] else d
+
         if self.step.trim_scope == "model":
-            thresholds = ctx.stats["trim_low"]
-            masks = [lambda c, t=t: c.abs() >= t for t in thresholds]
+            masks = [lambda c, t=t: c.abs() >= t for t in ctx.stats["trim_low"]]
         else:
-            densities = per_input(self.step.density, len(deltas))
-            choosers = [ChunkedTopk(d, keep_count(numel, p)) for d, p in zip(deltas, densities, strict=True)]
-            masks = [c.mask for c in choosers]
-        result = ChunkedResult(numel, self.emit_dtype, base.device)
-        zero = torch.zeros((), dtype=torch.float32, device=base.device)
-        for start, end, _ in result.chunks():
-            trimmed = [torch.where(m(d[start:end]), d[start:end], zero) for m, d in zip(masks, deltas, strict=True)]
+            masks = []
+            for i, p in enumerate(per_input(self.step.density, len(xs))):
+                def chunks(i: int = i) -> Iterator[torch.Tensor]:
+                    for start, end, (b, *ds) in result.chunks():
+                        yield delta(i, start, end, b, ds[i], True)
+                masks.append(ChunkedTopk.streamed(chunks, numel, keep_count(numel, p)).mask)
+        for start, end, (b, *ds) in result.chunks():
+            b.copy_(base[start:end])
+            trimmed = []
+            for i, mask in enumerate(masks):
+                d = delta(i, start, end, b, ds[i], False)
+                trimmed.append(d.masked_fill_(mask(d).logical_not_(), 0.0))
             merged = ties_merge(trimmed, self.weights, vote=self.step.vote)
-            result.put(start, end, torch.add(base[start:end].float(), merged, alpha=self.step.lambda_, out=merged))
+            result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
 
     def report(self, stats: dict[str, Any]) -> dict[str, Any]:
