@@ -446,6 +446,21 @@ class ChunkedTopk:
             return cls(None, k, numel=numel, selection=RankSelection(0, 0, 0))
         return cls(None, k, numel=numel, selection=select_abs_rank_streamed(chunks, numel, numel - k + 1))
 
+    def trim_(self, chunk: torch.Tensor, bits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """Zero the entries of the next chunk that are not kept, in place; returns ``chunk``.
+
+        Same result as ``chunk.masked_fill_(~self.mask(chunk), 0)``, written into the caller's
+        scratch (``bits``: int32, ``drop``: bool, both of the chunk's length) instead of new tensors.
+        """
+        if self.keep_all:
+            return chunk
+        if self.keep_none:
+            return chunk.zero_()
+        if self.all_ties:
+            torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=bits)
+            return chunk.masked_fill_(torch.lt(bits, self.bits, out=drop), 0.0)
+        return chunk.masked_fill_(self.mask(chunk).logical_not_(), 0.0)
+
     def mask(self, chunk: torch.Tensor) -> torch.Tensor:
         """Bool mask of the next chunk (a contiguous float32 slice of the tensor, in order)."""
         if self.keep_all:

@@ -162,6 +162,48 @@ def ties_merge(
     return disjoint_mean(deltas, weights, elected, normalize=normalize)
 
 
+def ties_merge_into(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    out: torch.Tensor,
+    scratch: Sequence[torch.Tensor],
+    vote: VoteMode = "unweighted",
+) -> torch.Tensor:
+    """:func:`ties_merge` (normalized) of float32 chunks into ``out``, with no allocation.
+
+    Same bytes as :func:`ties_merge`. Instead of masking each delta by ``sign(D_i) == elected``,
+    it accumulates ``w_i * max(D_i * s, 0)`` (``s`` the elected sign, -1/0/+1), which is
+    ``w_i * |D_i|`` exactly where the delta agrees and 0 elsewhere, then multiplies the sum by
+    ``s``: multiplying by +-1 is exact and rounding is symmetric, so the numerator is the same
+    float as the masked sum. ``sign(max(D_i * s, 0))`` is the agreement indicator for the
+    denominator. Five in-place float32 ops per delta, all on cache-resident chunks.
+
+    Args:
+        deltas: trimmed float32 chunks of one shape (overwritten: used as scratch).
+        weights: one non-negative weight per delta (validated by the caller's schema).
+        out: float32 chunk for the result.
+        scratch: two float32 chunks of the same shape (the elected sign and the denominator).
+        vote: ``"unweighted"`` or ``"weighted"``.
+
+    Returns:
+        ``out``.
+    """
+    sign, denominator = scratch[0], scratch[1]
+    sign.zero_()
+    for delta, weight in zip(deltas, weights, strict=True):
+        sign.add_(delta, alpha=weight if vote == "weighted" else 1.0)
+    sign.sign_()
+    out.zero_()
+    denominator.zero_()
+    for delta, weight in zip(deltas, weights, strict=True):
+        agreeing = torch.mul(delta, sign, out=delta).clamp_(min=0.0)  # |D_i| where it agrees, else 0
+        out.add_(agreeing, alpha=weight)
+        denominator.add_(agreeing.sign_(), alpha=weight)
+    out.mul_(sign)
+    denominator.masked_fill_(denominator == 0, 1.0)  # nothing agrees: numerator is 0, result 0
+    return out.div_(denominator).add_(0.0)  # + 0.0 turns the -0.0 of "nothing agrees" into 0.0
+
+
 def _check(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[float]:
     """Validate the deltas and weights of one merge; return the weights as floats."""
     if len(deltas) == 0:

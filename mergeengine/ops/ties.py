@@ -22,10 +22,10 @@ from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import ChunkedTopk, keep_count
-from mergeengine.kernels.ties import ties_merge
+from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
-from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
+from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, merge_chunk, per_input
 from mergeengine.ops.vocab import pad_rows
 
 
@@ -116,21 +116,23 @@ class Ties(MergeOp):
             return d.sub_(b) if is_model[i] else d
 
         if self.step.trim_scope == "model":
-            masks = [lambda c, t=t: c.abs() >= t for t in ctx.stats["trim_low"]]
+            trims = [lambda c, bits, drop, t=t: c.masked_fill_(c.abs() < t, 0.0) for t in ctx.stats["trim_low"]]
         else:
-            masks = []
+            trims = []
             for i, p in enumerate(per_input(self.step.density, len(xs))):
                 def chunks(i: int = i) -> Iterator[torch.Tensor]:
                     for start, end, (b, *ds) in result.chunks():
                         yield delta(i, start, end, b, ds[i], True)
-                masks.append(ChunkedTopk.streamed(chunks, numel, keep_count(numel, p)).mask)
+                trims.append(ChunkedTopk.streamed(chunks, numel, keep_count(numel, p)).trim_)
+        step = min(merge_chunk(), max(numel, 1))
+        bits = torch.empty(step, dtype=torch.int32, device=base.device)
+        drop = torch.empty(step, dtype=torch.bool, device=base.device)
+        acc, sign, denominator = (torch.empty(step, device=base.device) for _ in range(3))
         for start, end, (b, *ds) in result.chunks():
+            n = end - start
             b.copy_(base[start:end])
-            trimmed = []
-            for i, mask in enumerate(masks):
-                d = delta(i, start, end, b, ds[i], False)
-                trimmed.append(d.masked_fill_(mask(d).logical_not_(), 0.0))
-            merged = ties_merge(trimmed, self.weights, vote=self.step.vote)
+            trimmed = [trim(delta(i, start, end, b, ds[i], False), bits[:n], drop[:n]) for i, trim in enumerate(trims)]
+            merged = ties_merge_into(trimmed, self.weights, acc[:n], [sign[:n], denominator[:n]], self.step.vote)
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
 
