@@ -547,3 +547,24 @@ def test_input_validation() -> None:
         dp_densities(partials, counts, groups, 0.2, -0.1)
     with pytest.raises(ValueError, match="outlier count"):
         dp_densities(partials, {"model.layers.0": 13, "model.layers.1": 0}, groups, 0.2, 0.08)
+
+
+def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
+    """Tensors larger than one chunk: the chunked passes give the whole-tensor floats exactly."""
+    from mergeengine.kernels import dppa as k
+
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(3 * k._CHUNK + 12_345, generator=g) * 1e-3
+    delta[::11] = 4e-4  # ties at thresholds
+    m = delta.abs()
+    part = k.module_partial(delta, 2.0)
+    assert part.sum_abs == k._sum_float64(m)
+    assert part.outlier_count == k._count_above(m, 2.0 * part.sum_abs / m.numel())
+    assert k.layer_outlier_partial(delta, 1.5e-3) == int((m > 1.5e-3).sum())
+    densities, scales = [0.1, 0.3], [2.0, 1.0]
+    expected = torch.zeros_like(delta)
+    for d, s in reversed(list(zip(densities, scales))):
+        kk = k.prune_count(delta.numel(), d)
+        threshold = torch.kthvalue(m, kk).values
+        expected = torch.where(m > threshold, delta * s, expected)
+    assert torch.equal(k.dpa_amplify_tensor(delta, densities, scales), expected)

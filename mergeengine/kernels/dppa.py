@@ -50,13 +50,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
-from mergeengine.kernels.selection import kth_smallest_abs
+from mergeengine.kernels.selection import kth_smallest_abs, select_abs_ranks_streamed
 
 __all__ = [
     "DEFAULT_LAMDA",
@@ -199,10 +199,24 @@ def module_partial(delta: torch.Tensor, module_threshold: float = DEFAULT_MODULE
         >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
         ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
     """
-    magnitudes = _abs_flat(delta)
-    numel = magnitudes.numel()
-    sum_abs = _sum_float64(magnitudes)
-    outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
+    if delta.dtype == torch.float64:
+        magnitudes = delta.detach().reshape(-1).abs()
+        numel = magnitudes.numel()
+        sum_abs = _sum_float64(magnitudes)
+        outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
+        return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+    numel = delta.numel()
+    block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
+    block_sums: list[torch.Tensor] = []
+    tail = 0.0
+    for chunk in _abs_chunks(delta):
+        full = chunk.numel() // block * block
+        if full:
+            block_sums.append(chunk[:full].view(-1, block).sum(dim=1))
+        if full < chunk.numel():
+            tail += float(chunk[full:].double().sum())
+    sum_abs = (float(torch.cat(block_sums).double().sum()) if block_sums else 0.0) + tail
+    outliers = sum(_count_above(c, module_threshold * sum_abs / numel) for c in _abs_chunks(delta)) if numel else 0
     return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
 
 
@@ -239,7 +253,7 @@ def layer_outlier_partial(delta: torch.Tensor, threshold_value: float) -> int:
     Returns:
         ``count(|D| > threshold_value)``, compared exactly against the float64 threshold.
     """
-    return _count_above(_abs_flat(delta), threshold_value)
+    return sum(_count_above(c, threshold_value) for c in _abs_chunks(delta))
 
 
 def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> dict[str, int]:
@@ -529,9 +543,19 @@ def release_factors(scales: Sequence[float]) -> tuple[list[float], float]:
 # helpers
 
 
-def _abs_flat(delta: torch.Tensor) -> torch.Tensor:
-    magnitudes = delta.detach().reshape(-1).abs()
-    return magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()
+# Entries per chunk of the chunked passes: a multiple of _sum_float64's 16384-entry blocks, and
+# 512 KiB of float32 (cache-resident).
+_CHUNK = 1 << 17
+
+
+def _abs_chunks(delta: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``|delta|`` (float32, flat) chunk by chunk, in one reused scratch buffer."""
+    flat = delta.detach().reshape(-1)
+    numel = flat.numel()
+    scratch = torch.empty(min(numel, _CHUNK), dtype=torch.float32, device=flat.device)
+    for start in range(0, numel, _CHUNK):
+        end = min(start + _CHUNK, numel)
+        yield torch.abs(flat[start:end], out=scratch[: end - start])
 
 
 def _sum_float64(values: torch.Tensor) -> float:
@@ -602,9 +626,30 @@ def _check_partitions(
 def _scale_partitions(
     delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
 ) -> torch.Tensor:
-    result = torch.zeros_like(delta)
-    # Widest partition first; each narrower (nested) mask overwrites, so an entry ends with the
-    # factor of the first partition it enters.
-    for density, scale in reversed(list(zip(densities, scales, strict=True))):
-        result = torch.where(dp_keep_mask(delta, density), delta * scale, result)
-    return result
+    """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, thresholds of every
+    partition selected in the same two streamed histogram passes."""
+    flat = delta.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    numel = flat.numel()
+    ks = [prune_count(numel, d) for d in densities]
+    wanted = sorted({k for k in ks if k > 0})
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start in range(0, numel, _CHUNK):
+            yield flat[start : start + _CHUNK]
+
+    picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted), strict=True))
+    # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
+    thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
+    result = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+    for start in range(0, numel, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        bits = chunk.view(torch.int32) & 0x7FFFFFFF
+        out = torch.zeros_like(chunk)
+        # Widest partition first; each narrower (nested) mask overwrites, so an entry ends with the
+        # factor of the first partition it enters.
+        for bits_k, scale in reversed(list(zip(thresholds, scales, strict=True))):
+            out = torch.where(bits > bits_k, chunk * scale, out)
+        result[start : start + _CHUNK] = out
+    return result.view(delta.shape).to(delta.dtype)

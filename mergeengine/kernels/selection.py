@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,23 +250,44 @@ def select_abs_rank_streamed(
     Raises:
         ValueError: when ``k`` is out of range.
     """
-    if isinstance(k, bool) or not 1 <= k <= numel:
-        raise ValueError(f"k={k} out of range for {numel} elements")
+    return select_abs_ranks_streamed(chunks, numel, [k])[0]
+
+
+def select_abs_ranks_streamed(
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int]
+) -> list[RankSelection]:
+    """Several ranks of one chunked tensor with the same two passes (see :func:`select_abs_rank_streamed`).
+
+    The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
+    distinct high bin the ranks fall in.
+    """
+    for k in ks:
+        if isinstance(k, bool) or not 1 <= k <= numel:
+            raise ValueError(f"k={k} out of range for {numel} elements")
+    if not ks:
+        return []
     if numel <= HISTOGRAM_MIN_NUMEL:
-        return select_abs_rank(torch.cat([c.reshape(-1).clone() for c in chunks()]), k)  # chunks may share a buffer
+        whole = torch.cat([c.reshape(-1).clone() for c in chunks()])  # chunks may share a buffer
+        return [select_abs_rank(whole, k) for k in ks]
     high: torch.Tensor | None = None
     for chunk in chunks():  # |x| has a clear sign bit: its high 16 bits are below 2**15
         counts = torch.bincount(_high_keys(chunk), minlength=1 << 15)
         high = counts if high is None else high.add_(counts)
     assert high is not None
-    high_bin, below_high, _ = locate_rank(high, k)
-    low = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64, device=high.device)
+    located = [locate_rank(high, k) for k in ks]
+    lows = {b: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64, device=high.device) for b, _, _ in located}
     for chunk in chunks():
-        candidates = chunk.view(torch.int32)[_high_keys(chunk) == high_bin]
-        if candidates.numel():
-            low.add_(torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS))
-    low_bin, below_low, equal = locate_rank(low, k - below_high)
-    return RankSelection(bits=(high_bin << 16) | low_bin, count_less=below_high + below_low, count_equal=equal)
+        keys = _high_keys(chunk)
+        for high_bin, low in lows.items():
+            candidates = chunk.view(torch.int32)[keys == high_bin]
+            if candidates.numel():
+                low.add_(torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS))
+    out = []
+    for k, (high_bin, below_high, _) in zip(ks, located, strict=True):
+        low_bin, below_low, equal = locate_rank(lows[high_bin], k - below_high)
+        out.append(RankSelection(bits=(high_bin << 16) | low_bin, count_less=below_high + below_low,
+                                 count_equal=equal))
+    return out
 
 
 def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
