@@ -138,3 +138,26 @@ def test_clamping_warns_with_step_name(tmp_path, models, caplog):
     assert any("step 'x'" in r.message and "clamped" in r.message for r in caplog.records)
     report = json.loads((tmp_path / "out" / "dppa_report.json").read_text())["x"]
     assert report["clamped"]
+
+
+def test_dp_ops_read_a_plain_diff_directly_with_the_same_bytes(tmp_path, models):
+    """dpa_amplify/dp_prune on a plain diff read model and base themselves (statistics computed
+    chunk by chunk, no float32 delta per pass); the bytes equal the unfused run's."""
+    for op in ["{id: x, op: dpa_amplify, input: d, partitions: [{density: 0.1, scale: 2.0}, {density: 0.3, scale: 1.0}]}",
+               "{id: x, op: dp_prune, input: d, density: 0.2}"]:
+        outs = {}
+        for vocab in ["error", "truncate"]:  # a diff with a vocab policy is not fused
+            r = write_recipe(tmp_path, f"""
+                steps:
+                  - {{id: base, op: load, model: {models["base"]}}}
+                  - {{id: math, op: load, model: {models["math"]}}}
+                  - {{id: d, op: diff, model: math, base: base, vocab: {vocab}}}
+                  - {op}
+                  - {{id: out, op: save, input: x, path: out_{vocab}}}
+                """)
+            result = api.run_recipe(r, overwrite=True)
+            assert (result.plan.steps.ops["x"].read_from is not None) == (vocab == "error")
+            outs[vocab] = read_folder(tmp_path / f"out_{vocab}")
+        assert outs["error"].keys() == outs["truncate"].keys()
+        for n, t in outs["error"].items():
+            assert torch.equal(t, outs["truncate"][n]), n

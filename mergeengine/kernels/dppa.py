@@ -185,11 +185,12 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
 
 
-def module_partial(delta: torch.Tensor, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
+def module_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
     """Pass 1: the statistics DP needs from one prunable tensor.
 
     Args:
-        delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast).
+        delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast), or the
+            pair ``(F, B)`` (the delta is then computed chunk by chunk, never stored).
         module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
 
     Returns:
@@ -199,13 +200,13 @@ def module_partial(delta: torch.Tensor, module_threshold: float = DEFAULT_MODULE
         >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
         ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
     """
-    if delta.dtype == torch.float64:
+    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
         magnitudes = delta.detach().reshape(-1).abs()
         numel = magnitudes.numel()
         sum_abs = _sum_float64(magnitudes)
         outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
         return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-    numel = delta.numel()
+    numel = delta[0].numel() if isinstance(delta, tuple) else delta.numel()
     block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
     block_sums: list[torch.Tensor] = []
     tail = 0.0
@@ -243,7 +244,7 @@ def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[s
     return {layer: (sums[layer] / numels[layer] if numels[layer] else 0.0) for layer in sums}
 
 
-def layer_outlier_partial(delta: torch.Tensor, threshold_value: float) -> int:
+def layer_outlier_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], threshold_value: float) -> int:
     """Pass 2: this tensor's contribution to its layer's outlier count.
 
     Args:
@@ -548,14 +549,27 @@ def release_factors(scales: Sequence[float]) -> tuple[list[float], float]:
 _CHUNK = 1 << 17
 
 
-def _abs_chunks(delta: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``|delta|`` (float32, flat) chunk by chunk, in one reused scratch buffer."""
-    flat = delta.detach().reshape(-1)
+def _abs_chunks(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``|delta|`` (float32, flat) chunk by chunk, in one reused scratch buffer.
+
+    ``delta`` may be a ``(model, base)`` pair: each chunk is then ``|model - base|`` computed
+    in cache (the floats of ``model.float() - base``), and no delta is ever materialised.
+    """
+    pair = isinstance(delta, tuple)
+    flat = (delta[0] if pair else delta).detach().reshape(-1)
+    base = delta[1].detach().reshape(-1) if pair else None
     numel = flat.numel()
     scratch = torch.empty(min(numel, _CHUNK), dtype=torch.float32, device=flat.device)
+    base_scratch = torch.empty_like(scratch) if pair else None
     for start in range(0, numel, _CHUNK):
         end = min(start + _CHUNK, numel)
-        yield torch.abs(flat[start:end], out=scratch[: end - start])
+        out = scratch[: end - start]
+        if base is None:
+            yield torch.abs(flat[start:end], out=out)
+        else:
+            b = base_scratch[: end - start]
+            b.copy_(base[start:end])
+            yield out.copy_(flat[start:end]).sub_(b).abs_()
 
 
 def _sum_float64(values: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from mergeengine.kernels.dppa import decoder_linear_groups
 from mergeengine.ops.base import Op, StepKind, StepModel, TensorMeta
+from mergeengine.ops.diff import chunked_diff
 
 Scope = Literal["all", "decoder_linear"]
 
@@ -41,8 +42,35 @@ class DeltaOp(Op):
         self.groups = decoder_linear_groups({n: m.shape for n, m in metas.items()})
         return {n: TensorMeta(m.shape, torch.float32) for n, m in metas.items()}
 
+    #: Whether this op may read a plain diff's model and base itself (see :meth:`fuse_diffs`).
+    fuses_diff: bool = False
+    read_from: tuple[str, str] | None = None
+
+    def fuse_diffs(self, ops: Mapping[str, Op]) -> list[str]:
+        """Read the fine-tuned model and its base directly when the input is a plain ``diff``.
+
+        The statistics passes then compute ``|model - base|`` chunk by chunk in cache instead of
+        materialising a float32 delta in every pass (the same floats). Returns the fused ids.
+        """
+        self.read_from = None
+        op = ops.get(self.step.input)
+        if self.fuses_diff and op is not None and op.name == "diff" and op.step.vocab == "error":
+            self.read_from = (op.step.model, op.step.base)
+            return [self.step.input]
+        return []
+
     def sources(self, name: str) -> list[tuple[str, str]]:
+        if self.read_from is not None:
+            return [(self.read_from[0], name), (self.read_from[1], name)]
         return [(self.step.input, name)]
+
+    def delta_source(self, inputs: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What statistics read: the delta, or ``(model, base)`` when the diff is fused."""
+        return (inputs[0], inputs[1]) if self.read_from is not None else inputs[0]
+
+    def delta(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The input delta (computed here, as the diff step would, when the diff is fused)."""
+        return chunked_diff(inputs[0], inputs[1]) if self.read_from is not None else inputs[0]
 
     def in_scope(self, name: str, scope: Scope) -> bool:
         """Whether ``name`` is transformed under ``scope`` (else it passes through)."""

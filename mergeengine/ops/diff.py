@@ -76,17 +76,25 @@ class DiffOp(Op):
         model, base = inputs
         if ctx.tensor in self.row_mismatch:
             model, base = align_vocab(self.step.vocab, model, base)
-        if model.dtype == torch.float32 or model.dtype != base.dtype:
-            out = model.float()
-            return out.sub_(base) if out is not model else out - base
-        # Chunk by chunk into one float32 output: the base is converted in cache-sized scratch
-        # (float32 minus bfloat16 in place runs ~5x slower than float32 minus float32).
-        flat_m, flat_b = model.reshape(-1), base.reshape(-1)
-        out = torch.empty(flat_m.numel(), dtype=torch.float32, device=model.device)
-        scratch = torch.empty(min(flat_m.numel(), merge_chunk()), dtype=torch.float32, device=model.device)
-        for start in range(0, flat_m.numel(), merge_chunk()):
-            end = min(start + merge_chunk(), flat_m.numel())
-            b = scratch[: end - start]
-            b.copy_(flat_b[start:end])
-            out[start:end].copy_(flat_m[start:end]).sub_(b)
-        return out.view(model.shape)
+        return chunked_diff(model, base)
+
+
+def chunked_diff(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``model.float() - base`` as a new float32 tensor, computed chunk by chunk.
+
+    The base is converted in cache-sized scratch: float32 minus bfloat16 in place runs ~5x
+    slower than float32 minus float32. Same floats as the whole-tensor expression.
+    """
+    if model.dtype == torch.float32 or model.dtype != base.dtype:
+        out = model.float()
+        return out.sub_(base) if out is not model else out - base
+    flat_m, flat_b = model.reshape(-1), base.reshape(-1)
+    numel = flat_m.numel()
+    out = torch.empty(numel, dtype=torch.float32, device=model.device)
+    scratch = torch.empty(min(numel, merge_chunk()), dtype=torch.float32, device=model.device)
+    for start in range(0, numel, merge_chunk()):
+        end = min(start + merge_chunk(), numel)
+        b = scratch[: end - start]
+        b.copy_(flat_b[start:end])
+        out[start:end].copy_(flat_m[start:end]).sub_(b)
+    return out.view(model.shape)

@@ -44,16 +44,18 @@ class DpPrune(DeltaOp):
     """Two statistics passes (module then layer outliers), then per-tensor pruning."""
 
     name = "dp_prune"
+    fuses_diff = True
     Step = DpPruneStep
     step: DpPruneStep
 
     def reductions(self) -> list[Reduction]:
         s = self.step
         return dp_reductions(s.id, self.groups, [s.density], lamda=s.lamda,
-                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold)
+                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
+                             source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        delta = inputs[0]
+        delta = self.delta(inputs)
         if ctx.tensor not in self.groups:
             return delta
         densities: dppa.DPDensities = ctx.stats["layer_outliers"][0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,19 +33,24 @@ def dp_reductions(
     lamda: float,
     module_threshold: float,
     layer_threshold: float,
+    source: Callable[[list[torch.Tensor]], Any] = lambda inputs: inputs[0],
 ) -> list[Reduction]:
-    """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target."""
+    """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target.
+
+    ``source`` picks what the statistics read from a task's inputs: the delta, or the
+    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`).
+    """
     names = list(groups)
 
     def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> dppa.ModulePartial:
-        return dppa.module_partial(inputs[0], module_threshold)
+        return dppa.module_partial(source(inputs), module_threshold)
 
     def finish_module(acc: dict[str, dppa.ModulePartial], stats: Mapping[str, Any]) -> dict[str, Any]:
         return {"partials": acc, "layer_means": dppa.layer_means(acc, groups)}
 
     def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> int:
         mean = stats["module_stats"]["layer_means"][groups[name][0]]
-        return dppa.layer_outlier_partial(inputs[0], layer_threshold * mean)
+        return dppa.layer_outlier_partial(source(inputs), layer_threshold * mean)
 
     def finish_layer(acc: dict[str, int], stats: Mapping[str, Any]) -> list[dppa.DPDensities]:
         counts = dppa.layer_outlier_counts(acc, groups)

@@ -74,6 +74,7 @@ class DpaAmplify(DeltaOp):
     """Statistics passes as dp_prune (for select: dp), then per-tensor partition scaling."""
 
     name = "dpa_amplify"
+    fuses_diff = True
     Step = DpaAmplifyStep
     step: DpaAmplifyStep
 
@@ -92,10 +93,11 @@ class DpaAmplify(DeltaOp):
         if s.select != "dp":
             return []
         return dp_reductions(s.id, self.groups, self.targets, lamda=s.lamda,
-                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold)
+                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
+                             source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        delta = inputs[0]
+        delta = self.delta(inputs)
         if ctx.tensor not in self.groups:
             return delta * self.dense
         if self.step.select == "magnitude":
