@@ -217,7 +217,7 @@ def module_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], modu
         if full < chunk.numel():
             tail += float(chunk[full:].double().sum())
     sum_abs = (float(torch.cat(block_sums).double().sum()) if block_sums else 0.0) + tail
-    outliers = sum(_count_above(c, module_threshold * sum_abs / numel) for c in _abs_chunks(delta)) if numel else 0
+    outliers = _count_above_chunks(_abs_chunks(delta), module_threshold * sum_abs / numel) if numel else 0
     return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
 
 
@@ -254,7 +254,7 @@ def layer_outlier_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor
     Returns:
         ``count(|D| > threshold_value)``, compared exactly against the float64 threshold.
     """
-    return sum(_count_above(c, threshold_value) for c in _abs_chunks(delta))
+    return _count_above_chunks(_abs_chunks(delta), threshold_value)
 
 
 def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> dict[str, int]:
@@ -594,6 +594,17 @@ def _count_above(values: torch.Tensor, threshold: float) -> int:
     if rounded.item() > threshold:  # rounded up: entries equal to it are above the true threshold
         count += int((values == rounded).sum().item())
     return count
+
+
+def _count_above_chunks(chunks: Iterator[torch.Tensor], threshold: float) -> int:
+    """:func:`_count_above` summed over float32 chunks, with one host sync at the end."""
+    rounded = torch.tensor(threshold, dtype=torch.float32)
+    # rounded up: entries equal to it are above the true threshold, so count them too
+    compare = torch.ge if rounded.item() > threshold else torch.gt
+    total: torch.Tensor | int = 0
+    for chunk in chunks:
+        total = total + torch.count_nonzero(compare(chunk, rounded.to(chunk.device)))
+    return int(total)
 
 
 def _percent(count: int, numel: int) -> Fraction:
