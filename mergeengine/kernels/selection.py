@@ -261,32 +261,54 @@ def select_abs_ranks_streamed(
     The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
     distinct high bin the ranks fall in.
     """
-    for k in ks:
+    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks])[0]
+
+
+def select_abs_ranks_streamed_many(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]]
+) -> list[list[RankSelection]]:
+    """Ranks of several chunked tensors of one size, selected in the same two passes.
+
+    ``chunks()`` yields, per position, one chunk of every tensor (e.g. the deltas of all the
+    inputs of a merge over one slice of the base, so the base slice is converted once). ``ks[i]``
+    are the ranks wanted from tensor ``i``. Results equal :func:`select_abs_rank` on each tensor.
+    """
+    for k in (k for group in ks for k in group):
         if isinstance(k, bool) or not 1 <= k <= numel:
             raise ValueError(f"k={k} out of range for {numel} elements")
-    if not ks:
-        return []
+    streams = range(len(ks))
     if numel <= HISTOGRAM_MIN_NUMEL:
-        whole = torch.cat([c.reshape(-1).clone() for c in chunks()])  # chunks may share a buffer
-        return [select_abs_rank(whole, k) for k in ks]
-    high: torch.Tensor | None = None
-    for chunk in chunks():  # |x| has a clear sign bit: its high 16 bits are below 2**15
-        counts = torch.bincount(_high_keys(chunk), minlength=1 << 15)
-        high = counts if high is None else high.add_(counts)
-    assert high is not None
-    located = [locate_rank(high, k) for k in ks]
-    lows = {b: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64, device=high.device) for b, _, _ in located}
-    for chunk in chunks():
-        keys = _high_keys(chunk)
-        for high_bin, low in lows.items():
-            candidates = chunk.view(torch.int32)[keys == high_bin]
-            if candidates.numel():
-                low.add_(torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS))
-    out = []
-    for k, (high_bin, below_high, _) in zip(ks, located, strict=True):
-        low_bin, below_low, equal = locate_rank(lows[high_bin], k - below_high)
-        out.append(RankSelection(bits=(high_bin << 16) | low_bin, count_less=below_high + below_low,
-                                 count_equal=equal))
+        parts: list[list[torch.Tensor]] = [[] for _ in streams]
+        for group in chunks():
+            for i in streams:
+                parts[i].append(group[i].reshape(-1).clone())  # chunks may share a buffer
+        return [[select_abs_rank(torch.cat(parts[i]), k) for k in ks[i]] for i in streams]
+    high: list[torch.Tensor | None] = [None for _ in streams]
+    for group in chunks():  # |x| has a clear sign bit: its high 16 bits are below 2**15
+        for i in streams:
+            if ks[i]:
+                counts = torch.bincount(_high_keys(group[i]), minlength=1 << 15)
+                high[i] = counts if high[i] is None else high[i].add_(counts)  # type: ignore[union-attr]
+    located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]  # type: ignore[arg-type]
+    lows = [{b: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64) for b, _, _ in located[i]} for i in streams]
+    if any(lows):
+        for group in chunks():
+            for i in streams:
+                if not lows[i]:
+                    continue
+                keys = _high_keys(group[i])
+                for high_bin, low in lows[i].items():
+                    candidates = group[i].view(torch.int32)[keys == high_bin]
+                    if candidates.numel():
+                        low.add_(torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS).to(low.device))
+    out: list[list[RankSelection]] = []
+    for i in streams:
+        picked = []
+        for k, (high_bin, below_high, _) in zip(ks[i], located[i], strict=True):
+            low_bin, below_low, equal = locate_rank(lows[i][high_bin], k - below_high)
+            picked.append(RankSelection(bits=(high_bin << 16) | low_bin, count_less=below_high + below_low,
+                                        count_equal=equal))
+        out.append(picked)
     return out
 
 

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.kernels.sparsify import dare, dare_mask
-from mergeengine.kernels.ties import ties_merge
+from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
@@ -105,14 +105,27 @@ class DareMerge(MergeOp):
                     after[i] += float(torch.where(m, d, 0.0).abs().sum())
                 kept_masks.append(masks)
             factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in zip(before, after, strict=True)]
-        result = ChunkedResult(numel, self.emit_dtype, flat[0].device)
-        for c, (start, end, _) in enumerate(result.chunks()):
-            base, ds = deltas(start, end)
-            masks = kept_masks[c] if kept_masks else [
-                dare_mask(d.shape, p, g, d.device) for d, p, g in zip(ds, densities, gens, strict=True)]
-            dropped = [torch.where(m, d, 0.0).mul_(f) for d, m, f in zip(ds, masks, factors, strict=True)]
-            merged = self.combine_dropped(dropped)
-            result.put(start, end, torch.add(base, merged, alpha=self.step.lambda_, out=merged))
+        device = flat[0].device
+        result = ChunkedResult(numel, self.emit_dtype, device, scratch=1 + n)
+        step = min(chunk, max(numel, 1))
+        rand = torch.empty(step, dtype=torch.float32, device=gens[0].device)
+        drop = torch.empty(step, dtype=torch.bool, device=device)
+        acc, sign, denominator = (torch.empty(step, device=device) for _ in range(3))
+        for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
+            m = end - start
+            b.copy_(flat[0][start:end])
+            for i, (x, d) in enumerate(zip(flat[1:], ds, strict=True)):
+                d.copy_(x[start:end])
+                if is_model[i]:
+                    d.sub_(b)
+                if kept_masks:
+                    torch.logical_not(kept_masks[c][i], out=drop[:m])
+                else:  # dare_mask's draw (rand < p survives), into reused buffers
+                    torch.rand(m, generator=gens[i], out=rand[:m])
+                    torch.ge(rand[:m].to(device), densities[i], out=drop[:m])
+                d.masked_fill_(drop[:m], 0.0).mul_(factors[i])
+            merged = self.combine_into(ds, acc[:m], [sign[:m], denominator[:m]])
+            result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
 
     def combine(self, deltas: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
@@ -125,7 +138,11 @@ class DareMerge(MergeOp):
         return self.combine_dropped(dropped)
 
     def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
-        """Combine the dropped-and-rescaled deltas of one chunk."""
+        """Combine the dropped-and-rescaled deltas of one tensor (whole-tensor path)."""
+        raise NotImplementedError
+
+    def combine_into(self, dropped: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`combine_dropped` of one chunk into ``out`` (``dropped`` may be overwritten)."""
         raise NotImplementedError
 
 
@@ -143,7 +160,10 @@ class DareLinear(DareMerge):
     Step = DareLinearStep
 
     def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros_like(dropped[0])
+        return self.combine_into(dropped, torch.empty_like(dropped[0]), [])
+
+    def combine_into(self, dropped: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
+        out.zero_()
         for w, d in zip(self.weights, dropped, strict=True):
             out.add_(d, alpha=w)
         return out
@@ -166,3 +186,6 @@ class DareTies(DareMerge):
 
     def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
         return ties_merge(dropped, self.weights, vote=self.step.vote)
+
+    def combine_into(self, dropped: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
+        return ties_merge_into(dropped, self.weights, out, scratch, vote=self.step.vote)

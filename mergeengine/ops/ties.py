@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import ChunkedTopk, keep_count
+from mergeengine.kernels.selection import ChunkedTopk, keep_count, select_abs_ranks_streamed_many
 from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
@@ -96,9 +96,10 @@ class Ties(MergeOp):
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         """Stream: no float32 copy of any whole delta is ever made.
 
-        Each delta is recomputed chunk by chunk (``model - base`` in cache-sized scratch): twice
-        for its exact top-k threshold (two histogram passes), once more to trim, elect and
-        average. Memory is a few chunks whatever the tensor size.
+        The deltas are recomputed chunk by chunk (``model - base`` in cache-sized scratch, every
+        input over one slice of the base at a time): twice for their exact top-k thresholds (two
+        histogram passes), once more to trim, elect and average. Memory is a few chunks whatever
+        the tensor size.
         """
         rows = self.target_rows.get(ctx.tensor)
         if rows is not None:
@@ -109,21 +110,24 @@ class Ties(MergeOp):
         numel = base.numel()
         result = ChunkedResult(numel, self.emit_dtype, base.device, scratch=1 + len(xs))
 
-        def delta(i: int, start: int, end: int, b: torch.Tensor, d: torch.Tensor, fresh_base: bool) -> torch.Tensor:
-            if fresh_base and is_model[i]:
-                b.copy_(base[start:end])
+        def delta(i: int, start: int, end: int, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
             d.copy_(xs[i][start:end])
             return d.sub_(b) if is_model[i] else d
 
         if self.step.trim_scope == "model":
             trims = [lambda c, bits, drop, t=t: c.masked_fill_(c.abs() < t, 0.0) for t in ctx.stats["trim_low"]]
         else:
-            trims = []
-            for i, p in enumerate(per_input(self.step.density, len(xs))):
-                def chunks(i: int = i) -> Iterator[torch.Tensor]:
-                    for start, end, (b, *ds) in result.chunks():
-                        yield delta(i, start, end, b, ds[i], True)
-                trims.append(ChunkedTopk.streamed(chunks, numel, keep_count(numel, p)).trim_)
+            keeps = [keep_count(numel, p) for p in per_input(self.step.density, len(xs))]
+
+            def chunks() -> Iterator[list[torch.Tensor]]:  # every input's delta over one slice of the base
+                for start, end, (b, *ds) in result.chunks():
+                    b.copy_(base[start:end])
+                    yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
+
+            ranks = [[numel - k + 1] if 0 < k < numel else [] for k in keeps]
+            picked = select_abs_ranks_streamed_many(chunks, numel, ranks)
+            trims = [ChunkedTopk(None, k, numel=numel, selection=(sel[0] if sel else None)).trim_
+                     for k, sel in zip(keeps, picked, strict=True)]
         step = min(merge_chunk(), max(numel, 1))
         bits = torch.empty(step, dtype=torch.int32, device=base.device)
         drop = torch.empty(step, dtype=torch.bool, device=base.device)
@@ -131,7 +135,7 @@ class Ties(MergeOp):
         for start, end, (b, *ds) in result.chunks():
             n = end - start
             b.copy_(base[start:end])
-            trimmed = [trim(delta(i, start, end, b, ds[i], False), bits[:n], drop[:n]) for i, trim in enumerate(trims)]
+            trimmed = [trim(delta(i, start, end, b, ds[i]), bits[:n], drop[:n]) for i, trim in enumerate(trims)]
             merged = ties_merge_into(trimmed, self.weights, acc[:n], [sign[:n], denominator[:n]], self.step.vote)
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
