@@ -568,3 +568,17 @@ def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
         threshold = torch.kthvalue(m, kk).values
         expected = torch.where(m > threshold, delta * s, expected)
     assert torch.equal(k.dpa_amplify_tensor(delta, densities, scales), expected)
+
+
+def test_statistics_and_amplify_on_a_model_base_pair_equal_the_materialised_delta():
+    """A fused diff (model, base) in bfloat16 gives the floats of model.float() - base."""
+    from mergeengine.kernels import dppa as k
+
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(2 * k._CHUNK + 777, generator=g) * 0.02).bfloat16()
+    model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
+    delta = model.float() - base
+    assert k.module_partial((model, base), 3.0) == k.module_partial(delta, 3.0)
+    assert k.layer_outlier_partial((model, base), 2e-3) == k.layer_outlier_partial(delta, 2e-3)
+    for fn in (k.dpa_amplify_tensor, k.dpa_amplify_magnitude_tensor):
+        assert torch.equal(fn((model, base), [0.1, 0.2], [1.8, 1.0]), fn(delta, [0.1, 0.2], [1.8, 1.0]))

@@ -58,6 +58,9 @@ import torch
 
 from mergeengine.kernels.selection import kth_smallest_abs, select_abs_ranks_streamed
 
+#: A delta, or the ``(model, base)`` pair it is the difference of (computed chunk by chunk).
+Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
 __all__ = [
     "DEFAULT_LAMDA",
     "DEFAULT_LAYER_THRESHOLD",
@@ -185,7 +188,7 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
 
 
-def module_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
+def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
     """Pass 1: the statistics DP needs from one prunable tensor.
 
     Args:
@@ -244,7 +247,7 @@ def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[s
     return {layer: (sums[layer] / numels[layer] if numels[layer] else 0.0) for layer in sums}
 
 
-def layer_outlier_partial(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], threshold_value: float) -> int:
+def layer_outlier_partial(delta: Delta, threshold_value: float) -> int:
     """Pass 2: this tensor's contribution to its layer's outlier count.
 
     Args:
@@ -450,7 +453,7 @@ def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dpa_amplify_tensor(
-    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
+    delta: Delta, densities: Sequence[float], scales: Sequence[float]
 ) -> torch.Tensor:
     """DPA with DP selection: rescale each partition of one delta by its own factor.
 
@@ -459,7 +462,8 @@ def dpa_amplify_tensor(
     Entries not kept at the last density are 0.
 
     Args:
-        delta: the tensor's delta.
+        delta: the tensor's delta, or the ``(model, base)`` pair it is the difference of
+            (computed chunk by chunk, never stored; the result is then float32).
         densities: this module's DP densities ``d_lj(d_k)``, one per partition (call
             :func:`dp_densities` once per partition target ``d_k``). Non-decreasing: clamping can
             make two equal, which leaves the later partition empty.
@@ -477,7 +481,7 @@ def dpa_amplify_tensor(
 
 
 def dpa_amplify_magnitude_tensor(
-    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
+    delta: Delta, densities: Sequence[float], scales: Sequence[float]
 ) -> torch.Tensor:
     """DPA with plain per-tensor magnitude selection.
 
@@ -549,11 +553,13 @@ def release_factors(scales: Sequence[float]) -> tuple[list[float], float]:
 _CHUNK = 1 << 17
 
 
-def _abs_chunks(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``|delta|`` (float32, flat) chunk by chunk, in one reused scratch buffer.
+def _value_chunks(delta: Delta) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, chunk)`` of the delta's float32 values, flat, chunk by chunk.
 
-    ``delta`` may be a ``(model, base)`` pair: each chunk is then ``|model - base|`` computed
-    in cache (the floats of ``model.float() - base``), and no delta is ever materialised.
+    ``delta`` may be a ``(model, base)`` pair: each chunk is then ``model - base`` computed in a
+    reused scratch buffer (the floats of ``model.float() - base``), and no delta is ever
+    materialised. A float32 tensor is sliced (no copy); other dtypes are converted into scratch.
+    A chunk is only valid until the next one is requested.
     """
     pair = isinstance(delta, tuple)
     flat = (delta[0] if pair else delta).detach().reshape(-1)
@@ -563,13 +569,28 @@ def _abs_chunks(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> Iter
     base_scratch = torch.empty_like(scratch) if pair else None
     for start in range(0, numel, _CHUNK):
         end = min(start + _CHUNK, numel)
-        out = scratch[: end - start]
-        if base is None:
-            yield torch.abs(flat[start:end], out=out)
-        else:
+        if base is None and flat.dtype == torch.float32:
+            yield start, flat[start:end]
+            continue
+        out = scratch[: end - start].copy_(flat[start:end])
+        if base is not None:
             b = base_scratch[: end - start]
             b.copy_(base[start:end])
-            yield out.copy_(flat[start:end]).sub_(b).abs_()
+            out.sub_(b)
+        yield start, out
+
+
+def _abs_chunks(delta: Delta) -> Iterator[torch.Tensor]:
+    """``|delta|`` (float32, flat) chunk by chunk, in one reused scratch buffer (see :func:`_value_chunks`)."""
+    scratch: torch.Tensor | None = None
+    for _, chunk in _value_chunks(delta):
+        if scratch is None:
+            scratch = torch.empty(min(_numel(delta), _CHUNK), dtype=torch.float32, device=chunk.device)
+        yield torch.abs(chunk, out=scratch[: chunk.numel()])
+
+
+def _numel(delta: Delta) -> int:
+    return delta[0].numel() if isinstance(delta, tuple) else delta.numel()
 
 
 def _sum_float64(values: torch.Tensor) -> float:
@@ -648,33 +669,31 @@ def _check_partitions(
             raise ValueError(f"partition densities must be {order}, got {list(densities)}")
 
 
-def _scale_partitions(
-    delta: torch.Tensor, densities: Sequence[float], scales: Sequence[float]
-) -> torch.Tensor:
-    """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, thresholds of every
-    partition selected in the same two streamed histogram passes."""
-    flat = delta.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    numel = flat.numel()
+def _scale_partitions(delta: Delta, densities: Sequence[float], scales: Sequence[float]) -> torch.Tensor:
+    """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
+    partition selected in the same two streamed histogram passes, the result written once."""
+    numel = _numel(delta)
     ks = [prune_count(numel, d) for d in densities]
     wanted = sorted({k for k in ks if k > 0})
-
-    def chunks() -> Iterator[torch.Tensor]:
-        for start in range(0, numel, _CHUNK):
-            yield flat[start : start + _CHUNK]
-
-    picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted), strict=True))
+    picked = dict(zip(wanted, select_abs_ranks_streamed(lambda: (c for _, c in _value_chunks(delta)), numel, wanted),
+                      strict=True))
     # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
     thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
-    result = torch.empty(numel, dtype=flat.dtype, device=flat.device)
-    for start in range(0, numel, _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        bits = chunk.view(torch.int32) & 0x7FFFFFFF
-        out = torch.zeros_like(chunk)
-        # Widest partition first; each narrower (nested) mask overwrites, so an entry ends with the
-        # factor of the first partition it enters.
-        for bits_k, scale in reversed(list(zip(thresholds, scales, strict=True))):
-            out = torch.where(bits > bits_k, chunk * scale, out)
-        result[start : start + _CHUNK] = out
-    return result.view(delta.shape).to(delta.dtype)
+    like = delta[0] if isinstance(delta, tuple) else delta
+    result = torch.empty(numel, dtype=torch.float32, device=like.device)
+    step = min(numel, _CHUNK)
+    bits = torch.empty(step, dtype=torch.int32, device=like.device)
+    mask = torch.empty(step, dtype=torch.bool, device=like.device)
+    scaled = torch.empty(step, dtype=torch.float32, device=like.device)
+    # Widest partition first; each narrower (nested) partition overwrites, so an entry ends with
+    # the factor of the first partition it enters, and 0 outside the widest.
+    order = list(reversed(list(zip(thresholds, scales, strict=True))))
+    for start, chunk in _value_chunks(delta):
+        n = chunk.numel()
+        out = result[start : start + n]
+        torch.bitwise_and(chunk.view(torch.int32), 0x7FFFFFFF, out=bits[:n])
+        torch.mul(chunk, order[0][1], out=out).masked_fill_(torch.le(bits[:n], order[0][0], out=mask[:n]), 0.0)
+        for bits_k, scale in order[1:]:
+            torch.where(torch.gt(bits[:n], bits_k, out=mask[:n]), torch.mul(chunk, scale, out=scaled[:n]), out, out=out)
+    out_dtype = torch.float32 if isinstance(delta, tuple) else delta.dtype
+    return result.view(like.shape).to(out_dtype)

@@ -97,9 +97,9 @@ class DpaAmplify(DeltaOp):
                              source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        delta = self.delta(inputs)
         if ctx.tensor not in self.groups:
-            return delta * self.dense
+            return self.delta(inputs) * self.dense
+        delta = self.delta_source(inputs)  # a fused diff is computed chunk by chunk, never stored
         if self.step.select == "magnitude":
             out = dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
         else:
