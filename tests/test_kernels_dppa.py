@@ -582,3 +582,17 @@ def test_statistics_and_amplify_on_a_model_base_pair_equal_the_materialised_delt
     assert k.layer_outlier_partial((model, base), 2e-3) == k.layer_outlier_partial(delta, 2e-3)
     for fn in (k.dpa_amplify_tensor, k.dpa_amplify_magnitude_tensor):
         assert torch.equal(fn((model, base), [0.1, 0.2], [1.8, 1.0]), fn(delta, [0.1, 0.2], [1.8, 1.0]))
+
+
+def test_module_pass_histogram_replaces_the_first_selection_pass():
+    """The magnitude histogram counted during the module statistics gives the same amplified delta."""
+    from mergeengine.kernels import dppa as k
+
+    g = torch.Generator().manual_seed(7)
+    delta = torch.randn(2 * k._CHUNK + 999, generator=g) * 1e-3
+    delta[::13] = 3e-4  # ties at the thresholds
+    high = torch.zeros(k.HIGH_BINS, dtype=torch.int64)
+    assert k.module_partial(delta, 3.0, high_histogram=high) == k.module_partial(delta, 3.0)
+    assert int(high.sum()) == delta.numel()
+    with_high = k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0], high_histogram=high)
+    assert torch.equal(with_high, k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0]))

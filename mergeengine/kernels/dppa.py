@@ -56,7 +56,7 @@ from fractions import Fraction
 
 import torch
 
-from mergeengine.kernels.selection import kth_smallest_abs, select_abs_ranks_streamed
+from mergeengine.kernels.selection import HIGH_BINS, high_keys, kth_smallest_abs, select_abs_ranks_streamed
 
 #: A delta, or the ``(model, base)`` pair it is the difference of (computed chunk by chunk).
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -188,13 +188,18 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
 
 
-def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
+def module_partial(
+    delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD, high_histogram: torch.Tensor | None = None
+) -> ModulePartial:
     """Pass 1: the statistics DP needs from one prunable tensor.
 
     Args:
         delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast), or the
             pair ``(F, B)`` (the delta is then computed chunk by chunk, never stored).
         module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
+        high_histogram: optional int64 tensor of :data:`HIGH_BINS` counts; the pass adds the
+            histogram of the high 16 bits of ``|D|`` to it (pass 1 of an exact selection, so
+            ``dpa_amplify`` need not read the tensor once more for it).
 
     Returns:
         ``ModulePartial(sum_abs, numel, outlier_count)``.
@@ -203,7 +208,7 @@ def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESH
         >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
         ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
     """
-    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
+    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64 and high_histogram is None:
         magnitudes = delta.detach().reshape(-1).abs()
         numel = magnitudes.numel()
         sum_abs = _sum_float64(magnitudes)
@@ -214,6 +219,8 @@ def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESH
     block_sums: list[torch.Tensor] = []
     tail = 0.0
     for chunk in _abs_chunks(delta):
+        if high_histogram is not None:
+            high_histogram += torch.bincount(high_keys(chunk), minlength=HIGH_BINS).to(high_histogram.device)
         full = chunk.numel() // block * block
         if full:
             block_sums.append(chunk[:full].view(-1, block).sum(dim=1))
@@ -453,7 +460,7 @@ def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dpa_amplify_tensor(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float]
+    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
 ) -> torch.Tensor:
     """DPA with DP selection: rescale each partition of one delta by its own factor.
 
@@ -477,7 +484,7 @@ def dpa_amplify_tensor(
         ValueError: lengths differ, no partition, a density outside [0, 1] or decreasing.
     """
     _check_partitions(densities, scales, strictly_increasing=False)
-    return _scale_partitions(delta, densities, scales)
+    return _scale_partitions(delta, densities, scales, high_histogram)
 
 
 def dpa_amplify_magnitude_tensor(
@@ -669,14 +676,18 @@ def _check_partitions(
             raise ValueError(f"partition densities must be {order}, got {list(densities)}")
 
 
-def _scale_partitions(delta: Delta, densities: Sequence[float], scales: Sequence[float]) -> torch.Tensor:
+def _scale_partitions(
+    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
+) -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
     partition selected in the same two streamed histogram passes, the result written once."""
     numel = _numel(delta)
     ks = [prune_count(numel, d) for d in densities]
     wanted = sorted({k for k in ks if k > 0})
-    picked = dict(zip(wanted, select_abs_ranks_streamed(lambda: (c for _, c in _value_chunks(delta)), numel, wanted),
-                      strict=True))
+    def chunks() -> Iterator[torch.Tensor]:
+        return (c for _, c in _value_chunks(delta))
+
+    picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram), strict=True))
     # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
     thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
     like = delta[0] if isinstance(delta, tuple) else delta

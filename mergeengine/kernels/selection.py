@@ -37,6 +37,8 @@ HISTOGRAM_MIN_NUMEL = 1 << 16
 
 #: Number of bins of each histogram (16 bits of the float32 bit pattern).
 HISTOGRAM_BINS = 1 << 16
+#: Bins of a histogram of the high 16 bits of magnitudes (the sign bit is clear: 15 bits).
+HIGH_BINS = 1 << 15
 
 # Entries per chunk for chunked elementwise passes on CPU: 256 KiB of float32, cache-resident.
 _CHUNK_NUMEL = 1 << 16
@@ -254,18 +256,21 @@ def select_abs_rank_streamed(
 
 
 def select_abs_ranks_streamed(
-    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int]
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int], high: torch.Tensor | None = None
 ) -> list[RankSelection]:
     """Several ranks of one chunked tensor with the same two passes (see :func:`select_abs_rank_streamed`).
 
     The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
-    distinct high bin the ranks fall in.
+    distinct high bin the ranks fall in. ``high``: that histogram when already counted (see
+    :func:`high_keys`); pass 1 is then skipped.
     """
-    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks])[0]
+    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks],
+                                          highs=None if high is None else [high])[0]
 
 
 def select_abs_ranks_streamed_many(
-    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]]
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
+    highs: Sequence[torch.Tensor] | None = None,
 ) -> list[list[RankSelection]]:
     """Ranks of several chunked tensors of one size, selected in the same two passes.
 
@@ -283,11 +288,11 @@ def select_abs_ranks_streamed_many(
             for i in streams:
                 parts[i].append(group[i].reshape(-1).clone())  # chunks may share a buffer
         return [[select_abs_rank(torch.cat(parts[i]), k) for k in ks[i]] for i in streams]
-    high: list[torch.Tensor | None] = [None for _ in streams]
-    for group in chunks():  # |x| has a clear sign bit: its high 16 bits are below 2**15
+    high: list[torch.Tensor | None] = list(highs) if highs is not None else [None for _ in streams]
+    for group in chunks() if highs is None else ():  # |x| has a clear sign bit: high 16 bits < 2**15
         for i in streams:
             if ks[i]:
-                counts = torch.bincount(_high_keys(group[i]), minlength=1 << 15)
+                counts = torch.bincount(_high_keys(group[i]), minlength=HIGH_BINS)
                 high[i] = counts if high[i] is None else high[i].add_(counts)  # type: ignore[union-attr]
     located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]  # type: ignore[arg-type]
     lows = [{b: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64) for b, _, _ in located[i]} for i in streams]
@@ -435,6 +440,13 @@ def _chunk_numel(flat: torch.Tensor) -> int:
 def _flat_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous 1-D float32 tensor (a view when it already is one)."""
     return x.detach().to(torch.float32).contiguous().view(-1)
+
+
+def high_keys(chunk: torch.Tensor) -> torch.Tensor:
+    """Histogram keys of a contiguous 1-D float32 chunk: the high 16 bits of ``|x|``, in
+    ``[0, HIGH_BINS)``; ``torch.bincount(high_keys(c), minlength=HIGH_BINS)`` is pass 1 of
+    :func:`select_abs_ranks_streamed`."""
+    return _high_keys(chunk)
 
 
 def _high_keys(flat: torch.Tensor) -> torch.Tensor:

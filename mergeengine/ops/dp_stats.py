@@ -34,19 +34,29 @@ def dp_reductions(
     module_threshold: float,
     layer_threshold: float,
     source: Callable[[list[torch.Tensor]], Any] = lambda inputs: inputs[0],
+    histograms: bool = False,
 ) -> list[Reduction]:
     """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target.
 
     ``source`` picks what the statistics read from a task's inputs: the delta, or the
-    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`).
+    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`). With
+    ``histograms``, the module pass also keeps each tensor's magnitude histogram
+    (``stats["module_stats"]["histograms"]``): the first pass of a later exact selection, saved.
     """
     names = list(groups)
 
-    def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> dppa.ModulePartial:
-        return dppa.module_partial(source(inputs), module_threshold)
+    def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> Any:
+        if not histograms:
+            return dppa.module_partial(source(inputs), module_threshold)
+        high = torch.zeros(dppa.HIGH_BINS, dtype=torch.int64)
+        return dppa.module_partial(source(inputs), module_threshold, high_histogram=high), high
 
-    def finish_module(acc: dict[str, dppa.ModulePartial], stats: Mapping[str, Any]) -> dict[str, Any]:
-        return {"partials": acc, "layer_means": dppa.layer_means(acc, groups)}
+    def finish_module(acc: dict[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
+        partials = {n: v[0] for n, v in acc.items()} if histograms else acc
+        out = {"partials": partials, "layer_means": dppa.layer_means(partials, groups)}
+        if histograms:
+            out["histograms"] = {n: v[1] for n, v in acc.items()}
+        return out
 
     def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> int:
         mean = stats["module_stats"]["layer_means"][groups[name][0]]

@@ -94,7 +94,7 @@ class DpaAmplify(DeltaOp):
             return []
         return dp_reductions(s.id, self.groups, self.targets, lamda=s.lamda,
                              module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
-                             source=self.delta_source)
+                             source=self.delta_source, histograms=True)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         if ctx.tensor not in self.groups:
@@ -107,7 +107,8 @@ class DpaAmplify(DeltaOp):
             if ctx.tensor == next(iter(self.groups)):
                 log_summary(self.step.id, per_target[-1], self.groups)
             densities = [d.module_density[ctx.tensor] for d in per_target]
-            out = dppa.dpa_amplify_tensor(delta, densities, self.scales)
+            high = ctx.stats["module_stats"]["histograms"][ctx.tensor]  # pass 1 of the selection, done
+            out = dppa.dpa_amplify_tensor(delta, densities, self.scales, high_histogram=high)
         return out
 
     def plan_notes(self) -> list[str]:
