@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.sparsify import dare, dare_mask
+from mergeengine.kernels.sparsify import dare
 from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
@@ -83,11 +83,6 @@ class DareMerge(MergeOp):
         is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
         chunk = merge_chunk()
 
-        def deltas(start: int, end: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            base = flat[0][start:end].float()
-            return base, [x[start:end].float() - base if m else x[start:end].float()
-                          for x, m in zip(flat[1:], is_model, strict=True)]
-
         def generators() -> list[torch.Generator]:
             return [tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor) for i in range(n)]
 
@@ -95,20 +90,33 @@ class DareMerge(MergeOp):
         factors = [1.0 / p if rescale == "per_element" else 1.0 for p in densities]
         gens = generators()
         kept_masks: list[list[torch.Tensor]] = []
-        if rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
-            before, after = [0.0] * n, [0.0] * n
-            for start in range(0, numel, chunk):
-                _, ds = deltas(start, min(start + chunk, numel))
-                masks = [dare_mask(d.shape, p, g, d.device) for d, p, g in zip(ds, densities, gens, strict=True)]
-                for i, (d, m) in enumerate(zip(ds, masks, strict=True)):
-                    before[i] += float(d.abs().sum())
-                    after[i] += float(torch.where(m, d, 0.0).abs().sum())
-                kept_masks.append(masks)
-            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in zip(before, after, strict=True)]
         device = flat[0].device
-        result = ChunkedResult(numel, self.emit_dtype, device, scratch=1 + n)
         step = min(chunk, max(numel, 1))
         rand = torch.empty(step, dtype=torch.float32, device=gens[0].device)
+        if rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
+            # per-chunk float32 sums added in float64, as Python floats would be: no host sync per chunk
+            before = torch.zeros(n, dtype=torch.float64, device=device)
+            after = torch.zeros(n, dtype=torch.float64, device=device)
+            b, d = torch.empty(step, device=device), torch.empty(step, device=device)
+            for start in range(0, numel, chunk):
+                end = min(start + chunk, numel)
+                m = end - start
+                b[:m].copy_(flat[0][start:end])
+                masks = []
+                for i, x in enumerate(flat[1:]):
+                    di = d[:m].copy_(x[start:end])
+                    if is_model[i]:
+                        di.sub_(b[:m])
+                    torch.rand(m, generator=gens[i], out=rand[:m])  # dare_mask's draw
+                    keep = torch.lt(rand[:m].to(device), densities[i])
+                    before[i] += di.abs_().sum().double()
+                    after[i] += di.masked_fill_(keep.logical_not(), 0.0).sum().double()
+                    masks.append(keep)
+                kept_masks.append(masks)
+            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0
+                       for b, a in zip(before.tolist(), after.tolist(), strict=True)]
+        device = flat[0].device
+        result = ChunkedResult(numel, self.emit_dtype, device, scratch=1 + n)
         drop = torch.empty(step, dtype=torch.bool, device=device)
         acc, sign, denominator = (torch.empty(step, device=device) for _ in range(3))
         for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
