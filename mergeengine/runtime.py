@@ -45,6 +45,18 @@ def set_threads(threads: int | None = None) -> int:
     return n
 
 
+def libc() -> ctypes.CDLL | None:
+    """The C library (glibc or another libc) loaded once with errno, or None where there is none."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC: ctypes.CDLL | bool | None = None
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _DONE = False
@@ -65,13 +77,13 @@ def reuse_freed_memory(max_block_bytes: int = 64 << 20) -> bool:
     global _DONE
     if _DONE:
         return True
-    if not sys.platform.startswith("linux"):
+    c = libc() if sys.platform.startswith("linux") else None
+    if c is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, max_block_bytes) == 1
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2 * max_block_bytes) == 1
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+        ok = c.mallopt(_M_MMAP_THRESHOLD, max_block_bytes) == 1
+        ok = ok and c.mallopt(_M_TRIM_THRESHOLD, 2 * max_block_bytes) == 1
+    except AttributeError:  # not glibc (musl, ...)
         return False
     _DONE = ok
     LOG.debug("allocator tuned to reuse freed blocks: %s", ok)

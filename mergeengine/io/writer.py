@@ -9,7 +9,6 @@ only when complete.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -28,6 +27,7 @@ import torch
 from mergeengine.errors import MergeEngineError, OutputError
 from mergeengine.io.checkpoint import TORCH_TO_ST
 from mergeengine.ops.base import TensorMeta
+from mergeengine.runtime import libc
 
 LOG = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ class Shard:
 #: Bytes written to a shard between two requests to the kernel to start writing them back.
 WRITEBACK_BYTES = 128 << 20
 _SYNC_FILE_RANGE_WRITE = 2
-_libc: Any = None
 
 
 def start_writeback(fd: int) -> None:
@@ -68,16 +67,10 @@ def start_writeback(fd: int) -> None:
     A shard's fsync at close then waits only for the last few pages instead of the whole shard,
     and write-back overlaps the merge. A no-op where ``sync_file_range`` is unavailable.
     """
-    global _libc
-    if _libc is False or not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-    except (OSError, AttributeError):
-        _libc = False
+    c = libc() if sys.platform.startswith("linux") else None
+    sync_file_range = getattr(c, "sync_file_range", None)
+    if sync_file_range is not None:
+        sync_file_range(ctypes.c_int(fd), ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
 def layout_shards(order: list[str], metas: dict[str, TensorMeta], max_shard_bytes: int) -> list[Shard]:

@@ -116,7 +116,7 @@ def abs_high_histogram(x: torch.Tensor) -> torch.Tensor:
     Returns:
         An int64 tensor of :data:`HISTOGRAM_BINS` counts on ``x``'s device.
     """
-    return torch.bincount(_high_keys(_flat_float32(x)), minlength=HISTOGRAM_BINS)
+    return torch.bincount(high_keys(_flat_float32(x)), minlength=HISTOGRAM_BINS)
 
 
 def abs_low_histogram(x: torch.Tensor, high_bin: int) -> torch.Tensor:
@@ -133,7 +133,7 @@ def abs_low_histogram(x: torch.Tensor, high_bin: int) -> torch.Tensor:
         An int64 tensor of :data:`HISTOGRAM_BINS` counts on ``x``'s device.
     """
     flat = _flat_float32(x)
-    candidates = flat.view(torch.int32)[_high_keys(flat) == high_bin]
+    candidates = flat.view(torch.int32)[high_keys(flat) == high_bin]
     return torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS)
 
 
@@ -219,7 +219,7 @@ def select_abs_rank(x: torch.Tensor, k: int) -> RankSelection:
             count_less=int((bits < selected).sum()),
             count_equal=int((bits == selected).sum()),
         )
-    keys = _high_keys(flat)
+    keys = high_keys(flat)
     high_bin, below_high, _ = locate_rank(torch.bincount(keys, minlength=HISTOGRAM_BINS), k)
     candidates = flat.view(torch.int32)[keys == high_bin]
     low_histogram = torch.bincount(candidates & 0xFFFF, minlength=HISTOGRAM_BINS)
@@ -292,7 +292,7 @@ def select_abs_ranks_streamed_many(
     for group in chunks() if highs is None else ():  # |x| has a clear sign bit: high 16 bits < 2**15
         for i in streams:
             if ks[i]:
-                counts = torch.bincount(_high_keys(group[i]), minlength=HIGH_BINS)
+                counts = torch.bincount(high_keys(group[i]), minlength=HIGH_BINS)
                 high[i] = counts if high[i] is None else high[i].add_(counts)  # type: ignore[union-attr]
     located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]  # type: ignore[arg-type]
     lows = [{b: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64) for b, _, _ in located[i]} for i in streams]
@@ -301,7 +301,7 @@ def select_abs_ranks_streamed_many(
             for i in streams:
                 if not lows[i]:
                     continue
-                keys = _high_keys(group[i])
+                keys = high_keys(group[i])
                 for high_bin, low in lows[i].items():
                     candidates = group[i].view(torch.int32)[keys == high_bin]
                     if candidates.numel():
@@ -442,15 +442,9 @@ def _flat_float32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous().view(-1)
 
 
-def high_keys(chunk: torch.Tensor) -> torch.Tensor:
-    """Histogram keys of a contiguous 1-D float32 chunk: the high 16 bits of ``|x|``, in
-    ``[0, HIGH_BINS)``; ``torch.bincount(high_keys(c), minlength=HIGH_BINS)`` is pass 1 of
-    :func:`select_abs_ranks_streamed`."""
-    return _high_keys(chunk)
-
-
-def _high_keys(flat: torch.Tensor) -> torch.Tensor:
-    """High 16 bits of the bit patterns of ``|flat|``, as int16 values in [0, 32767].
+def high_keys(flat: torch.Tensor) -> torch.Tensor:
+    """High 16 bits of the bit patterns of ``|flat|`` (a contiguous 1-D float32 tensor), as int16
+    values in ``[0, HIGH_BINS)``: the keys of pass 1 of every radix select here.
 
     Reading the high halves through an int16 view and clearing the sign bit does one strided copy
     and one in-place op at half the width, instead of abs, shift and a 4-byte key array.

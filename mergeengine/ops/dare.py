@@ -25,7 +25,7 @@ from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
-from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, merge_chunk, per_input
+from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.ties import NonNegativeWeights
 
 Rescale = Literal["per_element", "l1", "none"]
@@ -77,60 +77,50 @@ class DareMerge(MergeOp):
         if self.target_rows.get(ctx.tensor) is not None:
             return super().compute(inputs, ctx)
         flat = [t.reshape(-1) for t in inputs]
-        numel = flat[0].numel()
         n = len(self.step.inputs)
         densities = per_input(self.step.density, n)
         is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
-        chunk = merge_chunk()
-
-        def generators() -> list[torch.Generator]:
-            return [tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor) for i in range(n)]
-
-        rescale = self.step.rescale
-        factors = [1.0 / p if rescale == "per_element" else 1.0 for p in densities]
-        gens = generators()
-        kept_masks: list[list[torch.Tensor]] = []
+        gens = [tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor) for i in range(n)]
         device = flat[0].device
-        step = min(chunk, max(numel, 1))
-        rand = torch.empty(step, dtype=torch.float32, device=gens[0].device)
-        if rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
-            # per-chunk float32 sums added in float64, as Python floats would be: no host sync per chunk
-            before = torch.zeros(n, dtype=torch.float64, device=device)
-            after = torch.zeros(n, dtype=torch.float64, device=device)
-            b, d = torch.empty(step, device=device), torch.empty(step, device=device)
-            for start in range(0, numel, chunk):
-                end = min(start + chunk, numel)
-                m = end - start
-                b[:m].copy_(flat[0][start:end])
-                masks = []
-                for i, x in enumerate(flat[1:]):
-                    di = d[:m].copy_(x[start:end])
-                    if is_model[i]:
-                        di.sub_(b[:m])
-                    torch.rand(m, generator=gens[i], out=rand[:m])  # dare_mask's draw
-                    keep = torch.lt(rand[:m].to(device), densities[i])
-                    before[i] += di.abs_().sum().double()
-                    after[i] += di.masked_fill_(keep.logical_not(), 0.0).sum().double()
-                    masks.append(keep)
-                kept_masks.append(masks)
-            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0
-                       for b, a in zip(before.tolist(), after.tolist(), strict=True)]
-        device = flat[0].device
-        result = ChunkedResult(numel, self.emit_dtype, device, scratch=1 + n)
-        drop = torch.empty(step, dtype=torch.bool, device=device)
-        acc, sign, denominator = (torch.empty(step, device=device) for _ in range(3))
-        for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
-            m = end - start
+        result = ChunkedResult(flat[0].numel(), self.emit_dtype, device, scratch=1 + n)
+        rand = result.buffer(device=gens[0].device)  # draws happen on the generator's device
+
+        def deltas(start: int, end: int, b: torch.Tensor, ds: list[torch.Tensor]) -> None:
             b.copy_(flat[0][start:end])
             for i, (x, d) in enumerate(zip(flat[1:], ds, strict=True)):
                 d.copy_(x[start:end])
                 if is_model[i]:
                     d.sub_(b)
+
+        def draw(i: int, m: int) -> torch.Tensor:
+            """dare_mask's draw for input ``i``'s next ``m`` entries, into the reused buffer."""
+            return torch.rand(m, generator=gens[i], out=rand[:m]).to(device)
+
+        factors = [1.0 / p if self.step.rescale == "per_element" else 1.0 for p in densities]
+        kept_masks: list[list[torch.Tensor]] = []
+        if self.step.rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
+            # per-chunk float32 sums added in float64, as Python floats would be: no host sync per chunk
+            before = torch.zeros(n, dtype=torch.float64, device=device)
+            after = torch.zeros(n, dtype=torch.float64, device=device)
+            for start, end, (b, *ds) in result.chunks():
+                deltas(start, end, b, ds)
+                keeps = [torch.lt(draw(i, end - start), densities[i]) for i in range(n)]
+                for i, (d, keep) in enumerate(zip(ds, keeps, strict=True)):
+                    before[i] += d.abs_().sum().double()
+                    after[i] += d.masked_fill_(keep.logical_not(), 0.0).sum().double()
+                kept_masks.append(keeps)
+            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0
+                       for b, a in zip(before.tolist(), after.tolist(), strict=True)]
+        drop = result.buffer(torch.bool)
+        acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
+        for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
+            m = end - start
+            deltas(start, end, b, ds)
+            for i, d in enumerate(ds):
                 if kept_masks:
                     torch.logical_not(kept_masks[c][i], out=drop[:m])
-                else:  # dare_mask's draw (rand < p survives), into reused buffers
-                    torch.rand(m, generator=gens[i], out=rand[:m])
-                    torch.ge(rand[:m].to(device), densities[i], out=drop[:m])
+                else:  # rand < p survives
+                    torch.ge(draw(i, m), densities[i], out=drop[:m])
                 d.masked_fill_(drop[:m], 0.0).mul_(factors[i])
             merged = self.combine_into(ds, acc[:m], [sign[:m], denominator[:m]])
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))

@@ -79,8 +79,12 @@ class ChunkedResult:
         self.numel = numel
         self.out = torch.empty(numel, dtype=dtype, device=device)
         self._total = torch.zeros((), dtype=torch.float32, device=device)
-        step = min(merge_chunk(), max(numel, 1))
-        self._scratch = [torch.empty(step, dtype=torch.float32, device=device) for _ in range(scratch)]
+        self._scratch = [self.buffer() for _ in range(scratch)]
+
+    def buffer(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """A new scratch buffer of one chunk's length (slice it with ``[: end - start]``), on the
+        output's device unless ``device`` says otherwise."""
+        return torch.empty(min(merge_chunk(), max(self.numel, 1)), dtype=dtype, device=device or self.out.device)
 
     def chunks(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """``(start, end, scratch buffers sliced to the chunk)`` over the whole tensor, in order."""

@@ -25,7 +25,7 @@ from mergeengine.kernels.selection import ChunkedTopk, keep_count, select_abs_ra
 from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
-from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, merge_chunk, per_input
+from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.vocab import pad_rows
 
 
@@ -128,10 +128,8 @@ class Ties(MergeOp):
             picked = select_abs_ranks_streamed_many(chunks, numel, ranks)
             trims = [ChunkedTopk(None, k, numel=numel, selection=(sel[0] if sel else None)).trim_
                      for k, sel in zip(keeps, picked, strict=True)]
-        step = min(merge_chunk(), max(numel, 1))
-        bits = torch.empty(step, dtype=torch.int32, device=base.device)
-        drop = torch.empty(step, dtype=torch.bool, device=base.device)
-        acc, sign, denominator = (torch.empty(step, device=base.device) for _ in range(3))
+        bits, drop = result.buffer(torch.int32), result.buffer(torch.bool)
+        acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for start, end, (b, *ds) in result.chunks():
             n = end - start
             b.copy_(base[start:end])
