@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in results")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished shards")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the math (default: all cores but one, which does the I/O)")
+                   help="torch threads for the math (default: all cores but one, which does the I/O, "
+                        "and all cores for compute-bound ops: TIES, DARE, DP/DPA)")
     common(r)
 
     v = sub.add_parser("validate", help="check a recipe without reading weights")

@@ -21,6 +21,7 @@ from mergeengine.graph.plan import Plan, PrefetchWindow, TaskKey, uses
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.load import LoadOp
 from mergeengine.ops.save import SaveOp
+from mergeengine.runtime import use_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def execute(
                 else:
                     inputs = [values[s] for s in plan.sources[key]]
                     if key.kind == "map":
+                        use_threads(op.compute_bound)
                         rname = key.pass_.split("/", 1)[1]
                         red = plan.reductions[(key.step, rname)]
                         partial = red.map(key.tensor, inputs, step_stats[key.step])
@@ -124,6 +126,7 @@ def execute(
                         values[key] = out
                     else:
                         ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
+                        use_threads(op.compute_bound)
                         out = op.compute(inputs, ctx)
                         if ctx.checked_finite:
                             checked.add(key)

@@ -287,3 +287,30 @@ def test_merge_feeding_only_a_save_emits_the_stored_dtype_with_the_same_bytes(tm
     for n in a:
         assert torch.equal(a[n], b[n].to(torch.bfloat16)), n
     assert emitting.stats.peak_live_bytes < both.stats.peak_live_bytes
+
+
+def test_compute_bound_tasks_get_every_core_unless_threads_are_fixed(tmp_path, models, monkeypatch):
+    """With the automatic thread count, TIES tasks run on every core and loads/saves on all but
+    one; an explicit count (``--threads``) is never overridden. Same bytes either way."""
+    from mergeengine import runtime
+
+    monkeypatch.setattr(runtime, "all_cores", lambda: 3)
+    seen: list[tuple[str, int]] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(1)))
+    recipe = ta_recipe(tmp_path, models).read_text().replace(
+        "method: task_arithmetic", "method: ties, density: 0.5")
+    path = write_recipe(tmp_path, recipe, "ties.yaml")
+    try:
+        assert runtime.set_threads(None) == 2
+        api.run_recipe(path, out=tmp_path / "auto")
+        assert seen[0] == 2 and 3 in seen[1:] and seen[-1] in (2, 3)
+        assert runtime.use_threads(False) == 2 and runtime.use_threads(True) == 3
+        seen.clear()
+        assert runtime.set_threads(1) == 1
+        api.run_recipe(path, out=tmp_path / "fixed")
+        assert seen == [1] and runtime.use_threads(True) is None
+    finally:
+        runtime.set_threads(1)
+    a, b = read_folder(tmp_path / "auto"), read_folder(tmp_path / "fixed")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

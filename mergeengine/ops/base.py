@@ -115,6 +115,9 @@ class Op:
 
     name: ClassVar[str]
     Step: ClassVar[type[StepModel]]
+    #: True when the op's math, not its I/O, dominates its tasks (many float32 ops per entry):
+    #: the executor then gives torch every core (see :func:`mergeengine.runtime.use_threads`).
+    compute_bound: ClassVar[bool] = False
 
     def __init__(self, step: StepModel) -> None:
         self.step = step

@@ -31,6 +31,7 @@ class BreadcrumbsStep(MergeStep):
 class Breadcrumbs(MergeOp):
     """Per tensor: breadcrumbs mask on each delta, then ``sum_i w_i delta_i``."""
 
+    compute_bound = True
     method = "breadcrumbs"
     Step = BreadcrumbsStep
     step: BreadcrumbsStep

@@ -45,6 +45,7 @@ class DareStep(DeltaStep):
 class Dare(DeltaOp):
     """Per tensor: Bernoulli(density) mask from the tensor's own generator."""
 
+    compute_bound = True
     name = "dare"
     Step = DareStep
     step: DareStep
@@ -71,6 +72,7 @@ class DareMerge(MergeOp):
     rescale needs whole-tensor norms: a first chunked pass computes them, a second applies them.
     """
 
+    compute_bound = True
     step: DareMergeStep
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:

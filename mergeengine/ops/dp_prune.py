@@ -43,6 +43,7 @@ class DpPruneStep(DeltaStep):
 class DpPrune(DeltaOp):
     """Two statistics passes (module then layer outliers), then per-tensor pruning."""
 
+    compute_bound = True
     name = "dp_prune"
     fuses_diff = True
     Step = DpPruneStep

@@ -73,6 +73,7 @@ class DpaAmplifyStep(DeltaStep):
 class DpaAmplify(DeltaOp):
     """Statistics passes as dp_prune (for select: dp), then per-tensor partition scaling."""
 
+    compute_bound = True
     name = "dpa_amplify"
     fuses_diff = True
     Step = DpaAmplifyStep

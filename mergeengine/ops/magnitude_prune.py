@@ -30,6 +30,7 @@ class MagnitudePruneStep(DeltaStep):
 class MagnitudePrune(DeltaOp):
     """Exact top-k selection (bit-histogram), ties broken by index."""
 
+    compute_bound = True
     name = "magnitude_prune"
     Step = MagnitudePruneStep
     step: MagnitudePruneStep

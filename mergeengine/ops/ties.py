@@ -57,6 +57,7 @@ class TiesStep(MergeStep, NonNegativeWeights):
 class Ties(MergeOp):
     """Per tensor: trim each delta, then :func:`~mergeengine.kernels.ties.ties_merge`."""
 
+    compute_bound = True
     method = "ties"
     Step = TiesStep
     step: TiesStep
