@@ -252,3 +252,50 @@ def test_streamed_selection_equals_whole_tensor_selection(numel: int) -> None:
         chooser = ChunkedTopk.streamed(chunks, numel, keep)
         mask = torch.cat([chooser.mask(x[s : s + 4099]) for s in range(0, numel, 4099)])
         assert torch.equal(mask, topk_abs_mask(x, keep)), keep
+
+
+@pytest.mark.parametrize("case", ["zeros", "specials", "ties"])
+def test_streamed_selection_and_trim_on_special_values(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mostly-zero tensors (one high bin holds nearly everything: the collected low bits are
+    folded into a histogram as they go), +-0, subnormals, inf and NaN, and heavy ties: the
+    streamed selection equals the whole-tensor one, and ``trim_`` (a fused hardshrink where it
+    can) gives the bytes of ``masked_fill(~mask)`` chunk by chunk."""
+    from mergeengine.kernels import selection
+    from mergeengine.kernels.selection import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+
+    monkeypatch.setattr(selection._LowBits, "FOLD_AT", 1000)
+    g = torch.Generator().manual_seed(3)
+    numel = 200_003
+    x = torch.randn(numel, generator=g) * 1e-3
+    if case == "zeros":
+        x[torch.rand(numel, generator=g) < 0.9] = 0.0
+        x[::5] = -0.0
+    elif case == "specials":
+        x[::11] = 1e-42  # subnormal
+        x[5::13] = -0.0
+        x[7::1001] = float("inf")
+        x[9::2003] = float("nan")
+        x[3::3001] = -float("inf")
+    else:
+        x = torch.round(x * 4e3) / 4e3  # a few distinct magnitudes: ties at every threshold
+    step = 4099
+    scratch = torch.empty(step)
+
+    def chunks():
+        for s in range(0, numel, step):
+            part = scratch[: min(step, numel - s)]
+            part.copy_(x[s : s + step])
+            yield part
+
+    for k in [1, 7, numel // 10, numel // 2, numel - 3, numel]:
+        assert select_abs_rank_streamed(chunks, numel, k) == select_abs_rank(x, k), k
+    for keep in [1, 40, numel // 10, numel // 2, numel - 100, numel - 1]:
+        chooser = ChunkedTopk.streamed(chunks, numel, keep)
+        bits, drop = torch.empty(step, dtype=torch.int32), torch.empty(step, dtype=torch.bool)
+        parts = []
+        for s in range(0, numel, step):
+            c = x[s : s + step].clone()
+            parts.append(chooser.trim_(c, bits[: c.numel()], drop[: c.numel()]))
+        expected = x.masked_fill(~topk_abs_mask(x, keep), 0.0)
+        got = torch.cat(parts)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, keep)

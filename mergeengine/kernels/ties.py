@@ -189,18 +189,30 @@ def ties_merge_into(
         ``out``.
     """
     sign, denominator = scratch[0], scratch[1]
-    sign.zero_()
-    for delta, weight in zip(deltas, weights, strict=True):
-        sign.add_(delta, alpha=weight if vote == "weighted" else 1.0)
+    weighted = vote == "weighted"
+    if weighted:  # 0 + w*D rounds like w*D: the same floats as summing from zero
+        torch.mul(deltas[0], weights[0], out=sign)
+    else:
+        sign.copy_(deltas[0])
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
+        sign.add_(delta, alpha=weight if weighted else 1.0)
     sign.sign_()
-    out.zero_()
-    denominator.zero_()
-    for delta, weight in zip(deltas, weights, strict=True):
+    for index, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
+        if index == 0:  # |D_0| where it agrees, else 0, straight into the sums
+            torch.mul(delta, sign, out=out).clamp_(min=0.0)
+            torch.sign(out, out=denominator)
+            if weight != 1.0:
+                out.mul_(weight)
+                denominator.mul_(weight)
+            continue
         agreeing = torch.mul(delta, sign, out=delta).clamp_(min=0.0)  # |D_i| where it agrees, else 0
         out.add_(agreeing, alpha=weight)
         denominator.add_(agreeing.sign_(), alpha=weight)
     out.mul_(sign)
-    denominator.masked_fill_(denominator == 0, 1.0)  # nothing agrees: numerator is 0, result 0
+    # Where nothing agrees the numerator is 0 and so is the result. A non-zero denominator is a
+    # sum of positive weights, so it is >= the smallest positive weight: clamping to that weight
+    # changes only the zeros (a division by 1 there would need a compare and a masked fill).
+    denominator.clamp_(min=min((w for w in weights if w > 0), default=1.0))
     return out.div_(denominator).add_(0.0)  # + 0.0 turns the -0.0 of "nothing agrees" into 0.0
 
 
