@@ -596,3 +596,23 @@ def test_module_pass_histogram_replaces_the_first_selection_pass():
     assert int(high.sum()) == delta.numel()
     with_high = k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0], high_histogram=high)
     assert torch.equal(with_high, k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0]))
+
+
+@pytest.mark.parametrize("scales", [[1.8, 1.0], [2.0, 5.0, 0.5], [1.5, 0.0]])
+def test_fused_partition_scaling_gives_the_masked_paths_bytes(scales, monkeypatch) -> None:
+    """The hardshrink band sums (``_scale_bands``) equal the compare-and-mask path bit for bit,
+    over several chunks, with ties, +-0, an inf (its chunk falls back) and a zero scale (no
+    fused path)."""
+    from mergeengine.kernels import dppa
+
+    g = torch.Generator().manual_seed(5)
+    n = 3 * dppa._CHUNK + 123
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    model = (base.float() + torch.randn(n, generator=g) * 0.002).bfloat16()
+    model[7] = base[7]  # a zero delta
+    model[dppa._CHUNK + 5] = float("inf")
+    densities = [0.1, 0.3, 0.3][: len(scales)]
+    fused = dppa.dpa_amplify_tensor((model, base), densities, scales)
+    monkeypatch.setattr(dppa, "_bands", lambda thresholds, scales: None)
+    masked = dppa.dpa_amplify_tensor((model, base), densities, scales)
+    assert torch.equal(fused.view(torch.int32), masked.view(torch.int32))

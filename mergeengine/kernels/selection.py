@@ -301,8 +301,8 @@ def select_abs_ranks_streamed_many(
     if any(bins):
         for group in chunks():
             for i in streams:
-                for high_bin in bins[i]:
-                    collected[i].add(group[i], high_bin)
+                if bins[i]:
+                    collected[i].add(group[i], bins[i])
     lows = [{b: collected[i].histogram(b) for b in bins[i]} for i in streams]
     out: list[list[RankSelection]] = []
     for i in streams:
@@ -471,22 +471,24 @@ class _LowBits:
         self._counts: dict[int, torch.Tensor] = {}
         self._pending: dict[int, int] = {}
 
-    def add(self, chunk: torch.Tensor, high_bin: int) -> None:
-        """Collect the low bits of the entries of ``chunk`` whose high 16 bits are ``high_bin``."""
+    def add(self, chunk: torch.Tensor, high_bins: Sequence[int]) -> None:
+        """Collect the low bits of the entries of ``chunk`` whose high 16 bits are in ``high_bins``."""
         flat = chunk.reshape(-1).view(torch.int32)
         if flat.device.type == "cpu":
             n = flat.numel()
             if self._buffer is None or self._buffer.numel() < n:
                 self._buffer = torch.empty(n, dtype=torch.int32)
             bits = torch.bitwise_and(flat, _ABS_MASK, out=self._buffer[:n]).numpy()
-            offset = np.subtract(bits, high_bin << 16).view(np.uint32)  # in the bin: [0, 65536)
-            found = torch.from_numpy(offset[np.flatnonzero(offset < HISTOGRAM_BINS)].view(np.int32))
-        else:
-            found = flat[high_keys(chunk.reshape(-1)) == high_bin] & 0xFFFF
-        self.parts.setdefault(high_bin, []).append(found)
-        self._pending[high_bin] = self._pending.get(high_bin, 0) + found.numel()
-        if self._pending[high_bin] > self.FOLD_AT:
-            self.histogram(high_bin)
+        for high_bin in high_bins:
+            if flat.device.type == "cpu":
+                offset = np.subtract(bits, high_bin << 16).view(np.uint32)  # in the bin: [0, 65536)
+                found = torch.from_numpy(offset[np.flatnonzero(offset < HISTOGRAM_BINS)].view(np.int32))
+            else:
+                found = flat[high_keys(chunk.reshape(-1)) == high_bin] & 0xFFFF
+            self.parts.setdefault(high_bin, []).append(found)
+            self._pending[high_bin] = self._pending.get(high_bin, 0) + found.numel()
+            if self._pending[high_bin] > self.FOLD_AT:
+                self.histogram(high_bin)
 
     def histogram(self, high_bin: int) -> torch.Tensor:
         """Counts of the low 16 bits collected for ``high_bin`` (int64, CPU)."""
