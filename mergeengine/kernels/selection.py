@@ -562,6 +562,18 @@ class ChunkedTopk:
             torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=bits)
             compare = torch.lt if self.all_ties else torch.le
             return chunk.masked_fill_(compare(bits, self.bits, out=drop), 0.0)
+        if chunk.device.type == "cpu" and self.bits <= _INF_BITS:
+            # Some ties still to keep: find them with numpy (compare + flatnonzero, ~0.3 ns per
+            # entry against ~3 for torch's bool compares and nonzero), keep the first ones'
+            # values, drop everything up to the threshold, and put those values back.
+            torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=bits)
+            ties = np.flatnonzero(bits.numpy() == self.bits)[: self.ties_left]
+            index = torch.from_numpy(ties)
+            kept = chunk[index]
+            torch.ops.aten.hardshrink.out(chunk, bits_to_float(self.bits), out=chunk)
+            chunk[index] = kept
+            self.ties_left -= len(ties)
+            return chunk
         return chunk.masked_fill_(self.mask(chunk).logical_not_(), 0.0)
 
     def mask(self, chunk: torch.Tensor) -> torch.Tensor:
