@@ -130,7 +130,7 @@ def test_plan_lists_the_prunable_groups(tmp_path, models, capsys):
     assert main(["plan", str(r)]) == 0
     text = capsys.readouterr().out
     assert "decoder linear weights: 14 tensors in 2 layers" in text
-    assert "passes: 3 (statistics p/module outliers; statistics p/layer outliers; merge)" in text
+    assert "passes: 3 (statistics p/magnitude sums; statistics p/outlier counts; merge)" in text
 
 
 def test_clamping_warns_with_step_name(tmp_path, models, caplog):

@@ -82,7 +82,9 @@ __all__ = [
     "dpa_amplify_tensor",
     "layer_means",
     "layer_outlier_counts",
+    "count_above",
     "layer_outlier_partial",
+    "magnitude_sum",
     "module_partial",
     "prune_count",
     "release_factors",
@@ -220,7 +222,18 @@ def module_partial(
         sum_abs = _sum_float64(magnitudes)
         outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
         return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-    numel = delta[0].numel() if isinstance(delta, tuple) else delta.numel()
+    sum_abs, numel = magnitude_sum(delta, high_histogram)
+    outliers = count_above(delta, [module_threshold * sum_abs / numel])[0] if numel else 0
+    return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+
+
+def magnitude_sum(delta: Delta, high_histogram: torch.Tensor | None = None) -> tuple[float, int]:
+    """``(sum |D|, numel)`` in one read (the first half of :func:`module_partial`).
+
+    The sum is that of :func:`_sum_float64` (float32 block sums added in float64). With
+    ``high_histogram``, the histogram of the high 16 bits of ``|D|`` is added to it as well.
+    """
+    numel = _numel(delta)
     block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
     block_sums: list[torch.Tensor] = []
     tail = 0.0
@@ -233,8 +246,36 @@ def module_partial(
         if full < chunk.numel():
             tail += float(chunk[full:].double().sum())
     sum_abs = (float(torch.cat(block_sums).double().sum()) if block_sums else 0.0) + tail
-    outliers = _count_above_chunks(_abs_chunks(delta), module_threshold * sum_abs / numel) if numel else 0
-    return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+    return sum_abs, numel
+
+
+def count_above(delta: Delta, thresholds: Sequence[float]) -> list[int]:
+    """``count(|D| > t)`` for each ``t``, all in one read; each ``t`` is taken exactly (float64).
+
+    Per chunk and threshold: ``count_nonzero(hardshrink(D, t'))`` with ``t'`` the float32 just
+    below the smallest float32 above ``t`` (so ``|D| > t'`` is ``|D| > t`` exactly), two vectorised
+    ops instead of an abs, a bool compare and a count. NaN entries count as above (they are an
+    error downstream anyway).
+    """
+    lambds = []
+    for t in thresholds:
+        rounded = torch.tensor(t, dtype=torch.float32)
+        # rounded up: entries equal to it are above the true threshold, so keep them too
+        lambds.append(float(torch.nextafter(rounded, torch.tensor(-math.inf))) if rounded.item() > t
+                      else rounded.item())
+    totals: list[torch.Tensor | int] = [0 for _ in thresholds]
+    scratch: torch.Tensor | None = None
+    for _, chunk in _value_chunks(delta):
+        if scratch is None:
+            scratch = torch.empty(chunk.numel(), dtype=torch.float32, device=chunk.device)
+        kept = scratch[: chunk.numel()]
+        for j, lambd in enumerate(lambds):
+            if lambd < 0:  # every |D| is above a negative threshold
+                totals[j] = totals[j] + chunk.numel()
+                continue
+            torch.ops.aten.hardshrink.out(chunk, lambd, out=kept)
+            totals[j] = totals[j] + torch.count_nonzero(kept)
+    return [int(t) for t in totals]
 
 
 def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[str, float]:
@@ -270,7 +311,7 @@ def layer_outlier_partial(delta: Delta, threshold_value: float) -> int:
     Returns:
         ``count(|D| > threshold_value)``, compared exactly against the float64 threshold.
     """
-    return _count_above_chunks(_abs_chunks(delta), threshold_value)
+    return count_above(delta, [threshold_value])[0]
 
 
 def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> dict[str, int]:
@@ -628,17 +669,6 @@ def _count_above(values: torch.Tensor, threshold: float) -> int:
     if rounded.item() > threshold:  # rounded up: entries equal to it are above the true threshold
         count += int((values == rounded).sum().item())
     return count
-
-
-def _count_above_chunks(chunks: Iterator[torch.Tensor], threshold: float) -> int:
-    """:func:`_count_above` summed over float32 chunks, with one host sync at the end."""
-    rounded = torch.tensor(threshold, dtype=torch.float32)
-    # rounded up: entries equal to it are above the true threshold, so count them too
-    compare = torch.ge if rounded.item() > threshold else torch.gt
-    total: torch.Tensor | int = 0
-    for chunk in chunks:
-        total = total + torch.count_nonzero(compare(chunk, rounded.to(chunk.device)))
-    return int(total)
 
 
 def _percent(count: int, numel: int) -> Fraction:

@@ -41,7 +41,7 @@ class DpPruneStep(DeltaStep):
 
 @register
 class DpPrune(DeltaOp):
-    """Two statistics passes (module then layer outliers), then per-tensor pruning."""
+    """Two statistics passes (magnitude sums, then module and layer outlier counts), then per-tensor pruning."""
 
     compute_bound = True
     name = "dp_prune"

@@ -1,8 +1,11 @@
 """DP's whole-model statistics as two streaming reductions (shared by dp_prune and dpa_amplify).
 
-Pass 1 (``module_stats``): per decoder-linear tensor, sum |D|, numel and the module outlier count.
-Pass 2 (``layer_outliers``): per tensor, count(|D| > L * layer mean), the layer mean coming from
-pass 1. ``finish`` of pass 2 yields the module densities for each requested target density.
+Pass 1 (``module_stats``): per decoder-linear tensor, sum |D| and numel (and, for dpa_amplify,
+the magnitude histogram its selection starts from).
+Pass 2 (``layer_outliers``): per tensor, both outlier counts in one read: count(|D| > M * module
+mean) and count(|D| > L * layer mean), the means coming from pass 1. (The module count could be
+taken in pass 1 only with a second read of the tensor, since it needs the tensor's own mean.)
+``finish`` of pass 2 yields the module densities for each requested target density.
 """
 
 from __future__ import annotations
@@ -46,25 +49,31 @@ def dp_reductions(
     names = list(groups)
 
     def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> Any:
-        if not histograms:
-            return dppa.module_partial(source(inputs), module_threshold)
-        high = torch.zeros(dppa.HIGH_BINS, dtype=torch.int64)
-        return dppa.module_partial(source(inputs), module_threshold, high_histogram=high), high
+        high = torch.zeros(dppa.HIGH_BINS, dtype=torch.int64) if histograms else None
+        return dppa.magnitude_sum(source(inputs), high), high
 
     def finish_module(acc: dict[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
-        partials = {n: v[0] for n, v in acc.items()} if histograms else acc
-        out = {"partials": partials, "layer_means": dppa.layer_means(partials, groups)}
+        sums = {n: v[0] for n, v in acc.items()}
+        means = dppa.layer_means({n: dppa.ModulePartial(s, k, 0) for n, (s, k) in sums.items()}, groups)
+        out: dict[str, Any] = {"sums": sums, "layer_means": means}
         if histograms:
             out["histograms"] = {n: v[1] for n, v in acc.items()}
         return out
 
-    def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> int:
+    def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> tuple[int, int]:
+        # both outlier counts in one read: the module's (own mean) and the layer's (layer mean)
+        sum_abs, numel = stats["module_stats"]["sums"][name]
         mean = stats["module_stats"]["layer_means"][groups[name][0]]
-        return dppa.layer_outlier_partial(source(inputs), layer_threshold * mean)
+        if not numel:
+            return 0, 0
+        module, layer = dppa.count_above(source(inputs), [module_threshold * sum_abs / numel, layer_threshold * mean])
+        return module, layer
 
     def finish_layer(acc: dict[str, int], stats: Mapping[str, Any]) -> list[dppa.DPDensities]:
-        counts = dppa.layer_outlier_counts(acc, groups)
-        partials = stats["module_stats"]["partials"]
+        counts = dppa.layer_outlier_counts({n: v[1] for n, v in acc.items()}, groups)
+        sums = stats["module_stats"]["sums"]
+        partials = {n: dppa.ModulePartial(sum_abs=sums[n][0], numel=sums[n][1], outlier_count=acc[n][0])
+                    for n in groups}
         out = []
         for d in targets:
             with warnings.catch_warnings(record=True) as caught:
@@ -75,8 +84,8 @@ def dp_reductions(
         return out
 
     return [
-        Reduction("module_stats", names, map_module, finish_module, label="module outliers"),
-        Reduction("layer_outliers", names, map_layer, finish_layer, after=["module_stats"], label="layer outliers"),
+        Reduction("module_stats", names, map_module, finish_module, label="magnitude sums"),
+        Reduction("layer_outliers", names, map_layer, finish_layer, after=["module_stats"], label="outlier counts"),
     ]
 
 
