@@ -379,7 +379,8 @@ def _one(size: str, tool: str, method: str, facts: dict, mk: Path | None, logdir
 
 
 def measure_startup(args: argparse.Namespace, results: dict) -> None:
-    """Best-of-N wall time of CLI start-up: ``--version``, ``validate``, ``plan``; mergekit's ``--help``."""
+    """Best-of-N wall time of CLI start-up: ``--version``, ``validate``, ``plan``, a whole ``run`` of
+    the tiny example; mergekit's ``--help``."""
     size = args.sizes[0]
     facts = prepare_size(size, args.mergekit_venv)
     recipe = str(facts["runs"]["task_arithmetic"]["recipe"])
@@ -388,6 +389,15 @@ def measure_startup(args: argparse.Namespace, results: dict) -> None:
         "mergeengine validate": [*engine_cmd(), "validate", recipe],
         f"mergeengine plan ({size})": [*engine_cmd(), "plan", recipe],
     }
+    # A whole `run` on the tiny example models (a few KB of weights): start-up plus a negligible
+    # merge, i.e. what a user waits for before the first tensor of a real merge is read.
+    example = REPO / "recipes" / "examples"
+    if not (example / "models" / "base").exists():
+        subprocess.run([sys.executable, "-m", "mergeengine.tiny", str(example / "models")], check=True,
+                       capture_output=True)
+    cases["mergeengine run (tiny example, whole merge)"] = [
+        *engine_cmd(), "run", str(example / "task_arithmetic.yaml"), "--out", str(WORK / "startup" / "out"),
+        "--overwrite", "-q"]
     mk = mergekit_bin(args.mergekit_venv)
     if mk is not None:
         cases["mergekit-yaml --help"] = [str(mk), "--help"]
