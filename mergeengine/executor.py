@@ -125,7 +125,7 @@ def execute(
                         stats.bytes_read += size
                         values[key] = out
                     else:
-                        ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step])
+                        ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step], stats_of=step_stats)
                         use_threads(op.compute_bound)
                         out = op.compute(inputs, ctx)
                         if ctx.checked_finite:

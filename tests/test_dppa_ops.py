@@ -161,3 +161,42 @@ def test_dp_ops_read_a_plain_diff_directly_with_the_same_bytes(tmp_path, models)
         assert outs["error"].keys() == outs["truncate"].keys()
         for n, t in outs["error"].items():
             assert torch.equal(t, outs["truncate"][n]), n
+
+
+def test_dpa_amplify_fused_into_task_arithmetic_gives_the_same_bytes(tmp_path, models):
+    """A dpa_amplify used only by a task_arithmetic merge is amplified chunk by chunk inside the
+    merge (no amplified delta stored). Saving the amplified deltas too turns the fusion off: the
+    merged bytes, the DPPA report and the bf16 output must not change."""
+    from mergeengine.ops import merge as merge_module
+
+    text = f"""
+        name: t
+        steps:
+          - {{id: base, op: load, model: {models["base"]}}}
+          - {{id: math, op: load, model: {models["math"]}}}
+          - {{id: code, op: load, model: {models["code"]}}}
+          - {{id: d1, op: diff, model: math, base: base}}
+          - {{id: d2, op: diff, model: code, base: base}}
+          - {{id: a1, op: dpa_amplify, input: d1, partitions: [{{density: 0.1, scale: 1.8}}, {{density: 0.3, scale: 1.0}}]}}
+          - {{id: a2, op: dpa_amplify, input: d2, partitions: [{{density: 0.2, scale: 2.0}}, {{density: 0.4, scale: 0.0}}]}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [a1, a2], weights: [0.7, 0.5], lambda: 0.9}}
+          - {{id: out, op: save, input: m, path: OUT, dtype: bfloat16}}
+        """
+    merge_module.CHUNK_NUMEL, old = 1 << 10, merge_module.CHUNK_NUMEL  # several chunks per tensor
+    try:
+        fused = api.run_recipe(write_recipe(tmp_path, text.replace("OUT", "fused"), "fused.yaml"))
+        unfused = api.run_recipe(write_recipe(tmp_path, text.replace("OUT", "plain") + """
+          - {id: s1, op: save, input: a1, path: a1}
+          - {id: s2, op: save, input: a2, path: a2}
+        """, "plain.yaml"))
+    finally:
+        merge_module.CHUNK_NUMEL = old
+    assert set(fused.plan.ops["m"].fused) == {"a1", "a2"} and not unfused.plan.ops["m"].fused
+    assert any("chunk by chunk" in n for n in fused.plan.ops["m"].plan_notes())
+    assert not [k for k in fused.plan.order if k.step in ("a1", "a2") and k.kind == "compute"]
+    a, b = read_folder(tmp_path / "fused"), read_folder(tmp_path / "plain")
+    assert set(a) == set(b) and all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in a)
+    ra = json.loads((tmp_path / "fused" / "dppa_report.json").read_text())
+    rb = json.loads((tmp_path / "plain" / "dppa_report.json").read_text())
+    assert ra == rb and set(ra) == {"a1", "a2"}
+    assert fused.stats.peak_live_bytes < unfused.stats.peak_live_bytes

@@ -188,6 +188,11 @@ def build_plan(
         fuse = getattr(steps.ops[sid], "fuse_diffs", None)
         if fuse is not None:
             fuse(steps.ops)
+    users = _users(steps, active)
+    for sid in active:  # ... and amplify them chunk by chunk instead of reading amplified deltas
+        fuse = getattr(steps.ops[sid], "fuse_deltas", None)
+        if fuse is not None:
+            fuse(steps.ops, users)
     _emit_stored_dtypes(steps, active, metas)
     plan = _expand(steps, active, metas, roots)
     plan.checkpoints = ckpts
@@ -207,11 +212,7 @@ def _emit_stored_dtypes(steps: StepGraph, active: list[str], metas: dict[str, di
     output instead of building a float32 tensor for the save to convert (half the memory, one
     pass less, same bytes).
     """
-    users: dict[str, list[str]] = {}
-    for sid in active:
-        for refs in steps.ops[sid].references().values():
-            for r in refs:
-                users.setdefault(r, []).append(sid)
+    users = _users(steps, active)
     for sid in active:
         emit = getattr(steps.ops[sid], "emit_in", None)
         consumers = [steps.ops[u] for u in users.get(sid, [])]
@@ -220,6 +221,16 @@ def _emit_stored_dtypes(steps: StepGraph, active: list[str], metas: dict[str, di
         dtypes = {c.out_dtype for c in consumers}  # type: ignore[attr-defined]
         if len(dtypes) == 1:
             metas[sid] = emit(dtypes.pop())
+
+
+def _users(steps: StepGraph, active: list[str]) -> dict[str, list[str]]:
+    """Step id -> the active steps that reference it (once per reference)."""
+    users: dict[str, list[str]] = {}
+    for sid in active:
+        for refs in steps.ops[sid].references().values():
+            for r in refs:
+                users.setdefault(r, []).append(sid)
+    return users
 
 
 def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -253,9 +264,10 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
         sources[key] = srcs
         for s in srcs:
             graph.add_edge(s, key)
+        waits_for = {step, *ops[step].stats_steps()}
         for (rstep, rname) in reductions:
-            if rstep == step:
-                graph.add_edge(reduce_node(step, rname), key)
+            if rstep in waits_for:
+                graph.add_edge(reduce_node(rstep, rname), key)
         return key
 
     def reduce_node(step: str, rname: str) -> TaskKey:

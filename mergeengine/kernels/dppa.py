@@ -82,6 +82,7 @@ __all__ = [
     "dpa_amplify_tensor",
     "layer_means",
     "layer_outlier_counts",
+    "PartitionScaler",
     "count_above",
     "layer_outlier_partial",
     "magnitude_sum",
@@ -744,39 +745,64 @@ def _scale_bands(chunk: torch.Tensor, bands: list[tuple[float, float]], out: tor
     return bool(torch.isfinite(torch.sum(out)))
 
 
+class PartitionScaler:
+    """DPA's per-chunk rule for one tensor, once its partition thresholds are selected.
+
+    ``PartitionScaler(delta, densities, scales, high)`` selects the thresholds of every partition
+    in the same streamed histogram passes (one read when ``high``, the magnitude histogram, is
+    given); :meth:`scale` then turns any chunk of the delta into the amplified chunk. The result
+    of a tensor is the concatenation of its scaled chunks, in any chunking: a merge can so
+    amplify each chunk it reads instead of reading a materialised amplified delta.
+    """
+
+    def __init__(self, delta: Delta, densities: Sequence[float], scales: Sequence[float],
+                 high_histogram: torch.Tensor | None = None) -> None:
+        numel = _numel(delta)
+        ks = [prune_count(numel, d) for d in densities]
+        wanted = sorted({k for k in ks if k > 0})
+
+        def chunks() -> Iterator[torch.Tensor]:
+            return (c for _, c in _value_chunks(delta))
+
+        picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram),
+                          strict=True))
+        # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
+        thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
+        # Widest partition first; each narrower (nested) partition overwrites, so an entry ends with
+        # the factor of the first partition it enters, and 0 outside the widest.
+        self.order = list(reversed(list(zip(thresholds, scales, strict=True))))
+        self.bands = _bands(thresholds, scales)
+        self._scratch: list[torch.Tensor] = []
+
+    def _buffers(self, chunk: torch.Tensor) -> list[torch.Tensor]:
+        n = chunk.numel()
+        if not self._scratch or self._scratch[0].numel() < n or self._scratch[0].device != chunk.device:
+            self._scratch = [torch.empty(n, dtype=dtype, device=chunk.device)
+                             for dtype in (torch.float32, torch.float32, torch.float32, torch.int32, torch.bool)]
+        return [b[:n] for b in self._scratch]
+
+    def scale(self, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (float32, the chunk's length) = the amplified values of ``chunk`` (float32 delta)."""
+        band, nxt, scaled, bits, mask = self._buffers(chunk)
+        if self.bands and _scale_bands(chunk, self.bands, out, band, nxt):
+            return out
+        order = self.order
+        torch.bitwise_and(chunk.view(torch.int32), 0x7FFFFFFF, out=bits)
+        torch.mul(chunk, order[0][1], out=out).masked_fill_(torch.le(bits, order[0][0], out=mask), 0.0)
+        for bits_k, scale in order[1:]:
+            torch.where(torch.gt(bits, bits_k, out=mask), torch.mul(chunk, scale, out=scaled), out, out=out)
+        return out
+
+
 def _scale_partitions(
     delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
     partition selected in the same two streamed histogram passes, the result written once."""
-    numel = _numel(delta)
-    ks = [prune_count(numel, d) for d in densities]
-    wanted = sorted({k for k in ks if k > 0})
-    def chunks() -> Iterator[torch.Tensor]:
-        return (c for _, c in _value_chunks(delta))
-
-    picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram), strict=True))
-    # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
-    thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
+    scaler = PartitionScaler(delta, densities, scales, high_histogram)
     like = delta[0] if isinstance(delta, tuple) else delta
-    result = torch.empty(numel, dtype=torch.float32, device=like.device)
-    step = min(numel, _CHUNK)
-    bits = torch.empty(step, dtype=torch.int32, device=like.device)
-    mask = torch.empty(step, dtype=torch.bool, device=like.device)
-    scaled = torch.empty(step, dtype=torch.float32, device=like.device)
-    # Widest partition first; each narrower (nested) partition overwrites, so an entry ends with
-    # the factor of the first partition it enters, and 0 outside the widest.
-    order = list(reversed(list(zip(thresholds, scales, strict=True))))
-    bands = _bands(thresholds, scales)
-    band, nxt = (torch.empty(step, dtype=torch.float32, device=like.device) for _ in range(2)) if bands else (None, None)
+    result = torch.empty(_numel(delta), dtype=torch.float32, device=like.device)
     for start, chunk in _value_chunks(delta):
-        n = chunk.numel()
-        out = result[start : start + n]
-        if bands and _scale_bands(chunk, bands, out, band[:n], nxt[:n]):
-            continue
-        torch.bitwise_and(chunk.view(torch.int32), 0x7FFFFFFF, out=bits[:n])
-        torch.mul(chunk, order[0][1], out=out).masked_fill_(torch.le(bits[:n], order[0][0], out=mask[:n]), 0.0)
-        for bits_k, scale in order[1:]:
-            torch.where(torch.gt(bits[:n], bits_k, out=mask[:n]), torch.mul(chunk, scale, out=scaled[:n]), out, out=out)
+        scaler.scale(chunk, result[start : start + chunk.numel()])
     out_dtype = torch.float32 if isinstance(delta, tuple) else delta.dtype
     return result.view(like.shape).to(out_dtype)

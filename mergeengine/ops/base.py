@@ -100,6 +100,8 @@ class TaskContext:
         stats: results of this step's reductions, by name.
         checked_finite: set by an op that has verified its result holds no NaN/Inf (the
             executor then skips its own check of that result before saving it).
+        stats_of: every step's reduction results, by step id (for an op that does another
+            step's work, see ``TaskArithmetic.fuse_deltas``).
     """
 
     step: str
@@ -108,6 +110,7 @@ class TaskContext:
     device: torch.device
     stats: Mapping[str, Any]
     checked_finite: bool = False
+    stats_of: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class Op:
@@ -141,6 +144,11 @@ class Op:
     def sources(self, name: str) -> list[Source]:
         """The input tensors ``compute`` receives for output tensor ``name``, in order."""
         raise NotImplementedError
+
+    def stats_steps(self) -> list[str]:
+        """Other steps whose reductions must finish before this step's tasks (their results
+        arrive in ``TaskContext.stats_of``). Default: none."""
+        return []
 
     def reductions(self) -> list[Reduction]:
         """Whole-model statistics this step needs; empty for purely per-tensor ops."""

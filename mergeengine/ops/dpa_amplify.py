@@ -15,6 +15,7 @@ density are 0; tensors DP leaves dense are multiplied by ``dense_scale``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -111,6 +112,45 @@ class DpaAmplify(DeltaOp):
             high = ctx.stats["module_stats"]["histograms"][ctx.tensor]  # pass 1 of the selection, done
             out = dppa.dpa_amplify_tensor(delta, densities, self.scales, high_histogram=high)
         return out
+
+    def fusable_into_merge(self) -> bool:
+        """Whether a merge may amplify this step's chunks itself (:meth:`chunk_amplifier`): DP
+        selection on a fused diff."""
+        return self.step.select == "dp" and self.read_from is not None
+
+    def chunk_amplifier(self, model: torch.Tensor, base: torch.Tensor, tensor: str,
+                        stats: Mapping[str, Any]) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """This step's output for ``tensor``, chunk by chunk, for a merge that reads ``model`` and
+        ``base`` itself (see ``TaskArithmetic.fuse_deltas``).
+
+        Selects the partition thresholds now (one read of the pair); the returned
+        ``fill(start, end, b, out)`` writes the float32 values of entries ``start:end`` into
+        ``out``, given ``b``, the base's float32 values there. The floats are those of
+        :meth:`compute`, and no amplified delta is ever stored.
+        """
+        flat = model.reshape(-1)
+        delta = torch.empty(0)
+
+        def diff(start: int, end: int, b: torch.Tensor, n: int) -> torch.Tensor:
+            nonlocal delta
+            if delta.numel() < n or delta.device != b.device:
+                delta = torch.empty(n, dtype=torch.float32, device=b.device)
+            return delta[:n].copy_(flat[start:end]).sub_(b)
+
+        if tensor not in self.groups:
+            def dense(start: int, end: int, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                return out.copy_(flat[start:end]).sub_(b).mul_(self.dense)
+            return dense
+        per_target: list[dppa.DPDensities] = stats["layer_outliers"]
+        if tensor == next(iter(self.groups)):
+            log_summary(self.step.id, per_target[-1], self.groups)
+        densities = [d.module_density[tensor] for d in per_target]
+        scaler = dppa.PartitionScaler((model, base), densities, self.scales,
+                                      stats["module_stats"]["histograms"][tensor])
+
+        def amplified(start: int, end: int, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return scaler.scale(diff(start, end, b, end - start), out)
+        return amplified
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()

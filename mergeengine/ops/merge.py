@@ -249,6 +249,50 @@ class TaskArithmetic(MergeOp):
 
     method = "task_arithmetic"
     Step = TaskArithmeticStep
+    #: input id -> the delta op whose chunks this merge computes itself (see :meth:`fuse_deltas`)
+    fused: dict[str, Op] = {}
+
+    @property
+    def compute_bound(self) -> bool:  # type: ignore[override]
+        """Amplifying chunks (DPA's selection and scaling) makes the merge compute-bound."""
+        return bool(self.fused)
+
+    def fuse_deltas(self, ops: Mapping[str, Op], users: Mapping[str, list[str]]) -> list[str]:
+        """Amplify inputs chunk by chunk instead of reading materialised amplified deltas.
+
+        An input that is a ``dpa_amplify`` step (DP selection, on a plain diff against this
+        merge's base) used by nothing else is computed here: the merge reads that step's
+        fine-tuned model, selects the partition thresholds of each tensor (from the statistics
+        the step's passes leave in ``TaskContext.stats_of``) and scales each chunk as it adds it.
+        The float32 amplified delta (4 bytes per entry, fresh memory for every tensor) is never
+        built, written or read back; the bytes are the same. Returns the fused input ids.
+        """
+        self.fused = {}
+        if not self.needs_base or self.step.vocab != "error":
+            return []
+        for i in self.step.inputs:
+            op = ops.get(i)
+            fusable = getattr(op, "fusable_into_merge", None)
+            if (fusable is not None and fusable() and users.get(i) == [self.step.id]
+                    and op.read_from[1] == self.step.base and i not in self.read_from):  # type: ignore[union-attr]
+                self.fused[i] = op  # type: ignore[assignment]
+        return list(self.fused)
+
+    def stats_steps(self) -> list[str]:
+        return list(self.fused)
+
+    def sources(self, name: str) -> list[tuple[str, str]]:
+        if not self.fused:
+            return super().sources(name)
+        base = [(self.step.base, name)] if self.step.base else []
+        return base + [(self.fused[i].read_from[0] if i in self.fused else self.read_from.get(i, i), name)  # type: ignore[attr-defined]
+                       for i in self.step.inputs]
+
+    def plan_notes(self) -> list[str]:
+        notes = super().plan_notes()
+        if self.fused:
+            notes.append(f"amplifies {', '.join(self.fused)} chunk by chunk: no amplified delta is stored")
+        return notes
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         """Chunk by chunk in reused float32 scratch: same bytes as the whole-tensor path."""
@@ -256,12 +300,18 @@ class TaskArithmetic(MergeOp):
             return super().compute(inputs, ctx)
         flat = [t.reshape(-1) for t in inputs]
         is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
+        fills = {k: self.fused[s].chunk_amplifier(inputs[k + 1], inputs[0], ctx.tensor, ctx.stats_of[s])  # type: ignore[attr-defined]
+                 for k, s in enumerate(self.step.inputs) if s in self.fused}
         result = ChunkedResult(flat[0].numel(), self.emit_dtype, flat[0].device, scratch=3)
         for start, end, (base, acc, d) in result.chunks():
             base.copy_(flat[0][start:end])
             for i, (w, x, model) in enumerate(zip(self.weights, flat[1:], is_model, strict=True)):
                 dst = acc if i == 0 else d
-                dst.copy_(x[start:end])
+                if i in fills:
+                    fills[i](start, end, base, dst)
+                    model = False
+                else:
+                    dst.copy_(x[start:end])
                 if model:
                     dst.sub_(base)
                 if i == 0:
