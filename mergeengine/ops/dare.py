@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -100,30 +101,46 @@ class DareMerge(MergeOp):
 
         factors = [1.0 / p if self.step.rescale == "per_element" else 1.0 for p in densities]
         kept_masks: list[list[torch.Tensor]] = []
+        cpu = device.type == "cpu"
+        keep_buffer = result.buffer(torch.bool)
+
+        def keep(i: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+            """Survivors (``rand < p``) of input ``i``'s next ``m`` entries. On the CPU numpy's compare
+            writes the bool mask (~0.05 ns per entry, torch's ~0.6): same float32 comparison."""
+            out = keep_buffer[:m] if out is None else out
+            if cpu:
+                np.less(draw(i, m).numpy(), np.float32(densities[i]), out=out.numpy())
+                return out
+            return torch.lt(draw(i, m), densities[i], out=out)
+
+        def apply(d: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+            """``d`` times the mask, in place. A dropped entry becomes 0 with ``d``'s sign (the merge
+            sums give the same floats as a masked fill's +0.0; NaN/Inf stay visible to the checks)."""
+            if cpu:
+                np.multiply(d.numpy(), kept.numpy(), out=d.numpy())
+                return d
+            return d.masked_fill_(kept.logical_not(), 0.0)
+
         if self.step.rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
             # per-chunk float32 sums added in float64, as Python floats would be: no host sync per chunk
             before = torch.zeros(n, dtype=torch.float64, device=device)
             after = torch.zeros(n, dtype=torch.float64, device=device)
             for start, end, (b, *ds) in result.chunks():
                 deltas(start, end, b, ds)
-                keeps = [torch.lt(draw(i, end - start), densities[i]) for i in range(n)]
-                for i, (d, keep) in enumerate(zip(ds, keeps, strict=True)):
+                keeps = [keep(i, end - start, torch.empty(end - start, dtype=torch.bool, device=device))
+                         for i in range(n)]
+                for i, (d, kept) in enumerate(zip(ds, keeps, strict=True)):
                     before[i] += d.abs_().sum().double()
-                    after[i] += d.masked_fill_(keep.logical_not(), 0.0).sum().double()
+                    after[i] += apply(d, kept).sum().double()
                 kept_masks.append(keeps)
             factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0
                        for b, a in zip(before.tolist(), after.tolist(), strict=True)]
-        drop = result.buffer(torch.bool)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
             m = end - start
             deltas(start, end, b, ds)
             for i, d in enumerate(ds):
-                if kept_masks:
-                    torch.logical_not(kept_masks[c][i], out=drop[:m])
-                else:  # rand < p survives
-                    torch.ge(draw(i, m), densities[i], out=drop[:m])
-                d.masked_fill_(drop[:m], 0.0).mul_(factors[i])
+                apply(d, kept_masks[c][i] if kept_masks else keep(i, m)).mul_(factors[i])
             merged = self.combine_into(ds, acc[:m], [sign[:m], denominator[:m]])
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
