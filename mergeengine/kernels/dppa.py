@@ -283,7 +283,7 @@ def count_above(delta: Delta, thresholds: Sequence[float]) -> list[int]:
             if lambd < 0:  # every |D| is above a negative threshold
                 totals[j] = totals[j] + n
                 continue
-            torch.ops.aten.hardshrink.out(chunk, lambd, out=kept)
+            torch.hardshrink(chunk, lambd, out=kept)
             totals[j] = totals[j] + torch.count_nonzero(kept)
     return [int(t) for t in totals]
 
@@ -743,11 +743,11 @@ def _scale_bands(chunk: torch.Tensor, bands: list[tuple[float, float]], out: tor
     per entry here, a hardshrink 0.17). False (``out`` unspecified) when the chunk is not finite:
     ``inf - inf`` would be NaN, so the caller redoes that chunk with the masked path.
     """
-    torch.ops.aten.hardshrink.out(chunk, bands[0][0], out=band)
+    torch.hardshrink(chunk, bands[0][0], out=band)
     out.zero_()
     for index, (_, scale) in enumerate(bands):
         if index + 1 < len(bands):
-            torch.ops.aten.hardshrink.out(chunk, bands[index + 1][0], out=nxt)
+            torch.hardshrink(chunk, bands[index + 1][0], out=nxt)
             band.sub_(nxt)
         out.add_(band, alpha=scale)
         band, nxt = nxt, band

@@ -558,7 +558,7 @@ class ChunkedTopk:
             if self.bits <= _INF_BITS:  # one fused op: |x| > lambd kept (NaN too), the rest set to +0.0
                 # keep |x| >= t is keep |x| > (the float just below t): no float lies in between
                 lambd = bits_to_float(self.bits - 1 if self.all_ties else self.bits)
-                return torch.ops.aten.hardshrink.out(chunk, lambd, out=chunk)
+                return torch.hardshrink(chunk, lambd, out=chunk)
             torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=bits)
             compare = torch.lt if self.all_ties else torch.le
             return chunk.masked_fill_(compare(bits, self.bits, out=drop), 0.0)
@@ -570,7 +570,7 @@ class ChunkedTopk:
             ties = np.flatnonzero(bits.numpy() == self.bits)[: self.ties_left]
             index = torch.from_numpy(ties)
             kept = chunk[index]
-            torch.ops.aten.hardshrink.out(chunk, bits_to_float(self.bits), out=chunk)
+            torch.hardshrink(chunk, bits_to_float(self.bits), out=chunk)
             chunk[index] = kept
             self.ties_left -= len(ties)
             return chunk
