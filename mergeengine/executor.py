@@ -7,6 +7,7 @@ headers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -81,6 +82,10 @@ def execute(
         MergeEngineError: with the step and tensor that failed.
     """
     dev = torch.device(device)
+    # Everything alive now (torch's and the plan's objects) lives until the end: move it out of
+    # the collector's generations, so the collections the many short-lived tensor objects trigger
+    # do not traverse it again and again (~2% of a task_arithmetic run). New cycles are collected.
+    gc.freeze()
     stats = RunStats()
     start = time.perf_counter()
     remaining = uses(plan)
