@@ -223,3 +223,22 @@ def test_chunked_dare_equals_whole_tensor_draws(tmp_path, models, tensors, monke
     chunked = merge(tmp_path, models, params, out="chunked")
     for n in whole:
         torch.testing.assert_close(whole[n], chunked[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("params", ["method: dare_ties, density: [0.3, 0.6], rescale: l1",
+                                    "method: dare_ties, density: 0.5, vote: weighted, weights: [1, 3]",
+                                    "method: dare_linear, density: 0.4, weights: [1, 2], lambda: 0.8"])
+def test_dare_numpy_masks_give_the_torch_paths_bytes(tmp_path, models, params, monkeypatch):
+    """On the CPU the survivors are drawn and applied with numpy (a dropped entry keeps its sign
+    as a zero); the merged bytes equal the masked-fill path's."""
+    from mergeengine.ops import dare as dare_op
+    from mergeengine.ops import merge as merge_op
+
+    monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 4096)
+    fast = merge(tmp_path, models, params, out="numpy")
+    monkeypatch.setattr(dare_op, "NUMPY_MASKS", False)
+    slow = merge(tmp_path, models, params, out="torch")
+    assert set(fast) == set(slow)
+    for n in fast:
+        assert torch.equal(fast[n].view(torch.int32) if fast[n].dtype == torch.float32 else fast[n],
+                           slow[n].view(torch.int32) if slow[n].dtype == torch.float32 else slow[n]), n

@@ -65,6 +65,11 @@ class DareMergeStep(MergeStep):
     rescale: Rescale = Field("per_element", description=RESCALE_HELP)
 
 
+#: Draw and apply DARE's survivors with numpy on the CPU (the torch path is the one other
+#: devices use; a test checks both give the same merged bytes).
+NUMPY_MASKS = True
+
+
 class DareMerge(MergeOp):
     """DARE on each input delta (generator per input, step and tensor), then a combination.
 
@@ -101,7 +106,7 @@ class DareMerge(MergeOp):
 
         factors = [1.0 / p if self.step.rescale == "per_element" else 1.0 for p in densities]
         kept_masks: list[list[torch.Tensor]] = []
-        cpu = device.type == "cpu"
+        cpu = device.type == "cpu" and NUMPY_MASKS
         keep_buffer = result.buffer(torch.bool)
 
         def keep(i: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
