@@ -314,3 +314,13 @@ def test_compute_bound_tasks_get_every_core_unless_threads_are_fixed(tmp_path, m
         runtime.set_threads(1)
     a, b = read_folder(tmp_path / "auto"), read_folder(tmp_path / "fixed")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_run_hands_frozen_objects_back_to_the_collector(tmp_path, models):
+    """The executor freezes the long-lived objects for the run only (repeated runs, as a search
+    does, must not accumulate frozen garbage), also when the run fails."""
+    import gc
+
+    gc.unfreeze()
+    api.run_recipe(ta_recipe(tmp_path, models), out=tmp_path / "a")
+    assert gc.get_freeze_count() == 0
