@@ -84,6 +84,17 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_and_diff_steps(models: dict[str, Path], indent: int = 10) -> str:
+    """Recipe lines loading base, math and code and diffing the two fine-tunes (``d_math``,
+    ``d_code``), indented to sit in a ``steps:`` list of an indented recipe text."""
+    lines = [f"- {{id: base, op: load, model: {models['base']}}}",
+             f"- {{id: math, op: load, model: {models['math']}}}",
+             f"- {{id: code, op: load, model: {models['code']}}}",
+             "- {id: d_math, op: diff, model: math, base: base}",
+             "- {id: d_code, op: diff, model: code, base: base}"]
+    return "\n".join(" " * indent + line for line in lines)
+
+
 def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     """Write a recipe (dedented) and return its path."""
     p = tmp_path / name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import load_tensors, read_folder, write_recipe
+from conftest import load_and_diff_steps, load_tensors, read_folder, write_recipe
 from test_kernels_dppa import reference_dp
 
 from mergeengine import api
@@ -172,13 +172,9 @@ def test_dpa_amplify_fused_into_task_arithmetic_gives_the_same_bytes(tmp_path, m
     text = f"""
         name: t
         steps:
-          - {{id: base, op: load, model: {models["base"]}}}
-          - {{id: math, op: load, model: {models["math"]}}}
-          - {{id: code, op: load, model: {models["code"]}}}
-          - {{id: d1, op: diff, model: math, base: base}}
-          - {{id: d2, op: diff, model: code, base: base}}
-          - {{id: a1, op: dpa_amplify, input: d1, partitions: [{{density: 0.1, scale: 1.8}}, {{density: 0.3, scale: 1.0}}]}}
-          - {{id: a2, op: dpa_amplify, input: d2, partitions: [{{density: 0.2, scale: 2.0}}, {{density: 0.4, scale: 0.0}}]}}
+{load_and_diff_steps(models)}
+          - {{id: a1, op: dpa_amplify, input: d_math, partitions: [{{density: 0.1, scale: 1.8}}, {{density: 0.3, scale: 1.0}}]}}
+          - {{id: a2, op: dpa_amplify, input: d_code, partitions: [{{density: 0.2, scale: 2.0}}, {{density: 0.4, scale: 0.0}}]}}
           - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [a1, a2], weights: [0.7, 0.5], lambda: 0.9}}
           - {{id: out, op: save, input: m, path: OUT, dtype: bfloat16}}
         """

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_tensors, read_folder, write_recipe
+from conftest import load_and_diff_steps, load_tensors, read_folder, write_recipe
 from safetensors import safe_open
 
 from mergeengine import api
@@ -268,11 +268,7 @@ def test_merge_feeding_only_a_save_emits_the_stored_dtype_with_the_same_bytes(tm
     text = f"""
         name: t
         steps:
-          - {{id: base, op: load, model: {models["base"]}}}
-          - {{id: math, op: load, model: {models["math"]}}}
-          - {{id: code, op: load, model: {models["code"]}}}
-          - {{id: d_math, op: diff, model: math, base: base}}
-          - {{id: d_code, op: diff, model: code, base: base}}
+{load_and_diff_steps(models)}
           - {{id: merged, op: merge, method: {method}, base: base, inputs: {inputs}{extra.get(method, "")}}}
           - {{id: out, op: save, input: merged, path: a, dtype: bfloat16}}
         """

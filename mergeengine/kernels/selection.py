@@ -467,7 +467,7 @@ class _LowBits:
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
-        self.parts: dict[int, list[torch.Tensor]] = {}
+        self._parts: dict[int, list[torch.Tensor]] = {}
         self._counts: dict[int, torch.Tensor] = {}
         self._pending: dict[int, int] = {}
 
@@ -479,13 +479,18 @@ class _LowBits:
             if self._buffer is None or self._buffer.numel() < n:
                 self._buffer = torch.empty(n, dtype=torch.int32)
             bits = torch.bitwise_and(flat, _ABS_MASK, out=self._buffer[:n]).numpy()
-        for high_bin in high_bins:
-            if flat.device.type == "cpu":
+
+            def low_bits(high_bin: int) -> torch.Tensor:
                 offset = np.subtract(bits, high_bin << 16).view(np.uint32)  # in the bin: [0, 65536)
-                found = torch.from_numpy(offset[np.flatnonzero(offset < HISTOGRAM_BINS)].view(np.int32))
-            else:
-                found = flat[high_keys(chunk.reshape(-1)) == high_bin] & 0xFFFF
-            self.parts.setdefault(high_bin, []).append(found)
+                return torch.from_numpy(offset[np.flatnonzero(offset < HISTOGRAM_BINS)].view(np.int32))
+        else:
+            keys = high_keys(chunk.reshape(-1))
+
+            def low_bits(high_bin: int) -> torch.Tensor:
+                return flat[keys == high_bin] & 0xFFFF
+        for high_bin in high_bins:
+            found = low_bits(high_bin)
+            self._parts.setdefault(high_bin, []).append(found)
             self._pending[high_bin] = self._pending.get(high_bin, 0) + found.numel()
             if self._pending[high_bin] > self.FOLD_AT:
                 self.histogram(high_bin)
@@ -493,7 +498,7 @@ class _LowBits:
     def histogram(self, high_bin: int) -> torch.Tensor:
         """Counts of the low 16 bits collected for ``high_bin`` (int64, CPU)."""
         counts = self._counts.setdefault(high_bin, torch.zeros(HISTOGRAM_BINS, dtype=torch.int64))
-        found = [p.to("cpu") for p in self.parts.pop(high_bin, [])]
+        found = [p.to("cpu") for p in self._parts.pop(high_bin, [])]
         self._pending[high_bin] = 0
         if found:
             counts.add_(torch.bincount(torch.cat(found), minlength=HISTOGRAM_BINS))

@@ -197,14 +197,12 @@ def ties_merge_into(
     for delta, weight in zip(deltas[1:], weights[1:], strict=True):
         sign.add_(delta, alpha=weight if weighted else 1.0)
     sign.sign_()
-    for index, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
-        if index == 0:  # |D_0| where it agrees, else 0, straight into the sums
-            torch.mul(delta, sign, out=out).clamp_(min=0.0)
-            torch.sign(out, out=denominator)
-            if weight != 1.0:
-                out.mul_(weight)
-                denominator.mul_(weight)
-            continue
+    torch.mul(deltas[0], sign, out=out).clamp_(min=0.0)  # |D_0| where it agrees, else 0: the first terms
+    torch.sign(out, out=denominator)
+    if weights[0] != 1.0:
+        out.mul_(weights[0])
+        denominator.mul_(weights[0])
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
         agreeing = torch.mul(delta, sign, out=delta).clamp_(min=0.0)  # |D_i| where it agrees, else 0
         out.add_(agreeing, alpha=weight)
         denominator.add_(agreeing.sign_(), alpha=weight)

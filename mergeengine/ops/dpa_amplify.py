@@ -103,15 +103,17 @@ class DpaAmplify(DeltaOp):
             return self.delta(inputs) * self.dense
         delta = self.delta_source(inputs)  # a fused diff is computed chunk by chunk, never stored
         if self.step.select == "magnitude":
-            out = dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
-        else:
-            per_target: list[dppa.DPDensities] = ctx.stats["layer_outliers"]
-            if ctx.tensor == next(iter(self.groups)):
-                log_summary(self.step.id, per_target[-1], self.groups)
-            densities = [d.module_density[ctx.tensor] for d in per_target]
-            high = ctx.stats["module_stats"]["histograms"][ctx.tensor]  # pass 1 of the selection, done
-            out = dppa.dpa_amplify_tensor(delta, densities, self.scales, high_histogram=high)
-        return out
+            return dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
+        densities, high = self._selection(ctx.tensor, ctx.stats)
+        return dppa.dpa_amplify_tensor(delta, densities, self.scales, high_histogram=high)
+
+    def _selection(self, tensor: str, stats: Mapping[str, Any]) -> tuple[list[float], torch.Tensor]:
+        """DP's partition densities of ``tensor`` and its magnitude histogram (the selection's
+        first pass, counted by the statistics pass)."""
+        per_target: list[dppa.DPDensities] = stats["layer_outliers"]
+        if tensor == next(iter(self.groups)):
+            log_summary(self.step.id, per_target[-1], self.groups)
+        return [d.module_density[tensor] for d in per_target], stats["module_stats"]["histograms"][tensor]
 
     def fusable_into_merge(self) -> bool:
         """Whether a merge may amplify this step's chunks itself (:meth:`chunk_amplifier`): DP
@@ -119,38 +121,19 @@ class DpaAmplify(DeltaOp):
         return self.step.select == "dp" and self.read_from is not None
 
     def chunk_amplifier(self, model: torch.Tensor, base: torch.Tensor, tensor: str,
-                        stats: Mapping[str, Any]) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+                        stats: Mapping[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """This step's output for ``tensor``, chunk by chunk, for a merge that reads ``model`` and
         ``base`` itself (see ``TaskArithmetic.fuse_deltas``).
 
         Selects the partition thresholds now (one read of the pair); the returned
-        ``fill(start, end, b, out)`` writes the float32 values of entries ``start:end`` into
-        ``out``, given ``b``, the base's float32 values there. The floats are those of
-        :meth:`compute`, and no amplified delta is ever stored.
+        ``fill(delta, out)`` writes the amplified float32 values of a chunk of ``model - base``
+        into ``out``. The floats are those of :meth:`compute`, and no amplified delta is ever
+        stored.
         """
-        flat = model.reshape(-1)
-        delta = torch.empty(0)
-
-        def diff(start: int, end: int, b: torch.Tensor, n: int) -> torch.Tensor:
-            nonlocal delta
-            if delta.numel() < n or delta.device != b.device:
-                delta = torch.empty(n, dtype=torch.float32, device=b.device)
-            return delta[:n].copy_(flat[start:end]).sub_(b)
-
         if tensor not in self.groups:
-            def dense(start: int, end: int, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-                return out.copy_(flat[start:end]).sub_(b).mul_(self.dense)
-            return dense
-        per_target: list[dppa.DPDensities] = stats["layer_outliers"]
-        if tensor == next(iter(self.groups)):
-            log_summary(self.step.id, per_target[-1], self.groups)
-        densities = [d.module_density[tensor] for d in per_target]
-        scaler = dppa.PartitionScaler((model, base), densities, self.scales,
-                                      stats["module_stats"]["histograms"][tensor])
-
-        def amplified(start: int, end: int, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            return scaler.scale(diff(start, end, b, end - start), out)
-        return amplified
+            return lambda delta, out: torch.mul(delta, self.dense, out=out)
+        densities, high = self._selection(tensor, stats)
+        return dppa.PartitionScaler((model, base), densities, self.scales, high).scale
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()

@@ -276,17 +276,11 @@ class TaskArithmetic(MergeOp):
             if (fusable is not None and fusable() and users.get(i) == [self.step.id]
                     and op.read_from[1] == self.step.base and i not in self.read_from):  # type: ignore[union-attr]
                 self.fused[i] = op  # type: ignore[assignment]
+                self.read_from[i] = op.read_from[0]  # type: ignore[union-attr]  # sources() reads the model
         return list(self.fused)
 
     def stats_steps(self) -> list[str]:
         return list(self.fused)
-
-    def sources(self, name: str) -> list[tuple[str, str]]:
-        if not self.fused:
-            return super().sources(name)
-        base = [(self.step.base, name)] if self.step.base else []
-        return base + [(self.fused[i].read_from[0] if i in self.fused else self.read_from.get(i, i), name)  # type: ignore[attr-defined]
-                       for i in self.step.inputs]
 
     def plan_notes(self) -> list[str]:
         notes = super().plan_notes()
@@ -302,18 +296,17 @@ class TaskArithmetic(MergeOp):
         is_model = [self.input_kinds.get(s) == "model" for s in self.step.inputs]
         fills = {k: self.fused[s].chunk_amplifier(inputs[k + 1], inputs[0], ctx.tensor, ctx.stats_of[s])  # type: ignore[attr-defined]
                  for k, s in enumerate(self.step.inputs) if s in self.fused}
-        result = ChunkedResult(flat[0].numel(), self.emit_dtype, flat[0].device, scratch=3)
-        for start, end, (base, acc, d) in result.chunks():
+        result = ChunkedResult(flat[0].numel(), self.emit_dtype, flat[0].device, scratch=4)
+        for start, end, (base, acc, d, delta) in result.chunks():
             base.copy_(flat[0][start:end])
             for i, (w, x, model) in enumerate(zip(self.weights, flat[1:], is_model, strict=True)):
                 dst = acc if i == 0 else d
-                if i in fills:
-                    fills[i](start, end, base, dst)
-                    model = False
+                if i in fills:  # model - base, amplified
+                    fills[i](delta.copy_(x[start:end]).sub_(base), dst)
                 else:
                     dst.copy_(x[start:end])
-                if model:
-                    dst.sub_(base)
+                    if model:
+                        dst.sub_(base)
                 if i == 0:
                     acc.mul_(w)
                 else:
