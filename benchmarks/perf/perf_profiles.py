@@ -43,6 +43,8 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     ("dare: l1 norms, rescale (in the merge loop)", "compute", "ops/dare.py"),
     ("dpa: amplify chunks (hardshrink bands)", "scale", "kernels/dppa.py"),
     ("dpa: amplify chunks (hardshrink bands)", "_scale_bands", "kernels/dppa.py"),
+    # (the next two rules and the "diff" one match the closures of the engine the recorded
+    # tinyllama profiles come from; DpaAmplify.chunk_amplifier now returns PartitionScaler.scale)
     ("dpa: amplify chunks (hardshrink bands)", "amplified", "ops/dpa_amplify.py"),
     ("dpa: amplify chunks (hardshrink bands)", "dense", "ops/dpa_amplify.py"),
     ("DP statistics: sums and histogram", "magnitude_sum", "kernels/dppa.py"),
