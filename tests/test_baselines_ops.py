@@ -204,9 +204,22 @@ def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkey
     monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 333)
     chunked = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
                     out="chunked")
+    from mergeengine.kernels import selection  # the sampled window (one selection pass) on every tensor
+
+    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(selection, "SAMPLE_RUNS", 16)
+    monkeypatch.setattr(selection, "SAMPLE_RUN", 8)
+    monkeypatch.setattr(selection, "SAMPLE_MAX_WINDOW", 1.0)  # tiny tensors: the margin is most of the sample
+    windows = []
+    monkeypatch.setattr(selection._Window, "finish", lambda self, f=selection._Window.finish: windows.append(f(self))
+                        or windows[-1])
+    sampled = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
+                    out="sampled")
+    assert sum(w is not None for w in windows) > len(windows) // 2, windows  # most windows hit
     b, dm, dc = tensors
     for n in whole:
         assert torch.equal(whole[n], chunked[n]), n
+        assert torch.equal(whole[n], sampled[n]), n
     n = "model.layers.1.mlp.down_proj.weight"
     expected = b[n] + ties_direct([topk(dm[n], 0.2), topk(dc[n], 0.5)], [1.0, 3.0], "weighted")
     torch.testing.assert_close(chunked[n], expected, atol=1e-6, rtol=1e-5)

@@ -299,3 +299,85 @@ def test_streamed_selection_and_trim_on_special_values(case: str, monkeypatch: p
         expected = x.masked_fill(~topk_abs_mask(x, keep), 0.0)
         got = torch.cat(parts)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, keep)
+
+
+def _trim_all(chooser, x: torch.Tensor, step: int) -> torch.Tensor:
+    """``chooser.trim_`` over ``x`` chunk by chunk (copies), concatenated."""
+    bits, drop = torch.empty(step, dtype=torch.int32), torch.empty(step, dtype=torch.bool)
+    parts = []
+    for s in range(0, x.numel(), step):
+        c = x[s : s + step].clone()
+        parts.append(chooser.trim_(c, bits[: c.numel()], drop[: c.numel()]))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "zeros", "specials", "bad_sample", "given_up"])
+def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``top_k_streamed`` with samples: the window predicted by the sample settles the selection
+    in one pass (checked: the window path is taken and hits), or the exact passes take over (a
+    sample from another tensor misses; a window that collects far more than the sample said is
+    given up). Either way the choosers trim to the bytes of ``masked_fill(~topk_abs_mask)``, and
+    the per-chunk tie counts let ``trim_`` keep exactly the first tied entries in flat order."""
+    from mergeengine.kernels.selection import sample_index, top_k_streamed
+
+    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(selection, "SAMPLE_RUNS", 64)
+    monkeypatch.setattr(selection, "SAMPLE_RUN", 16)
+    outcomes: list[bool] = []
+    finish = selection._Window.finish
+
+    def recorded(self):  # type: ignore[no-untyped-def]
+        result = finish(self)
+        outcomes.append(result is not None)
+        return result
+
+    monkeypatch.setattr(selection._Window, "finish", recorded)
+    g = torch.Generator().manual_seed(5)
+    numel, step = 150_001, 4099
+    x = torch.randn(numel, generator=g) * 1e-3
+    if case in ("ties", "bad_sample"):
+        x = torch.round(x * 4e3) / 4e3  # a few distinct magnitudes, each a point mass of thousands
+    elif case == "zeros":
+        x[torch.rand(numel, generator=g) < 0.6] = 0.0
+        x[::5] = -0.0
+    elif case == "specials":
+        x[::11] = 1e-42
+        x[7::1001] = float("inf")
+        x[9::2003] = float("nan")
+    elif case == "given_up":  # the sample sees a spread; the tensor is one value between its quantiles
+        monkeypatch.setattr(selection, "SAMPLE_MAX_WINDOW", 0.05)
+    y = x.clone()
+    if case == "given_up":
+        y[:] = torch.quantile(x[: 10_000].abs(), 0.7)
+    scratch = torch.empty(step)
+
+    def chunks():
+        for s in range(0, numel, step):
+            part = scratch[: min(step, numel - s)]
+            part.copy_(y[s : s + step])
+            yield (part,)
+
+    at = sample_index(numel)
+    sample = (x[at] * 3.0 if case == "bad_sample" else x[at])
+    for keep in [1, 40, numel // 10, numel // 5, numel // 2, numel - 100, numel - 1]:
+        (chooser,) = top_k_streamed(chunks, numel, [keep], [sample])
+        expected = y.masked_fill(~topk_abs_mask(y, keep), 0.0)
+        got = _trim_all(chooser, y, step)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, keep)
+        assert chooser.bits == selection.ChunkedTopk(y, keep).bits, (case, keep)
+        assert chooser.all_ties or chooser.ties_left == 0, (case, keep)  # every needed tie was kept
+    if case in ("normal", "ties", "zeros", "specials"):
+        assert outcomes and sum(outcomes) >= len(outcomes) - 1, outcomes  # the window usually hits
+    elif case == "bad_sample":
+        assert not all(outcomes), outcomes  # some miss: the exact passes gave the same bytes
+    else:
+        assert outcomes and not any(outcomes), outcomes
+
+
+def test_sample_index_spreads_runs_over_the_tensor() -> None:
+    from mergeengine.kernels.selection import SAMPLE_RUN, SAMPLE_RUNS, sample_index
+
+    assert torch.equal(sample_index(1000), torch.arange(1000))
+    at = sample_index(10_000_019)
+    assert at.numel() == SAMPLE_RUNS * SAMPLE_RUN and bool((at[1:] > at[:-1]).all())
+    assert int(at[0]) == 0 and int(at[-1]) == 10_000_018

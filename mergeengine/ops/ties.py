@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import ChunkedTopk, keep_count, select_abs_ranks_streamed_many
+from mergeengine.kernels.selection import keep_count, sample_index, top_k_streamed
 from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
@@ -98,9 +98,10 @@ class Ties(MergeOp):
         """Stream: no float32 copy of any whole delta is ever made.
 
         The deltas are recomputed chunk by chunk (``model - base`` in cache-sized scratch, every
-        input over one slice of the base at a time): twice for their exact top-k thresholds (two
-        histogram passes), once more to trim, elect and average. Memory is a few chunks whatever
-        the tensor size.
+        input over one slice of the base at a time): once for their exact top-k thresholds (a
+        sample predicts a window around each; see :func:`~mergeengine.kernels.selection.top_k_streamed`,
+        which takes two histogram passes instead when a threshold falls outside its window), once
+        more to trim, elect and average. Memory is a few chunks whatever the tensor size.
         """
         rows = self.target_rows.get(ctx.tensor)
         if rows is not None:
@@ -125,10 +126,10 @@ class Ties(MergeOp):
                     b.copy_(base[start:end])
                     yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
 
-            ranks = [[numel - k + 1] if 0 < k < numel else [] for k in keeps]
-            picked = select_abs_ranks_streamed_many(chunks, numel, ranks)
-            trims = [ChunkedTopk(None, k, numel=numel, selection=(sel[0] if sel else None)).trim_
-                     for k, sel in zip(keeps, picked, strict=True)]
+            at = sample_index(numel, base.device)  # a sample predicts each threshold: usually one pass
+            base_sample = base[at].float()
+            samples = [x[at].float() - base_sample if model else x[at].float() for x, model in zip(xs, is_model, strict=True)]
+            trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples)]
         bits, drop = result.buffer(torch.int32), result.buffer(torch.bool)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for start, end, (b, *ds) in result.chunks():
