@@ -318,7 +318,7 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch
     sample from another tensor misses; a window that collects far more than the sample said is
     given up). Either way the choosers trim to the bytes of ``masked_fill(~topk_abs_mask)``, and
     the per-chunk tie counts let ``trim_`` keep exactly the first tied entries in flat order."""
-    from mergeengine.kernels.selection import sample_index, top_k_streamed
+    from mergeengine.kernels.selection import sample_float32, top_k_streamed
 
     monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
     monkeypatch.setattr(selection, "SAMPLE_RUNS", 64)
@@ -357,8 +357,7 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch
             part.copy_(y[s : s + step])
             yield (part,)
 
-    at = sample_index(numel)
-    sample = (x[at] * 3.0 if case == "bad_sample" else x[at])
+    sample = sample_float32(x) * 3.0 if case == "bad_sample" else sample_float32(x)
     for keep in [1, 40, numel // 10, numel // 5, numel // 2, numel - 100, numel - 1]:
         (chooser,) = top_k_streamed(chunks, numel, [keep], [sample])
         expected = y.masked_fill(~topk_abs_mask(y, keep), 0.0)
@@ -375,9 +374,14 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch
 
 
 def test_sample_index_spreads_runs_over_the_tensor() -> None:
-    from mergeengine.kernels.selection import SAMPLE_RUN, SAMPLE_RUNS, sample_index
+    from mergeengine.kernels.selection import SAMPLE_RUN, SAMPLE_RUNS, sample_float32, sample_index
 
     assert torch.equal(sample_index(1000), torch.arange(1000))
     at = sample_index(10_000_019)
     assert at.numel() == SAMPLE_RUNS * SAMPLE_RUN and bool((at[1:] > at[:-1]).all())
     assert int(at[0]) == 0 and int(at[-1]) == 10_000_018
+    x = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))
+    at = sample_index(x.numel())
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # bf16 widened by bit shift
+        y = x.to(dtype).reshape(1000, -1)
+        assert torch.equal(torch.from_numpy(sample_float32(y)), y.reshape(-1)[at].float()), dtype

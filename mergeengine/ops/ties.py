@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import keep_count, sample_index, top_k_streamed
+from mergeengine.kernels.selection import keep_count, sample_float32, top_k_streamed
 from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
@@ -126,9 +126,11 @@ class Ties(MergeOp):
                     b.copy_(base[start:end])
                     yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
 
-            at = sample_index(numel, base.device)  # a sample predicts each threshold: usually one pass
-            base_sample = base[at].float()
-            samples = [x[at].float() - base_sample if model else x[at].float() for x, model in zip(xs, is_model, strict=True)]
+            samples = None
+            if base.device.type == "cpu":  # a sample predicts each threshold: usually one selection pass
+                base_sample = sample_float32(base)
+                samples = [sample_float32(x) - base_sample if model else sample_float32(x)
+                           for x, model in zip(xs, is_model, strict=True)]
             trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples)]
         bits, drop = result.buffer(torch.int32), result.buffer(torch.bool)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
