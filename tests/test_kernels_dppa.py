@@ -598,6 +598,35 @@ def test_module_pass_histogram_replaces_the_first_selection_pass():
     assert torch.equal(with_high, k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0]))
 
 
+def test_sampled_partition_thresholds_equal_the_histogram_passes(monkeypatch):
+    """DPA's thresholds from sample-predicted windows (one read; forced here on a small tensor)
+    give the bytes of the two histogram passes, for a delta and for a bf16 (model, base) pair,
+    and the windows do settle them."""
+    from mergeengine.kernels import dppa as k
+    from mergeengine.kernels import selection
+
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(3 * k._CHUNK + 777, generator=g) * 0.02).bfloat16()
+    model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
+    delta = model.float() - base.float()
+    expected = {}
+    for name, d in (("delta", delta), ("pair", (model, base))):
+        high = torch.zeros(k.HIGH_BINS, dtype=torch.int64)
+        k.magnitude_sum(d, high)
+        expected[name] = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0], high_histogram=high)
+    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(selection, "SAMPLE_RUNS", 128)
+    monkeypatch.setattr(selection, "SAMPLE_RUN", 16)
+    settled = []
+    monkeypatch.setattr(selection._Window, "finish",
+                        lambda self, f=selection._Window.finish: settled.append(f(self) is not None) or
+                        f(self))
+    for name, d in (("delta", delta), ("pair", (model, base))):
+        got = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
+        assert torch.equal(got.view(torch.int32), expected[name].view(torch.int32)), name
+    assert len(settled) == 4 and all(settled), settled
+
+
 @pytest.mark.parametrize("scales", [[1.8, 1.0], [2.0, 5.0, 0.5], [1.5, 0.0]])
 def test_fused_partition_scaling_gives_the_masked_paths_bytes(scales, monkeypatch) -> None:
     """The hardshrink band sums (``_scale_bands``) equal the compare-and-mask path bit for bit,

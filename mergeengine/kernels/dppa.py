@@ -62,6 +62,8 @@ from mergeengine.kernels.selection import (
     bits_to_float,
     high_keys,
     kth_smallest_abs,
+    sample_float32,
+    select_abs_ranks_sampled,
     select_abs_ranks_streamed,
 )
 
@@ -757,9 +759,12 @@ def _scale_bands(chunk: torch.Tensor, bands: list[tuple[float, float]], out: tor
 class PartitionScaler:
     """DPA's per-chunk rule for one tensor, once its partition thresholds are selected.
 
-    ``PartitionScaler(delta, densities, scales, high)`` selects the thresholds of every partition
-    in the same streamed histogram passes (one read when ``high``, the magnitude histogram, is
-    given); :meth:`scale` then turns any chunk of the delta into the amplified chunk. The result
+    ``PartitionScaler(delta, densities, scales)`` selects the thresholds of every partition in
+    the same streamed pass: on the CPU a sample of the delta predicts a window around each
+    threshold (:func:`~mergeengine.kernels.selection.select_abs_ranks_sampled`; two histogram
+    passes when one falls outside its window). With ``high``, the magnitude histogram already
+    counted, the second histogram pass alone. :meth:`scale` then turns any chunk of the delta
+    into the amplified chunk. The result
     of a tensor is the concatenation of its scaled chunks, in any chunking: a merge can so
     amplify each chunk it reads instead of reading a materialised amplified delta.
     """
@@ -773,8 +778,11 @@ class PartitionScaler:
         def chunks() -> Iterator[torch.Tensor]:
             return (c for _, c in _value_chunks(delta))
 
-        picked = dict(zip(wanted, select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram),
-                          strict=True))
+        if high_histogram is not None or not wanted:  # the histogram pass is done: one more read
+            selected = select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram)
+        else:  # a sample predicts a window around each threshold: usually one read
+            selected = select_abs_ranks_sampled(chunks, numel, wanted, _sample(delta))
+        picked = dict(zip(wanted, selected, strict=True))
         # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
         thresholds = [picked[k].bits if k > 0 else -1 for k in ks]
         # Widest partition first; each narrower (nested) partition overwrites, so an entry ends with
@@ -803,11 +811,23 @@ class PartitionScaler:
         return out
 
 
+def _sample(delta: Delta) -> np.ndarray | None:
+    """The delta's entries at :func:`~mergeengine.kernels.selection.sample_index` (float32; a
+    pair's ``model - base``, as its chunks compute it), or None off the CPU."""
+    if isinstance(delta, tuple):
+        model, base = delta
+        if model.device.type != "cpu" or base.device.type != "cpu":
+            return None
+        return sample_float32(model) - sample_float32(base)
+    return sample_float32(delta) if delta.device.type == "cpu" else None
+
+
 def _scale_partitions(
     delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
-    partition selected in the same two streamed histogram passes, the result written once."""
+    partition selected in the same streamed pass(es) (see :class:`PartitionScaler`), the result
+    written once."""
     scaler = PartitionScaler(delta, densities, scales, high_histogram)
     like = delta[0] if isinstance(delta, tuple) else delta
     result = torch.empty(_numel(delta), dtype=torch.float32, device=like.device)

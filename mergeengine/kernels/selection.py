@@ -446,12 +446,12 @@ def top_k_streamed(
     Without ``samples`` this is :func:`select_abs_ranks_streamed_many`: two passes over the chunks
     (a histogram of the high bits, then the low bits of one bin). With ``samples`` (the tensors'
     entries at :func:`sample_index` as float32 arrays, see :func:`sample_float32`; CPU chunks only;
-    tensors of at least :data:`SAMPLED_MIN_NUMEL` entries), a window around each sample's quantile usually settles
-    the selection in one pass that costs about half of the two (compares and a compaction of ~1%
-    of the entries instead of a 32768-bin histogram), and it also counts the threshold's ties in
-    each chunk, so :meth:`ChunkedTopk.trim_` never searches for them. A tensor whose rank falls
-    outside its window takes the two exact passes. The results are exact either way: the same
-    choosers as :meth:`ChunkedTopk.streamed` on each tensor.
+    tensors of at least :data:`SAMPLED_MIN_NUMEL` entries), a window around each sample's quantile
+    usually settles the selection in one pass that costs about half of the two (compares and a
+    compaction of ~1% of the entries instead of a 32768-bin histogram), and it also counts the
+    threshold's ties in each chunk, so :meth:`ChunkedTopk.trim_` never searches for them. A tensor
+    whose rank falls outside its window takes the two exact passes. The results are exact either
+    way: the same choosers as :meth:`ChunkedTopk.streamed` on each tensor.
 
     Args:
         chunks: returns an iterable of per-position groups, one contiguous float32 chunk per
@@ -464,38 +464,69 @@ def top_k_streamed(
         One :class:`ChunkedTopk` per tensor; call its ``trim_`` once per chunk, in order, over the
         same chunk boundaries.
     """
-    wanted = [i for i, k in enumerate(ks) if 0 < k < numel]
-    found: dict[int, tuple[RankSelection, list[int] | None]] = {}
-    windows: dict[int, _Window] = {}
+    ranks = [[numel - k + 1] if 0 < k < numel else [] for k in ks]
+    found = _select_sampled(chunks, numel, ranks, samples)
+    return [ChunkedTopk(None, k, numel=numel, selection=found[i][0][0] if ranks[i] else None,
+                        tie_counts=found[i][0][1] if ranks[i] else None) for i, k in enumerate(ks)]
+
+
+def select_abs_ranks_sampled(
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int], sample: np.ndarray | None
+) -> list[RankSelection]:
+    """Several ranks of one chunked tensor (see :func:`select_abs_ranks_streamed`), each usually
+    settled in one pass by a window that ``sample`` (its entries at :func:`sample_index`)
+    predicts; see :func:`top_k_streamed`. Exact either way.
+    """
+    found = _select_sampled(lambda: ((c,) for c in chunks()), numel, [ks],
+                            None if sample is None else [sample])
+    return [selection for selection, _ in found[0]]
+
+
+def _select_sampled(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
+    samples: Sequence[np.ndarray] | None,
+) -> list[list[tuple[RankSelection, list[int] | None]]]:
+    """``ks[i]``: ranks (1-based, from the smallest) wanted of tensor ``i``. Per tensor and rank:
+    the selection and, when a window settled it, its ties per chunk."""
+    for k in (k for group in ks for k in group):
+        if isinstance(k, bool) or not 1 <= k <= numel:
+            raise ValueError(f"k={k} out of range for {numel} elements")
+    found: dict[tuple[int, int], tuple[RankSelection, list[int] | None]] = {}
+    windows: dict[tuple[int, int], _Window] = {}
     if samples is not None and numel >= SAMPLED_MIN_NUMEL:
-        for i in wanted:
-            window = _Window(samples[i], numel, numel - ks[i] + 1)
-            if window.ok:
-                windows[i] = window
+        for i, group in enumerate(ks):
+            for j, k in enumerate(group):
+                window = _Window(samples[i], numel, k)
+                if window.ok:
+                    windows[(i, j)] = window
     if windows:
         scratch = torch.empty(0, dtype=torch.int32)
         inside = np.empty(0, dtype=bool)
+        streams = sorted({i for i, _ in windows})
         for group in chunks():
             n = group[0].numel()
             if scratch.numel() < 2 * n:
                 scratch, inside = torch.empty(2 * n, dtype=torch.int32), np.empty(n, dtype=bool)
-            bits = scratch[:n]
-            offset = scratch[n:2 * n].numpy().view(np.uint32)
-            for i, window in windows.items():
+            bits, offset = scratch[:n], scratch[n:2 * n].numpy().view(np.uint32)
+            for i in streams:
                 torch.bitwise_and(group[i].reshape(-1).view(torch.int32), _ABS_MASK, out=bits)
-                window.add(bits.numpy().view(np.uint32), offset, inside[:n])
-        for i, window in windows.items():
+                magnitudes = bits.numpy().view(np.uint32)
+                for (stream, _), window in windows.items():
+                    if stream == i:
+                        window.add(magnitudes, offset, inside[:n])
+        for key, window in windows.items():
             result = window.finish()
             if result is not None:
-                found[i] = result
-    missing = [i for i in wanted if i not in found]
-    if missing:
-        ranks = [[numel - ks[i] + 1] if i in missing else [] for i in range(len(ks))]
-        for i, picked in enumerate(select_abs_ranks_streamed_many(chunks, numel, ranks)):
-            if picked:
-                found[i] = (picked[0], None)
-    return [ChunkedTopk(None, k, numel=numel, selection=found[i][0] if i in found else None,
-                        tie_counts=found[i][1] if i in found else None) for i, k in enumerate(ks)]
+                found[key] = result
+    missing = [[k for j, k in enumerate(group) if (i, j) not in found] for i, group in enumerate(ks)]
+    if any(missing):
+        picked = select_abs_ranks_streamed_many(chunks, numel, missing)
+        for i, group in enumerate(ks):
+            exact = iter(picked[i])
+            for j in range(len(group)):
+                if (i, j) not in found:
+                    found[(i, j)] = (next(exact), None)
+    return [[found[(i, j)] for j in range(len(group))] for i, group in enumerate(ks)]
 
 
 def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """DP's whole-model statistics as two streaming reductions (shared by dp_prune and dpa_amplify).
 
-Pass 1 (``module_stats``): per decoder-linear tensor, sum |D| and numel (and, for dpa_amplify,
-the magnitude histogram its selection starts from).
+Pass 1 (``module_stats``): per decoder-linear tensor, sum |D| and numel.
 Pass 2 (``layer_outliers``): per tensor, both outlier counts in one read: count(|D| > M * module
 mean) and count(|D| > L * layer mean), the means coming from pass 1. (The module count could be
 taken in pass 1 only with a second read of the tensor, since it needs the tensor's own mean.)
@@ -37,28 +36,21 @@ def dp_reductions(
     module_threshold: float,
     layer_threshold: float,
     source: Callable[[list[torch.Tensor]], Any] = lambda inputs: inputs[0],
-    histograms: bool = False,
 ) -> list[Reduction]:
     """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target.
 
     ``source`` picks what the statistics read from a task's inputs: the delta, or the
-    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`). With
-    ``histograms``, the module pass also keeps each tensor's magnitude histogram
-    (``stats["module_stats"]["histograms"]``): the first pass of a later exact selection, saved.
+    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`).
     """
     names = list(groups)
 
-    def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> Any:
-        high = torch.zeros(dppa.HIGH_BINS, dtype=torch.int64) if histograms else None
-        return dppa.magnitude_sum(source(inputs), high), high
+    def map_module(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> tuple[float, int]:
+        return dppa.magnitude_sum(source(inputs))
 
     def finish_module(acc: dict[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
-        sums = {n: v[0] for n, v in acc.items()}
+        sums = dict(acc)
         means = dppa.layer_means({n: dppa.ModulePartial(s, k, 0) for n, (s, k) in sums.items()}, groups)
-        out: dict[str, Any] = {"sums": sums, "layer_means": means}
-        if histograms:
-            out["histograms"] = {n: v[1] for n, v in acc.items()}
-        return out
+        return {"sums": sums, "layer_means": means}
 
     def map_layer(name: str, inputs: list[torch.Tensor], stats: Mapping[str, Any]) -> tuple[int, int]:
         # both outlier counts in one read: the module's (own mean) and the layer's (layer mean)

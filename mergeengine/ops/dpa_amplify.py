@@ -96,7 +96,7 @@ class DpaAmplify(DeltaOp):
             return []
         return dp_reductions(s.id, self.groups, self.targets, lamda=s.lamda,
                              module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
-                             source=self.delta_source, histograms=True)
+                             source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         if ctx.tensor not in self.groups:
@@ -104,16 +104,14 @@ class DpaAmplify(DeltaOp):
         delta = self.delta_source(inputs)  # a fused diff is computed chunk by chunk, never stored
         if self.step.select == "magnitude":
             return dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
-        densities, high = self._selection(ctx.tensor, ctx.stats)
-        return dppa.dpa_amplify_tensor(delta, densities, self.scales, high_histogram=high)
+        return dppa.dpa_amplify_tensor(delta, self._densities(ctx.tensor, ctx.stats), self.scales)
 
-    def _selection(self, tensor: str, stats: Mapping[str, Any]) -> tuple[list[float], torch.Tensor]:
-        """DP's partition densities of ``tensor`` and its magnitude histogram (the selection's
-        first pass, counted by the statistics pass)."""
+    def _densities(self, tensor: str, stats: Mapping[str, Any]) -> list[float]:
+        """DP's partition densities of ``tensor``."""
         per_target: list[dppa.DPDensities] = stats["layer_outliers"]
         if tensor == next(iter(self.groups)):
             log_summary(self.step.id, per_target[-1], self.groups)
-        return [d.module_density[tensor] for d in per_target], stats["module_stats"]["histograms"][tensor]
+        return [d.module_density[tensor] for d in per_target]
 
     def fusable_into_merge(self) -> bool:
         """Whether a merge may amplify this step's chunks itself (:meth:`chunk_amplifier`): DP
@@ -132,8 +130,7 @@ class DpaAmplify(DeltaOp):
         """
         if tensor not in self.groups:
             return lambda delta, out: torch.mul(delta, self.dense, out=out)
-        densities, high = self._selection(tensor, stats)
-        return dppa.PartitionScaler((model, base), densities, self.scales, high).scale
+        return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales).scale
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()
