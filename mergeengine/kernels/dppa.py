@@ -63,6 +63,7 @@ from mergeengine.kernels.selection import (
     high_keys,
     kth_smallest_abs,
     sample_float32,
+    samples_help,
     select_abs_ranks_sampled,
     select_abs_ranks_streamed,
 )
@@ -781,7 +782,7 @@ class PartitionScaler:
         if high_histogram is not None or not wanted:  # the histogram pass is done: one more read
             selected = select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram)
         else:  # a sample predicts a window around each threshold: usually one read
-            selected = select_abs_ranks_sampled(chunks, numel, wanted, _sample(delta))
+            selected = select_abs_ranks_sampled(chunks, numel, wanted, _sample(delta) if samples_help(numel) else None)
         picked = dict(zip(wanted, selected, strict=True))
         # keep |D| strictly above the k-th smallest magnitude; k = 0 keeps everything (bits > -1)
         thresholds = [picked[k].bits if k > 0 else -1 for k in ks]

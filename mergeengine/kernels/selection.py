@@ -350,6 +350,12 @@ def _sample_positions(numel: int, runs: int, run: int) -> np.ndarray:
     return (starts[:, None] + np.arange(run, dtype=np.int64)[None, :]).reshape(-1)
 
 
+def samples_help(numel: int) -> bool:
+    """Whether :func:`top_k_streamed` / :func:`select_abs_ranks_sampled` use a sample for tensors
+    of ``numel`` entries (at least :data:`SAMPLED_MIN_NUMEL`): callers skip gathering one otherwise."""
+    return numel >= SAMPLED_MIN_NUMEL
+
+
 def sample_float32(x: torch.Tensor) -> np.ndarray:
     """The entries of a CPU tensor at :func:`sample_index` (of its size), as a float32 array.
 
@@ -493,7 +499,7 @@ def _select_sampled(
             raise ValueError(f"k={k} out of range for {numel} elements")
     found: dict[tuple[int, int], tuple[RankSelection, list[int] | None]] = {}
     windows: dict[tuple[int, int], _Window] = {}
-    if samples is not None and numel >= SAMPLED_MIN_NUMEL:
+    if samples is not None and samples_help(numel):
         for i, group in enumerate(ks):
             for j, k in enumerate(group):
                 window = _Window(samples[i], numel, k)

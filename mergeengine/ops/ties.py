@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import keep_count, sample_float32, top_k_streamed
+from mergeengine.kernels.selection import keep_count, sample_float32, samples_help, top_k_streamed
 from mergeengine.kernels.ties import ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
@@ -127,7 +127,7 @@ class Ties(MergeOp):
                     yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
 
             samples = None
-            if base.device.type == "cpu":  # a sample predicts each threshold: usually one selection pass
+            if base.device.type == "cpu" and samples_help(numel):  # a sample predicts each threshold: one pass
                 base_sample = sample_float32(base)
                 samples = [sample_float32(x) - base_sample if model else sample_float32(x)
                            for x, model in zip(xs, is_model, strict=True)]
