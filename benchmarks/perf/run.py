@@ -315,12 +315,13 @@ def run_size(size: str, args: argparse.Namespace, results: dict, command: str) -
     if "floor" in args.tools:
         for roles in dict.fromkeys(tuple(facts["runs"][m]["roles"]) for m in methods):
             plan.append(("floor", "+".join(roles)))
-    if "mergeengine" in args.tools:
-        plan += [("mergeengine", m) for m in methods]
-        if "task_arithmetic" in methods and not args.no_cold_hash:
-            plan.append((COLD_HASH, "task_arithmetic"))
-    if mk is not None:
-        plan += [("mergekit", m) for m in methods if m in MERGEKIT_METHODS]
+    for m in methods:  # each method's tools back to back: this VM's speed drifts within minutes
+        if "mergeengine" in args.tools:
+            plan.append(("mergeengine", m))
+        if mk is not None and m in MERGEKIT_METHODS:
+            plan.append(("mergekit", m))
+    if "mergeengine" in args.tools and "task_arithmetic" in methods and not args.no_cold_hash:
+        plan.append((COLD_HASH, "task_arithmetic"))
     replaced = {(t, m) for t, m in plan}
     entry["runs"] = [r for r in entry["runs"] if (r["tool"], r["method"]) not in replaced]
     log(f"{size}: {info['params'] / 1e9:.2f}B params, {len(plan)} runs x {repeats} repeats")
