@@ -255,3 +255,27 @@ def test_dare_numpy_masks_give_the_torch_paths_bytes(tmp_path, models, params, m
     for n in fast:
         assert torch.equal(fast[n].view(torch.int32) if fast[n].dtype == torch.float32 else fast[n],
                            slow[n].view(torch.int32) if slow[n].dtype == torch.float32 else slow[n]), n
+
+
+def test_model_scope_trim_is_the_masked_fill_in_one_op():
+    """``keep_at_least(t)`` (one hardshrink) gives the bytes of ``masked_fill_(abs() < t, 0)`` for
+    thresholds 0, subnormal, ordinary, the largest float, inf and NaN, on +-0, subnormals, ties at
+    the threshold, inf and NaN."""
+    from mergeengine.kernels.selection import bits_to_float
+    from mergeengine.ops.ties import keep_at_least
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20_000, generator=g) * 1e-3
+    x[::7] = 1e-3
+    x[1::7] = -1e-3
+    x[2::11] = -0.0
+    x[3::13] = 0.0
+    x[4::17] = 1e-42
+    x[5::101] = float("inf")
+    x[6::103] = -float("inf")
+    x[8::107] = float("nan")
+    t32 = float(torch.tensor(1e-3, dtype=torch.float32))
+    for t in [0.0, 1e-42, t32, bits_to_float(0x7F7FFFFF), math.inf, math.nan]:
+        expected = x.clone().masked_fill_(x.abs() < t, 0.0)
+        got = keep_at_least(t)(x.clone(), None, None)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), t
