@@ -156,12 +156,7 @@ def test_failure_mid_run_leaves_nothing_behind(tmp_path, models, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-@pytest.mark.parametrize("step", [
-    "{id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}",
-    # the DP statistics and the streamed selection keep a NaN (it ranks above inf): the run names it
-    "{id: d, op: diff, model: ft, base: base}\n          - {id: m, op: dp_prune, input: d, density: 0.3}",
-])
-def test_nan_in_input_is_reported_with_tensor_name(tmp_path, step):
+def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
     shape = LlamaShape(num_hidden_layers=1)
     base = make_weights(shape, 0)
     bad = fine_tune(base, 1)
@@ -174,9 +169,9 @@ def test_nan_in_input_is_reported_with_tensor_name(tmp_path, step):
         steps:
           - {id: base, op: load, model: ./b}
           - {id: ft, op: load, model: ./f}
-          - STEP
+          - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}
           - {id: out, op: save, input: m, path: out}
-        """.replace("STEP", step),
+        """,
     )
     with pytest.raises(NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
         api.run_recipe(r)

@@ -645,39 +645,3 @@ def test_fused_partition_scaling_gives_the_masked_paths_bytes(scales, monkeypatc
     monkeypatch.setattr(dppa, "_bands", lambda thresholds, scales: None)
     masked = dppa.dpa_amplify_tensor((model, base), densities, scales)
     assert torch.equal(fused.view(torch.int32), masked.view(torch.int32))
-
-
-@pytest.mark.parametrize("sampled", [False, True])
-def test_dp_prune_streamed_gives_the_whole_tensor_masks_bytes(sampled, monkeypatch):
-    """``dp_prune_tensor`` (one DPA partition of factor 1, chunked) equals the whole-tensor
-    ``where(dp_keep_mask, delta, 0)`` bit for bit: float32 and bf16 deltas, a (model, base) pair,
-    ties at the threshold, +-0 and inf, densities 0 and 1; with the sampled windows forced too.
-    float64 deltas keep the whole-tensor path. NaN differs on purpose: the whole-tensor mask
-    dropped it silently, the streamed path keeps it (NaN ranks above inf), so the run's finite
-    check names the tensor, as for dpa_amplify and TIES."""
-    from mergeengine.kernels import dppa as k
-    from mergeengine.kernels import selection
-
-    if sampled:
-        monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
-        monkeypatch.setattr(selection, "SAMPLE_RUNS", 64)
-        monkeypatch.setattr(selection, "SAMPLE_RUN", 16)
-    g = torch.Generator().manual_seed(11)
-    n = 2 * k._CHUNK + 321
-    x = torch.randn(n, generator=g) * 1e-3
-    x[::9] = 5e-4
-    x[1::9] = -5e-4
-    x[2::31] = -0.0
-    x[3::4001] = float("inf")
-    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
-    model = (base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16()
-    cases = {"f32": x, "bf16": x.bfloat16(), "f64": x.double(), "pair": (model, base)}
-    for name, delta in cases.items():
-        whole = delta if isinstance(delta, torch.Tensor) else model.float() - base.float()
-        for d in [0.0, 0.07, 0.2, 0.5, 1.0]:
-            expected = torch.where(k.dp_keep_mask(whole, d), whole, torch.zeros((), dtype=whole.dtype))
-            got = k.dp_prune_tensor(delta, d)
-            assert got.dtype == expected.dtype, (name, d)
-            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (name, d)
-    x[4::5003] = float("nan")
-    assert int(k.dp_prune_tensor(x, 0.07).isnan().sum()) == x.isnan().sum()

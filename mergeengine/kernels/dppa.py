@@ -497,18 +497,11 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta.detach().abs().float() > threshold.to(delta.device)
 
 
-def dp_prune_tensor(delta: Delta, density: float) -> torch.Tensor:
+def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Pass 3 (DPPA.md step 6): magnitude-prune one delta at its DP module density, no rescale.
 
-    Computed as DPA with one partition of factor 1 (:class:`PartitionScaler`: chunk by chunk,
-    the threshold from one streamed read), which keeps exactly the entries :func:`dp_keep_mask`
-    keeps, unchanged, and writes +0.0 elsewhere: the bytes of
-    ``torch.where(dp_keep_mask(delta, density), delta, 0)`` (tested), which float64 deltas still
-    take.
-
     Args:
-        delta: the tensor's delta, or the ``(model, base)`` pair it is the difference of
-            (computed chunk by chunk, never stored; the result is then float32).
+        delta: the tensor's delta.
         density: its ``d_lj`` from :func:`dp_densities` (``DPDensities.module_density[name]``).
 
     Returns:
@@ -521,12 +514,9 @@ def dp_prune_tensor(delta: Delta, density: float) -> torch.Tensor:
         >>> dp_prune_tensor(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
         tensor([ 0., -3.,  2.,  0.])
     """
-    _check_partitions([density], [1.0], strictly_increasing=False)
-    if isinstance(delta, torch.Tensor) and delta.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        # float64 (or integer) values do not survive the float32 chunks: mask the whole tensor
-        return torch.where(dp_keep_mask(delta, density), delta,
-                           torch.zeros((), dtype=delta.dtype, device=delta.device))
-    return _scale_partitions(delta, [density], [1.0])
+    return torch.where(
+        dp_keep_mask(delta, density), delta, torch.zeros((), dtype=delta.dtype, device=delta.device)
+    )
 
 
 def dpa_amplify_tensor(

@@ -56,13 +56,13 @@ class DpPrune(DeltaOp):
                              source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
+        delta = self.delta(inputs)
         if ctx.tensor not in self.groups:
-            return self.delta(inputs)
+            return delta
         densities: dppa.DPDensities = ctx.stats["layer_outliers"][0]
         if ctx.tensor == next(iter(self.groups)):
             log_summary(self.step.id, densities, self.groups)
-        # a fused diff is read as (model, base) chunk by chunk: no float32 delta is stored
-        return dppa.dp_prune_tensor(self.delta_source(inputs), densities.module_density[ctx.tensor])
+        return dppa.dp_prune_tensor(delta, densities.module_density[ctx.tensor])
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()
