@@ -156,7 +156,12 @@ def test_failure_mid_run_leaves_nothing_behind(tmp_path, models, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
+@pytest.mark.parametrize("step", [
+    "{id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}",
+    # DP's mask keeps a NaN (it ranks above inf), so the run names the tensor
+    "{id: d, op: diff, model: ft, base: base}\n          - {id: m, op: dp_prune, input: d, density: 0.3}",
+])
+def test_nan_in_input_is_reported_with_tensor_name(tmp_path, step):
     shape = LlamaShape(num_hidden_layers=1)
     base = make_weights(shape, 0)
     bad = fine_tune(base, 1)
@@ -169,9 +174,9 @@ def test_nan_in_input_is_reported_with_tensor_name(tmp_path):
         steps:
           - {id: base, op: load, model: ./b}
           - {id: ft, op: load, model: ./f}
-          - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft]}
+          - STEP
           - {id: out, op: save, input: m, path: out}
-        """,
+        """.replace("STEP", step),
     )
     with pytest.raises(NonFiniteError, match="model.layers.0.mlp.up_proj.weight"):
         api.run_recipe(r)

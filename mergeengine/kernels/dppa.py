@@ -478,7 +478,7 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Step 6's mask: entries whose magnitude is strictly above the k-th smallest magnitude.
 
     ``k = prune_count(numel, density)``; ``k = 0`` keeps everything. Magnitudes are ranked in
-    float32. Masks at increasing density are nested, ties included.
+    float32. Masks at increasing density are nested, ties included. NaN entries are kept.
 
     Args:
         delta: any float tensor.
@@ -494,7 +494,9 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     threshold = kth_smallest_abs(delta, k)
-    return delta.detach().abs().float() > threshold.to(delta.device)
+    # not (|D| <= t): |D| > t, and NaN too (it ranks above inf, as in every selection here), so
+    # a NaN delta reaches the run's finite check instead of being dropped silently
+    return torch.le(delta.detach().abs().float(), threshold.to(delta.device)).logical_not_()
 
 
 def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
