@@ -749,12 +749,14 @@ def _scale_bands(chunk: torch.Tensor, bands: list[tuple[float, float]], out: tor
     ``inf - inf`` would be NaN, so the caller redoes that chunk with the masked path.
     """
     torch.hardshrink(chunk, bands[0][0], out=band)
-    out.zero_()
     for index, (_, scale) in enumerate(bands):
         if index + 1 < len(bands):
             torch.hardshrink(chunk, bands[index + 1][0], out=nxt)
             band.sub_(nxt)
-        out.add_(band, alpha=scale)
+        if index == 0:  # 0 + s*b rounds like s*b (and scales are positive: no -0.0)
+            torch.mul(band, scale, out=out)
+        else:
+            out.add_(band, alpha=scale)
         band, nxt = nxt, band
     return bool(torch.isfinite(torch.sum(out)))
 
