@@ -359,9 +359,9 @@ def samples_help(numel: int) -> bool:
 def sample_float32(x: torch.Tensor) -> np.ndarray:
     """The entries of a CPU tensor at :func:`sample_index` (of its size), as a float32 array.
 
-    numpy, not torch: a 65536-entry torch op is split over the thread pool, and each split waits
-    for a core that the read-ahead thread may hold (milliseconds, ~40x the work). bfloat16 is
-    widened exactly by shifting its bits (numpy has no bfloat16).
+    A plain numpy gather (no thread-pool split for 65536 entries); bfloat16 is widened exactly by
+    shifting its bits (numpy has no bfloat16). On a memory-mapped input this is usually the first
+    touch of the tensor's pages, which costs more than the gather itself (see docs/benchmarks.md).
 
     Raises:
         ValueError: for a tensor that is not on the CPU.
