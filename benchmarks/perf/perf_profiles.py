@@ -31,6 +31,10 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     ("deltas per chunk (bf16 -> float32, minus base)", "_value_chunks", "kernels/dppa.py"),
     ("deltas per chunk (bf16 -> float32, minus base)", "_abs_chunks", "kernels/dppa.py"),
     ("deltas per chunk (bf16 -> float32, minus base)", "diff", "ops/dpa_amplify.py"),
+    # sampled windows (fourth pass): the gather is usually the first touch of an input's pages
+    ("sample gather (first touch of the inputs)", "sample_float32", "kernels/selection.py"),
+    ("magnitude selection (top-k, k-th value)", "_select_sampled", "kernels/selection.py"),
+    ("magnitude selection (top-k, k-th value)", "finish", "kernels/selection.py"),
     ("magnitude selection (top-k, k-th value)", "select_abs_ranks_streamed_many", "kernels/selection.py"),
     ("magnitude selection (top-k, k-th value)", "high_keys", "kernels/selection.py"),
     ("magnitude selection (top-k, k-th value)", "add", "kernels/selection.py"),
@@ -47,7 +51,7 @@ BUCKET_RULES: list[tuple[str, str, str]] = [
     # tinyllama profiles come from; DpaAmplify.chunk_amplifier now returns PartitionScaler.scale)
     ("dpa: amplify chunks (hardshrink bands)", "amplified", "ops/dpa_amplify.py"),
     ("dpa: amplify chunks (hardshrink bands)", "dense", "ops/dpa_amplify.py"),
-    ("DP statistics: sums and histogram", "magnitude_sum", "kernels/dppa.py"),
+    ("DP statistics: magnitude sums", "magnitude_sum", "kernels/dppa.py"),
     ("DP statistics: outlier counts", "count_above", "kernels/dppa.py"),
     ("result chunk: round to bf16, sum", "put", "ops/merge.py"),
     ("fsync (writer)", "_close", "io/writer.py"),
