@@ -505,18 +505,17 @@ def _select_sampled(
                 window = _Window(samples[i], numel, k)
                 if window.ok:
                     windows[(i, j)] = window
-    if windows:
-        scratch = torch.empty(0, dtype=torch.int32)
+    if windows:  # numpy throughout: on the CPU its single-threaded ops beat torch's here (~10%)
+        scratch = np.empty(0, dtype=np.uint32)
         inside = np.empty(0, dtype=bool)
         streams = sorted({i for i, _ in windows})
         for group in chunks():
             n = group[0].numel()
-            if scratch.numel() < 2 * n:
-                scratch, inside = torch.empty(2 * n, dtype=torch.int32), np.empty(n, dtype=bool)
-            bits, offset = scratch[:n], scratch[n:2 * n].numpy().view(np.uint32)
+            if scratch.size < 2 * n:
+                scratch, inside = np.empty(2 * n, dtype=np.uint32), np.empty(n, dtype=bool)
+            magnitudes, offset = scratch[:n], scratch[n:2 * n]
             for i in streams:
-                torch.bitwise_and(group[i].reshape(-1).view(torch.int32), _ABS_MASK, out=bits)
-                magnitudes = bits.numpy().view(np.uint32)
+                np.bitwise_and(group[i].reshape(-1).numpy().view(np.uint32), _ABS_MASK, out=magnitudes)
                 for (stream, _), window in windows.items():
                     if stream == i:
                         window.add(magnitudes, offset, inside[:n])
