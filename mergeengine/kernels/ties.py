@@ -192,14 +192,14 @@ def ties_merge_into(
     weighted = vote == "weighted"
     if weighted:  # 0 + w*D rounds like w*D: the same floats as summing from zero
         torch.mul(deltas[0], weights[0], out=sign)
-        rest = deltas[1:]
+        summed = 1
     elif len(deltas) > 1:  # D_0 + D_1 in one op (0 + D_0 is D_0, exactly)
         torch.add(deltas[0], deltas[1], out=sign)
-        rest = deltas[2:]
+        summed = 2
     else:
         sign.copy_(deltas[0])
-        rest = []
-    for delta, weight in zip(rest, weights[len(deltas) - len(rest):], strict=True):
+        summed = 1
+    for delta, weight in zip(deltas[summed:], weights[summed:], strict=True):
         sign.add_(delta, alpha=weight if weighted else 1.0)
     sign.sign_()
     torch.mul(deltas[0], sign, out=out).clamp_(min=0.0)  # |D_0| where it agrees, else 0: the first terms

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from pydantic import BaseModel, Field, model_validator
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import (
     bits_to_float,
+    float_to_bits,
     keep_count,
     sample_float32,
     samples_help,
@@ -47,7 +47,7 @@ def keep_at_least(threshold: float) -> Callable[[torch.Tensor, torch.Tensor, tor
     """
     if not threshold > 0:
         return lambda chunk, bits, drop: chunk
-    lambd = bits_to_float(struct.unpack("<I", struct.pack("<f", threshold))[0] - 1)
+    lambd = bits_to_float(float_to_bits(threshold) - 1)
     return lambda chunk, bits, drop: torch.hardshrink(chunk, lambd, out=chunk)
 
 
