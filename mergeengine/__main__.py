@@ -1,5 +1,5 @@
 """``python -m mergeengine`` entry point."""
 
-from mergeengine.cli import main
+from mergeengine.cli import console_main
 
-raise SystemExit(main())
+console_main()

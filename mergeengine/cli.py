@@ -124,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The ``mergeengine`` console script and ``python -m mergeengine``: :func:`main`, then a fast exit.
+
+    Once torch is imported, Python's own teardown (finalizing ~100k module objects) takes 0.3-0.45 s
+    on a 2-core machine, a fifth of a small run. Everything a command writes is committed (and its
+    temporary files removed) before :func:`main` returns, so the process flushes its streams and
+    logging and ends with ``os._exit``. Library callers of :func:`main` (the tests) are unaffected.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``| head``): nothing more can be shown
+            pass
+    os._exit(code)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from mergeengine import api
 
@@ -185,5 +203,5 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
 
