@@ -317,6 +317,34 @@ def test_compute_bound_tasks_get_every_core_unless_threads_are_fixed(tmp_path, m
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_numpy_sections_leave_a_core_free_and_restore_the_count(monkeypatch):
+    """``numpy_threads`` sizes torch's pool as for a memory-bound task inside the block and restores
+    the previous size after it, also on an error; a fixed count (``--threads``) is never changed."""
+    from mergeengine import runtime
+
+    monkeypatch.setattr(runtime, "all_cores", lambda: 3)
+    seen: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(1)))
+    try:
+        runtime.set_threads(None)
+        runtime.use_threads(True)
+        seen.clear()
+        with runtime.numpy_threads():
+            assert seen == [2]
+        assert seen == [2, 3]
+        with pytest.raises(RuntimeError), runtime.numpy_threads():
+            raise RuntimeError("boom")
+        assert seen == [2, 3, 2, 3]
+        runtime.set_threads(2)
+        seen.clear()
+        with runtime.numpy_threads():
+            pass
+        assert seen == []
+    finally:
+        runtime.set_threads(1)
+
+
 def test_run_hands_frozen_objects_back_to_the_collector(tmp_path, models):
     """The executor freezes the long-lived objects for the run only (repeated runs, as a search
     does, must not accumulate frozen garbage), also when the run fails."""

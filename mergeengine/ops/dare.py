@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.sparsify import dare
+from mergeengine.kernels.sparsify import block_sums, dare, l1_norm
 from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
@@ -78,7 +78,7 @@ class DareMerge(MergeOp):
     rescale needs whole-tensor norms: a first chunked pass computes them, a second applies them.
     """
 
-    compute_bound = True
+    compute_bound = False  # its chunks interleave the serial draw and numpy with torch ops (runtime.numpy_threads)
     step: DareMergeStep
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
@@ -127,19 +127,19 @@ class DareMerge(MergeOp):
             return d.masked_fill_(kept.logical_not(), 0.0)
 
         if self.step.rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
-            # per-chunk float32 sums added in float64, as Python floats would be: no host sync per chunk
-            before = torch.zeros(n, dtype=torch.float64, device=device)
-            after = torch.zeros(n, dtype=torch.float64, device=device)
+            # the whole-tensor kernel's block sums (chunks are whole blocks): no host sync per chunk
+            before: list[list[torch.Tensor]] = [[] for _ in range(n)]
+            after: list[list[torch.Tensor]] = [[] for _ in range(n)]
             for start, end, (b, *ds) in result.chunks():
                 deltas(start, end, b, ds)
                 keeps = [keep(i, end - start, torch.empty(end - start, dtype=torch.bool, device=device))
                          for i in range(n)]
                 for i, (d, kept) in enumerate(zip(ds, keeps, strict=True)):
-                    before[i] += d.abs_().sum().double()
-                    after[i] += apply(d, kept).sum().double()
+                    before[i].append(block_sums(d.abs_()))
+                    after[i].append(block_sums(apply(d, kept)))
                 kept_masks.append(keeps)
-            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0
-                       for b, a in zip(before.tolist(), after.tolist(), strict=True)]
+            norms = [(l1_norm(bs), l1_norm(a)) for bs, a in zip(before, after, strict=True)]
+            factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in norms]
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
             m = end - start

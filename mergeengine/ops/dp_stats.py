@@ -19,6 +19,7 @@ from pydantic import Field
 
 from mergeengine.kernels import dppa
 from mergeengine.ops.base import Reduction
+from mergeengine.runtime import numpy_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def dp_reductions(
         mean = stats["module_stats"]["layer_means"][groups[name][0]]
         if not numel:
             return 0, 0
-        module, layer = dppa.count_above(source(inputs), [module_threshold * sum_abs / numel, layer_threshold * mean])
+        with numpy_threads():  # numpy's compare and count: torch's second thread would only spin
+            module, layer = dppa.count_above(source(inputs), [module_threshold * sum_abs / numel, layer_threshold * mean])
         return module, layer
 
     def finish_layer(acc: dict[str, int], stats: Mapping[str, Any]) -> list[dppa.DPDensities]:

@@ -33,6 +33,7 @@ from mergeengine.ops.dp_stats import (
     dp_reductions,
     log_summary,
 )
+from mergeengine.runtime import numpy_threads
 
 
 class Partition(BaseModel):
@@ -130,7 +131,8 @@ class DpaAmplify(DeltaOp):
         """
         if tensor not in self.groups:
             return lambda delta, out: torch.mul(delta, self.dense, out=out)
-        return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales).scale
+        with numpy_threads():  # the threshold selection is numpy: torch's second thread would only spin
+            return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales).scale
 
     def plan_notes(self) -> list[str]:
         return self.group_notes()

@@ -34,6 +34,7 @@ from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
 from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.vocab import pad_rows
+from mergeengine.runtime import numpy_threads
 
 
 def keep_at_least(threshold: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -149,11 +150,12 @@ class Ties(MergeOp):
                     yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
 
             samples = None
-            if base.device.type == "cpu" and samples_help(numel):  # a sample predicts each threshold: one pass
-                base_sample = sample_float32(base)
-                samples = [sample_float32(x) - base_sample if model else sample_float32(x)
-                           for x, model in zip(xs, is_model, strict=True)]
-            trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples)]
+            with numpy_threads():  # the selection is mostly numpy: torch's second thread would only spin
+                if base.device.type == "cpu" and samples_help(numel):  # a sample predicts each threshold: one pass
+                    base_sample = sample_float32(base)
+                    samples = [sample_float32(x) - base_sample if model else sample_float32(x)
+                               for x, model in zip(xs, is_model, strict=True)]
+                trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples)]
         bits, drop = result.buffer(torch.int32), result.buffer(torch.bool)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for start, end, (b, *ds) in result.chunks():
