@@ -279,3 +279,30 @@ def test_model_scope_trim_is_the_masked_fill_in_one_op():
         expected = x.clone().masked_fill_(x.abs() < t, 0.0)
         got = keep_at_least(t)(x.clone(), None, None)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), t
+
+
+@pytest.mark.parametrize(("numpy", "keep_all"), [(True, False), (True, True), (False, False)])
+def test_dare_survivors_drawn_ahead_are_one_whole_tensor_draw(numpy, keep_all):
+    """The masks a helper thread draws one chunk ahead (two alternating slots) are those of one
+    whole-tensor draw per input; stopping early leaves no drawing thread behind."""
+    import threading
+
+    from mergeengine.kernels.sparsify import dare_mask
+    from mergeengine.ops.dare import Survivors
+
+    cpu = torch.device("cpu")
+    lengths, densities = [5000, 5000, 5000, 1234], [0.3, 0.7]
+
+    def gens():
+        return [tensor_generator(0, f"s/{i}", "w") for i in range(len(densities))]
+
+    whole = [dare_mask((sum(lengths),), p, g, cpu) for g, p in zip(gens(), densities, strict=True)]
+    chunks = [[m.clone() for m in masks]
+              for masks in Survivors(gens(), densities, lengths, cpu, numpy=numpy, keep_all=keep_all)]
+    assert [c[0].numel() for c in chunks] == lengths
+    for i in range(len(densities)):
+        assert torch.equal(torch.cat([c[i] for c in chunks]), whole[i])
+    it = iter(Survivors(gens(), densities, lengths, cpu, numpy=numpy))
+    next(it)
+    it.close()
+    assert not any(t.name.startswith("dare-draws") for t in threading.enumerate())

@@ -14,6 +14,8 @@ order tensors are processed in.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -70,6 +72,56 @@ class DareMergeStep(MergeStep):
 NUMPY_MASKS = True
 
 
+class Survivors:
+    """DARE's survivor masks (``rand < density``) of every input, chunk by chunk, in draw order.
+
+    Iterating gives, per chunk of ``lengths``, one bool mask per input: input ``i``'s generator
+    draws its next ``lengths[c]`` floats, so the masks are those of one whole-tensor draw. On the
+    CPU (``numpy``) a helper thread draws and compares one chunk ahead of the caller: torch's
+    Mersenne Twister is serial (~2.5 ns per entry here, the largest single cost of a DARE merge)
+    and releases the GIL, as numpy's compare does, so the draws overlap the merge arithmetic. Two
+    mask slots alternate; a chunk's masks are valid until the next chunk is requested
+    (``keep_all``: fresh masks per chunk, valid for good). Elsewhere the masks are drawn inline.
+    """
+
+    def __init__(self, gens: list[torch.Generator], densities: list[float], lengths: list[int],
+                 device: torch.device, *, numpy: bool, keep_all: bool = False) -> None:
+        self.gens, self.densities, self.lengths = gens, densities, lengths
+        self.device, self.numpy, self.keep_all = device, numpy, keep_all
+        longest = max(lengths, default=0)
+        self.rand = torch.empty(longest, dtype=torch.float32, device=gens[0].device if gens else "cpu")
+        self.slots = [[torch.empty(longest, dtype=torch.bool, device=device) for _ in gens]
+                      for _ in range(0 if keep_all else 2)]
+
+    def _masks(self, c: int) -> list[torch.Tensor]:
+        m = self.lengths[c]
+        out = []
+        for i, (gen, density) in enumerate(zip(self.gens, self.densities, strict=True)):
+            mask = torch.empty(m, dtype=torch.bool, device=self.device) if self.keep_all else self.slots[c % 2][i][:m]
+            drawn = torch.rand(m, generator=gen, out=self.rand[:m]).to(self.device)  # dare_mask's draw
+            if self.numpy:  # numpy's compare writes the bool mask (~0.05 ns per entry, torch's ~0.6)
+                np.less(drawn.numpy(), np.float32(density), out=mask.numpy())
+            else:
+                torch.lt(drawn, density, out=mask)
+            out.append(mask)
+        return out
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        if not self.numpy or len(self.lengths) < 2:
+            yield from (self._masks(c) for c in range(len(self.lengths)))
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dare-draws")
+        try:
+            ahead = pool.submit(self._masks, 0)
+            for c in range(len(self.lengths)):
+                masks = ahead.result()
+                if c + 1 < len(self.lengths):  # writes the other slot: the caller is done with it
+                    ahead = pool.submit(self._masks, c + 1)
+                yield masks
+        finally:  # also when the caller stops early: no draw outlives the task
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 class DareMerge(MergeOp):
     """DARE on each input delta (generator per input, step and tensor), then a combination.
 
@@ -91,7 +143,6 @@ class DareMerge(MergeOp):
         gens = [tensor_generator(ctx.seed, f"{ctx.step}/{i}", ctx.tensor) for i in range(n)]
         device = flat[0].device
         result = ChunkedResult(flat[0].numel(), self.emit_dtype, device, scratch=1 + n)
-        rand = result.buffer(device=gens[0].device)  # draws happen on the generator's device
 
         def deltas(start: int, end: int, b: torch.Tensor, ds: list[torch.Tensor]) -> None:
             b.copy_(flat[0][start:end])
@@ -100,23 +151,9 @@ class DareMerge(MergeOp):
                 if is_model[i]:
                     d.sub_(b)
 
-        def draw(i: int, m: int) -> torch.Tensor:
-            """dare_mask's draw for input ``i``'s next ``m`` entries, into the reused buffer."""
-            return torch.rand(m, generator=gens[i], out=rand[:m]).to(device)
-
         factors = [1.0 / p if self.step.rescale == "per_element" else 1.0 for p in densities]
-        kept_masks: list[list[torch.Tensor]] = []
         cpu = device.type == "cpu" and NUMPY_MASKS
-        keep_buffer = result.buffer(torch.bool)
-
-        def keep(i: int, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
-            """Survivors (``rand < p``) of input ``i``'s next ``m`` entries. On the CPU numpy's compare
-            writes the bool mask (~0.05 ns per entry, torch's ~0.6): same float32 comparison."""
-            out = keep_buffer[:m] if out is None else out
-            if cpu:
-                np.less(draw(i, m).numpy(), np.float32(densities[i]), out=out.numpy())
-                return out
-            return torch.lt(draw(i, m), densities[i], out=out)
+        lengths = [end - start for start, end, _ in result.chunks()]
 
         def apply(d: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
             """``d`` times the mask, in place. A dropped entry becomes 0 with ``d``'s sign (the merge
@@ -126,26 +163,27 @@ class DareMerge(MergeOp):
                 return d
             return d.masked_fill_(kept.logical_not(), 0.0)
 
+        kept_masks: list[list[torch.Tensor]] = []
         if self.step.rescale == "l1":  # pass 1: masks (kept, 1 byte per entry) and the L1 norms before/after
             # the whole-tensor kernel's block sums (chunks are whole blocks): no host sync per chunk
             before: list[list[torch.Tensor]] = [[] for _ in range(n)]
             after: list[list[torch.Tensor]] = [[] for _ in range(n)]
-            for start, end, (b, *ds) in result.chunks():
+            survivors = Survivors(gens, densities, lengths, device, numpy=cpu, keep_all=True)
+            for (start, end, (b, *ds)), keeps in zip(result.chunks(), survivors, strict=True):
                 deltas(start, end, b, ds)
-                keeps = [keep(i, end - start, torch.empty(end - start, dtype=torch.bool, device=device))
-                         for i in range(n)]
                 for i, (d, kept) in enumerate(zip(ds, keeps, strict=True)):
                     before[i].append(block_sums(d.abs_()))
                     after[i].append(block_sums(apply(d, kept)))
                 kept_masks.append(keeps)
             norms = [(l1_norm(bs), l1_norm(a)) for bs, a in zip(before, after, strict=True)]
             factors = [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in norms]
+        masks = kept_masks or Survivors(gens, densities, lengths, device, numpy=cpu)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
-        for c, (start, end, (b, *ds)) in enumerate(result.chunks()):
+        for (start, end, (b, *ds)), keeps in zip(result.chunks(), masks, strict=True):
             m = end - start
             deltas(start, end, b, ds)
             for i, d in enumerate(ds):
-                apply(d, kept_masks[c][i] if kept_masks else keep(i, m)).mul_(factors[i])
+                apply(d, keeps[i]).mul_(factors[i])
             merged = self.combine_into(ds, acc[:m], [sign[:m], denominator[:m]])
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
