@@ -97,3 +97,87 @@ def test_pytorch_bin_needs_allow_pickle(tmp_path, models):
     api.run_recipe(r)
     out = read_folder(tmp_path / "out")
     torch.testing.assert_close(out["model.norm.weight"], weights["model.norm.weight"].to(torch.bfloat16))
+
+
+def _pieces(seed: int) -> list[bytes]:
+    """Writes of awkward sizes: empty, one byte, around the block and stage sizes."""
+    import random
+
+    from mergeengine.io import writer
+
+    rng = random.Random(seed)
+    sizes = [0, 1, 4095, 4097, writer.DIRECT_STAGE_BYTES - 3, 5, writer.DIRECT_STAGE_BYTES + 7, 12345]
+    return [rng.randbytes(n) for n in sizes]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_files_hold_exactly_the_bytes_written(tmp_path, monkeypatch, direct):
+    """``O_DIRECT`` through the aligned stage (padding truncated away) and buffered writes give the
+    same file; the size is exact whatever the last block holds."""
+    from mergeengine.io import writer
+
+    monkeypatch.setattr(writer, "DIRECT_IO", direct)
+    pieces = _pieces(1)
+    f = writer.ShardFile(tmp_path / "shard.safetensors")
+    if direct and hasattr(__import__("os"), "O_DIRECT"):
+        assert f.direct  # this filesystem (the test machine's) takes O_DIRECT
+    for p in pieces:
+        f.write(memoryview(p))
+    f.close()
+    assert (tmp_path / "shard.safetensors").read_bytes() == b"".join(pieces)
+    small = writer.ShardFile(tmp_path / "small")
+    small.write(memoryview(b"abc"))
+    small.close()
+    assert (tmp_path / "small").read_bytes() == b"abc"
+
+
+def test_shard_files_fall_back_to_buffered_writes(tmp_path, monkeypatch):
+    """A filesystem that refuses ``O_DIRECT`` at open, or only at the first write (EINVAL), gets
+    a buffered file with the same bytes; an abort removes the file."""
+    import errno
+    import os
+
+    from mergeengine.io import writer
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    pieces = _pieces(2)
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def refuse_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_open)
+    f = writer.ShardFile(tmp_path / "a")
+    assert not f.direct
+    for p in pieces:
+        f.write(memoryview(p))
+    f.close()
+    assert (tmp_path / "a").read_bytes() == b"".join(pieces)
+    monkeypatch.setattr(os, "open", real_open)
+
+    direct_fds: set[int] = set()
+
+    def remember_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # fd numbers are reused
+        return fd
+
+    def refuse_write(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", remember_open)
+    monkeypatch.setattr(os, "pwrite", refuse_write)
+    f = writer.ShardFile(tmp_path / "b")
+    for p in pieces:
+        f.write(memoryview(p))
+    f.close()
+    assert not f.direct and (tmp_path / "b").read_bytes() == b"".join(pieces)
+    g = writer.ShardFile(tmp_path / "c")
+    g.write(memoryview(b"partial"))
+    g.abort()
+    assert not (tmp_path / "c").exists()

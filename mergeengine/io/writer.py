@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import shutil
@@ -20,7 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -71,6 +72,109 @@ def start_writeback(fd: int) -> None:
     sync_file_range = getattr(c, "sync_file_range", None)
     if sync_file_range is not None:
         sync_file_range(ctypes.c_int(fd), ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
+#: Write shards with ``O_DIRECT`` where the platform and filesystem allow it (see :class:`ShardFile`).
+DIRECT_IO = True
+#: Bytes staged per ``O_DIRECT`` write: a multiple of every logical block size (512 B - 64 KiB).
+DIRECT_STAGE_BYTES = 8 << 20
+_DIRECT_BLOCK = 64 << 10
+
+
+class ShardFile:
+    """A new shard file that bytes are appended to; durable (fsynced) when :meth:`close` returns.
+
+    On Linux the file is written with ``O_DIRECT`` through a page-aligned staging buffer: the bytes
+    go from the buffer to the disk without the page cache. A buffered write of a 2.2 GB output cost
+    3.1-6.4 s of CPU time on a 2-core machine (allocating and filling page-cache pages, then
+    writing them back), ``O_DIRECT`` 0.07 s plus one copy into the stage, while the disk took 1.0 s
+    either way. That CPU was taken from the merge itself. The last partial block is written padded
+    and the file then truncated to its size. Where ``O_DIRECT`` is missing or refused (tmpfs, some
+    network filesystems: ``EINVAL`` on open or on the first write) the file is written buffered,
+    with write-back started every :data:`WRITEBACK_BYTES`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._unflushed = 0
+        self._stage: mmap.mmap | None = None
+        self._fill = 0
+        direct = getattr(os, "O_DIRECT", 0) if DIRECT_IO else 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self._fd = -1
+        if direct:
+            try:
+                self._fd = os.open(path, flags | direct, 0o644)
+                self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        if self._fd < 0:
+            self._fd = os.open(path, flags, 0o644)
+        self.direct = self._stage is not None
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` (a flat memoryview of bytes)."""
+        while len(data):
+            if self._stage is None:
+                self._write_all(data, self.size)
+                self.size += len(data)
+                self._unflushed += len(data)
+                if self._unflushed >= WRITEBACK_BYTES:  # start write-back now, so the fsync has little left
+                    start_writeback(self._fd)
+                    self._unflushed = 0
+                return
+            n = min(len(data), DIRECT_STAGE_BYTES - self._fill)
+            self._stage[self._fill:self._fill + n] = data[:n]
+            self._fill += n
+            self.size += n
+            data = data[n:]
+            if self._fill == DIRECT_STAGE_BYTES:
+                self._flush_stage(DIRECT_STAGE_BYTES)
+
+    def _flush_stage(self, length: int) -> None:
+        """Write the stage's first ``length`` bytes (whole blocks) where they belong in the file."""
+        stage = self._stage
+        assert stage is not None
+        start = self.size - self._fill  # the file offset of the stage's first byte
+        try:
+            self._write_all(memoryview(stage)[:length], start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or start:
+                raise
+            # the filesystem took the flag but refuses the writes: buffered from here on
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            self._stage, self.direct = None, False
+            self._write_all(memoryview(stage)[:self._fill], 0)
+        self._fill = 0
+
+    def _write_all(self, data: memoryview, offset: int) -> None:
+        while len(data):
+            n = os.pwrite(self._fd, data, offset)
+            data, offset = data[n:], offset + n
+
+    def close(self) -> None:
+        """Write what is staged, fsync and close."""
+        if self._stage is not None and self._fill:
+            fill = self._fill
+            padded = -(-fill // _DIRECT_BLOCK) * _DIRECT_BLOCK
+            memoryview(self._stage)[fill:padded] = bytes(padded - fill)
+            self._flush_stage(padded)
+            if self._stage is not None:  # still direct: drop the padding
+                os.ftruncate(self._fd, self.size)
+        os.fsync(self._fd)
+        self.abort(unlink=False)
+
+    def abort(self, unlink: bool = True) -> None:
+        """Close without syncing; delete the file unless ``unlink`` is False."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._stage = None  # freed with its last view (a traceback may still hold one)
+        if unlink:
+            self.path.unlink(missing_ok=True)
 
 
 def layout_shards(order: list[str], metas: dict[str, TensorMeta], max_shard_bytes: int) -> list[Shard]:
@@ -126,7 +230,7 @@ class ShardedWriter:
         self.completed: set[str] = set()
         self._queue = [(s, n) for s in self.shards for n in s.names]
         self._pos = 0
-        self._file: BinaryIO | None = None
+        self._file: ShardFile | None = None
         self._hash: Any = None
         self.bytes_written = 0
         # Write-behind: file writes, sha256 and fsync run in one worker thread (they release the
@@ -204,11 +308,6 @@ class ShardedWriter:
         self._file.write(memoryview(data))
         self._hash.update(memoryview(data))
         self.bytes_written += data.nbytes
-        self._unflushed += data.nbytes
-        if self._unflushed >= WRITEBACK_BYTES:  # start write-back now, so the shard's fsync has little left
-            self._file.flush()
-            start_writeback(self._file.fileno())
-            self._unflushed = 0
         if shard.names[-1] == name:
             self._close(shard)
 
@@ -226,16 +325,13 @@ class ShardedWriter:
 
     def _open(self, shard: Shard) -> None:
         header = shard.header(self.metas)
-        self._file = open(self.folder / shard.file, "wb")
-        self._unflushed = 0
+        self._file = ShardFile(self.folder / shard.file)
         self._hash = hashlib.sha256(header)
-        self._file.write(header)
+        self._file.write(memoryview(header))
         self.bytes_written += len(header)
 
     def _close(self, shard: Shard) -> None:
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         self.sha256[shard.file] = self._hash.hexdigest()
@@ -271,10 +367,8 @@ class ShardedWriter:
             self._worker.join()
             self._worker = None
         if self._file is not None:
-            name = self._file.name
-            self._file.close()
+            self._file.abort()
             self._file = None
-            Path(name).unlink(missing_ok=True)
 
     def finish(self) -> None:
         """After the last tensor: everything flushed, the index written, the journal removed."""
