@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergeengine.errors import MergeEngineError, OutputError
@@ -99,6 +100,7 @@ class ShardFile:
         self.size = 0
         self._unflushed = 0
         self._stage: mmap.mmap | None = None
+        self._staged: np.ndarray | None = None  # the stage as a numpy array
         self._fill = 0
         direct = getattr(os, "O_DIRECT", 0) if DIRECT_IO else 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -107,6 +109,7 @@ class ShardFile:
             try:
                 self._fd = os.open(path, flags | direct, 0o644)
                 self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)
+                self._staged = np.frombuffer(self._stage, dtype=np.uint8)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -126,7 +129,9 @@ class ShardFile:
                     self._unflushed = 0
                 return
             n = min(len(data), DIRECT_STAGE_BYTES - self._fill)
-            self._stage[self._fill:self._fill + n] = data[:n]
+            # numpy's copy releases the GIL (an mmap slice assignment would hold it for ~1 ms)
+            assert self._staged is not None
+            np.copyto(self._staged[self._fill:self._fill + n], np.frombuffer(data[:n], dtype=np.uint8))
             self._fill += n
             self.size += n
             data = data[n:]
@@ -146,7 +151,7 @@ class ShardFile:
             # the filesystem took the flag but refuses the writes: buffered from here on
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            self._stage, self.direct = None, False
+            self._stage, self._staged, self.direct = None, None, False
             self._write_all(memoryview(stage)[:self._fill], 0)
         self._fill = 0
 
@@ -172,7 +177,7 @@ class ShardFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._stage = None  # freed with its last view (a traceback may still hold one)
+        self._stage = self._staged = None  # freed with its last view (a traceback may still hold one)
         if unlink:
             self.path.unlink(missing_ok=True)
 
