@@ -8,7 +8,10 @@ instead of 11 s. :func:`set_threads` defaults to all cores but one. Ops whose ma
 I/O (TIES, DARE, DP/DPA: dozens of float32 ops per entry, see ``Op.compute_bound``) leave the
 background threads idle most of the time; for their tasks the executor calls
 :func:`use_threads`, which hands the pool every core (TIES 66 -> 47 s, dare_ties 68 -> 45 s,
-DPPA 80 -> 44 s on the TinyLlama shape, 2 cores). An explicit ``--threads`` fixes the count.
+DPPA 80 -> 44 s on the TinyLlama shape, 2 cores). Inside such a task, the stretches that are
+mostly single-threaded numpy go back to all cores but one (:func:`numpy_threads`), and DARE merges,
+serial draws and numpy masks throughout, later became memory-bound tasks again (a helper thread
+draws ahead). An explicit ``--threads`` fixes the count.
 
 Allocator:
 
@@ -85,7 +88,8 @@ def numpy_threads() -> Iterator[None]:
     """Within the block, torch's pool is sized as for a memory-bound task (all cores but one).
 
     For work that interleaves single-threaded numpy passes with torch ops (TIES's and DPA's sampled
-    windows, DP's outlier counts, DARE's masks): after each parallel torch op, OpenMP's workers
+    windows, DP's outlier counts; DARE merges, whose draws and masks are serial throughout, are
+    memory-bound tasks as a whole): after each parallel torch op, OpenMP's workers
     spin for a while before they sleep, and on a 2-core machine that spin takes the core the
     numpy pass and the read-ahead/write-behind threads need. TIES's selection pass on the TinyLlama
     shape took 16.8 s with two torch threads and 10.2 s with one. The previous size is restored on

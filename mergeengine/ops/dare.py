@@ -130,7 +130,7 @@ class DareMerge(MergeOp):
     rescale needs whole-tensor norms: a first chunked pass computes them, a second applies them.
     """
 
-    compute_bound = False  # its chunks interleave the serial draw and numpy with torch ops (runtime.numpy_threads)
+    compute_bound = False  # serial draws (Survivors) and numpy masks between its torch ops: a second torch thread only spins
     step: DareMergeStep
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
