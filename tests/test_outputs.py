@@ -131,9 +131,10 @@ def test_shard_files_hold_exactly_the_bytes_written(tmp_path, monkeypatch, direc
     assert (tmp_path / "small").read_bytes() == b"abc"
 
 
-def test_shard_files_fall_back_to_buffered_writes(tmp_path, monkeypatch):
-    """A filesystem that refuses ``O_DIRECT`` at open, or only at the first write (EINVAL), gets
-    a buffered file with the same bytes; an abort removes the file."""
+@pytest.mark.parametrize("code", ["EINVAL", "EOPNOTSUPP"])
+def test_shard_files_fall_back_to_buffered_writes(tmp_path, monkeypatch, code):
+    """A filesystem that refuses ``O_DIRECT`` at open, or only at the first write, gets a buffered
+    file with the same bytes; an abort removes the file."""
     import errno
     import os
 
@@ -146,7 +147,7 @@ def test_shard_files_fall_back_to_buffered_writes(tmp_path, monkeypatch):
 
     def refuse_open(path, flags, *args):
         if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(getattr(errno, code), code)
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refuse_open)
@@ -167,7 +168,7 @@ def test_shard_files_fall_back_to_buffered_writes(tmp_path, monkeypatch):
 
     def refuse_write(fd, data, offset):
         if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(getattr(errno, code), code)
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "open", remember_open)

@@ -80,6 +80,8 @@ DIRECT_IO = True
 #: Bytes staged per ``O_DIRECT`` write: a multiple of every logical block size (512 B - 64 KiB).
 DIRECT_STAGE_BYTES = 8 << 20
 _DIRECT_BLOCK = 64 << 10
+#: What a filesystem that cannot do ``O_DIRECT`` answers, at open or at the first write.
+_NO_DIRECT_IO = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 class ShardFile:
@@ -91,7 +93,7 @@ class ShardFile:
     writing them back), ``O_DIRECT`` 0.07 s plus one copy into the stage, while the disk took 1.0 s
     either way. That CPU was taken from the merge itself. The last partial block is written padded
     and the file then truncated to its size. Where ``O_DIRECT`` is missing or refused (tmpfs, some
-    network filesystems: ``EINVAL`` on open or on the first write) the file is written buffered,
+    network filesystems: ``EINVAL`` or ``EOPNOTSUPP`` on open or on the first write) the file is written buffered,
     with write-back started every :data:`WRITEBACK_BYTES`.
     """
 
@@ -111,7 +113,7 @@ class ShardFile:
                 self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)
                 self._staged = np.frombuffer(self._stage, dtype=np.uint8)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in _NO_DIRECT_IO:
                     raise
         if self._fd < 0:
             self._fd = os.open(path, flags, 0o644)
@@ -146,7 +148,7 @@ class ShardFile:
         try:
             self._write_all(memoryview(stage)[:length], start)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or start:
+            if exc.errno not in _NO_DIRECT_IO or start:
                 raise
             # the filesystem took the flag but refuses the writes: buffered from here on
             os.close(self._fd)
