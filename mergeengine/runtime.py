@@ -32,9 +32,12 @@ import ctypes.util
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 def default_threads() -> int:
     """All usable cores but one (for mergeengine's I/O threads), at least 1."""
@@ -110,6 +113,31 @@ def numpy_threads() -> Iterator[None]:
 
             torch.set_num_threads(before)
             _CURRENT = before
+
+
+def run_ahead(produce: Callable[[int, int], T], count: int, name: str) -> Iterator[T]:
+    """``produce(i, i % 2)`` for ``i`` in ``range(count)``, each computed one item ahead of the
+    caller in a helper thread (named ``name``).
+
+    For chunk loops whose producing half (torch ops, random draws) releases the GIL: it runs on
+    another core while the caller consumes the previous item. ``i % 2`` names the buffer slot to
+    write, so a producer needs two sets of buffers: an item is valid until the next one is
+    requested. Errors are raised in the caller; stopping early waits for the item in flight, so
+    nothing outlives the loop. With fewer than two items everything runs inline.
+    """
+    if count < 2:
+        yield from (produce(i, i % 2) for i in range(count))
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    try:
+        ahead = pool.submit(produce, 0, 0)
+        for i in range(count):
+            item = ahead.result()
+            if i + 1 < count:  # writes the other slot: the caller is done with it
+                ahead = pool.submit(produce, i + 1, (i + 1) % 2)
+            yield item
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _AUTO = False

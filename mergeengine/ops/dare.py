@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -30,6 +29,7 @@ from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
 from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
 from mergeengine.ops.ties import NonNegativeWeights
+from mergeengine.runtime import run_ahead
 
 Rescale = Literal["per_element", "l1", "none"]
 RESCALE_HELP = "per_element: divide survivors by density (paper); l1: match the L1 norm (mergekit); none."
@@ -93,11 +93,11 @@ class Survivors:
         self.slots = [[torch.empty(longest, dtype=torch.bool, device=device) for _ in gens]
                       for _ in range(0 if keep_all else 2)]
 
-    def _masks(self, c: int) -> list[torch.Tensor]:
+    def _masks(self, c: int, slot: int) -> list[torch.Tensor]:
         m = self.lengths[c]
         out = []
         for i, (gen, density) in enumerate(zip(self.gens, self.densities, strict=True)):
-            mask = torch.empty(m, dtype=torch.bool, device=self.device) if self.keep_all else self.slots[c % 2][i][:m]
+            mask = torch.empty(m, dtype=torch.bool, device=self.device) if self.keep_all else self.slots[slot][i][:m]
             drawn = torch.rand(m, generator=gen, out=self.rand[:m]).to(self.device)  # dare_mask's draw
             if self.numpy:  # numpy's compare writes the bool mask (~0.05 ns per entry, torch's ~0.6)
                 np.less(drawn.numpy(), np.float32(density), out=mask.numpy())
@@ -107,19 +107,9 @@ class Survivors:
         return out
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        if not self.numpy or len(self.lengths) < 2:
-            yield from (self._masks(c) for c in range(len(self.lengths)))
-            return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="dare-draws")
-        try:
-            ahead = pool.submit(self._masks, 0)
-            for c in range(len(self.lengths)):
-                masks = ahead.result()
-                if c + 1 < len(self.lengths):  # writes the other slot: the caller is done with it
-                    ahead = pool.submit(self._masks, c + 1)
-                yield masks
-        finally:  # also when the caller stops early: no draw outlives the task
-            pool.shutdown(wait=True, cancel_futures=True)
+        if not self.numpy:
+            return (self._masks(c, c % 2) for c in range(len(self.lengths)))
+        return run_ahead(self._masks, len(self.lengths), "dare-draws")
 
 
 class DareMerge(MergeOp):
