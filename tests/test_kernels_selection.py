@@ -311,13 +311,16 @@ def _trim_all(chooser, x: torch.Tensor, step: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("magnitudes", [False, True])
 @pytest.mark.parametrize("case", ["normal", "ties", "zeros", "specials", "bad_sample", "given_up"])
-def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, magnitudes: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``top_k_streamed`` with samples: the window predicted by the sample settles the selection
     in one pass (checked: the window path is taken and hits), or the exact passes take over (a
     sample from another tensor misses; a window that collects far more than the sample said is
     given up). Either way the choosers trim to the bytes of ``masked_fill(~topk_abs_mask)``, and
-    the per-chunk tie counts let ``trim_`` keep exactly the first tied entries in flat order."""
+    the per-chunk tie counts let ``trim_`` keep exactly the first tied entries in flat order.
+    ``magnitudes``: the chunks come as ``|x|`` (as TIES makes them), with the same choosers."""
     from mergeengine.kernels.selection import sample_float32, top_k_streamed
 
     monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
@@ -355,11 +358,11 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, monkeypatch
         for s in range(0, numel, step):
             part = scratch[: min(step, numel - s)]
             part.copy_(y[s : s + step])
-            yield (part,)
+            yield (part.abs_() if magnitudes else part,)
 
     sample = sample_float32(x) * 3.0 if case == "bad_sample" else sample_float32(x)
     for keep in [1, 40, numel // 10, numel // 5, numel // 2, numel - 100, numel - 1]:
-        (chooser,) = top_k_streamed(chunks, numel, [keep], [sample])
+        (chooser,) = top_k_streamed(chunks, numel, [keep], [sample], magnitudes=magnitudes)
         expected = y.masked_fill(~topk_abs_mask(y, keep), 0.0)
         got = _trim_all(chooser, y, step)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, keep)

@@ -463,7 +463,7 @@ class _Window:
 
 def top_k_streamed(
     chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[int],
-    samples: Sequence[np.ndarray] | None = None,
+    samples: Sequence[np.ndarray] | None = None, *, magnitudes: bool = False,
 ) -> list[ChunkedTopk]:
     """The top-``ks[i]`` of each of several chunked tensors of one size (e.g. the deltas of a
     merge's inputs over one slice of the base at a time), as :class:`ChunkedTopk` choosers.
@@ -484,13 +484,15 @@ def top_k_streamed(
         numel: entries of each tensor.
         ks: how many entries to keep of each tensor, ``0 <= k <= numel``.
         samples: each tensor's entries at ``sample_index(numel)``, or None.
+        magnitudes: the chunks hold ``|x|`` already (e.g. a torch ``abs_`` where the chunk is made,
+            ~4x cheaper than numpy's sign-bit mask here): the window pass reads their bits as they are.
 
     Returns:
         One :class:`ChunkedTopk` per tensor; call its ``trim_`` once per chunk, in order, over the
         same chunk boundaries.
     """
     ranks = [[numel - k + 1] if 0 < k < numel else [] for k in ks]
-    found = _select_sampled(chunks, numel, ranks, samples)
+    found = _select_sampled(chunks, numel, ranks, samples, magnitudes)
     return [ChunkedTopk(None, k, numel=numel, selection=found[i][0][0] if ranks[i] else None,
                         tie_counts=found[i][0][1] if ranks[i] else None) for i, k in enumerate(ks)]
 
@@ -509,7 +511,7 @@ def select_abs_ranks_sampled(
 
 def _select_sampled(
     chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
-    samples: Sequence[np.ndarray] | None,
+    samples: Sequence[np.ndarray] | None, magnitudes: bool = False,
 ) -> list[list[tuple[RankSelection, list[int] | None]]]:
     """``ks[i]``: ranks (1-based, from the smallest) wanted of tensor ``i``. Per tensor and rank:
     the selection and, when a window settled it, its ties per chunk."""
@@ -534,11 +536,12 @@ def _select_sampled(
             n = group[0].numel()
             if scratch.size < 2 * n:
                 scratch, inside = np.empty(2 * n, dtype=np.uint32), np.empty(n, dtype=bool)
-            magnitudes, offset = scratch[:n], scratch[n:2 * n]
+            bits, offset = scratch[:n], scratch[n:2 * n]
             for i, stream_windows in by_stream.items():
-                np.bitwise_and(group[i].reshape(-1).numpy().view(np.uint32), _ABS_MASK, out=magnitudes)
+                raw = group[i].reshape(-1).numpy().view(np.uint32)
+                mags = raw if magnitudes else np.bitwise_and(raw, _ABS_MASK, out=bits)
                 for window in stream_windows:
-                    window.add(magnitudes, offset, inside[:n])
+                    window.add(mags, offset, inside[:n])
         for key, window in windows.items():
             result = window.finish()
             if result is not None:

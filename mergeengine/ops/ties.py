@@ -144,10 +144,10 @@ class Ties(MergeOp):
         else:
             keeps = [keep_count(numel, p) for p in per_input(self.step.density, len(xs))]
 
-            def chunks() -> Iterator[list[torch.Tensor]]:  # every input's delta over one slice of the base
+            def chunks() -> Iterator[list[torch.Tensor]]:  # |delta| of every input over one slice of the base
                 for start, end, (b, *ds) in result.chunks():
                     b.copy_(base[start:end])
-                    yield [delta(i, start, end, b, ds[i]) for i in range(len(xs))]
+                    yield [delta(i, start, end, b, ds[i]).abs_() for i in range(len(xs))]
 
             samples = None
             with numpy_threads():  # the selection is mostly numpy: torch's second thread would only spin
@@ -155,7 +155,7 @@ class Ties(MergeOp):
                     base_sample = sample_float32(base)
                     samples = [sample_float32(x) - base_sample if model else sample_float32(x)
                                for x, model in zip(xs, is_model, strict=True)]
-                trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples)]
+                trims = [chooser.trim_ for chooser in top_k_streamed(chunks, numel, keeps, samples, magnitudes=True)]
         bits, drop = result.buffer(torch.int32), result.buffer(torch.bool)
         acc, sign, denominator = result.buffer(), result.buffer(), result.buffer()
         for start, end, (b, *ds) in result.chunks():
