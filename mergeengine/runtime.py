@@ -74,16 +74,21 @@ def use_threads(compute_bound: bool) -> int | None:
     Does nothing (returns None) unless :func:`set_threads` was called without a count, so a
     library caller's or ``--threads``'s setting is never overridden. Cheap when nothing changes.
     """
-    global _CURRENT
     if not _AUTO:
         return None
     n = all_cores() if compute_bound else default_threads()
+    _resize(n)
+    return n
+
+
+def _resize(n: int) -> None:
+    """torch's intra-op pool to ``n`` threads, only when that changes it."""
+    global _CURRENT
     if n != _CURRENT:
         import torch
 
         torch.set_num_threads(n)
         _CURRENT = n
-    return n
 
 
 @contextlib.contextmanager
@@ -99,7 +104,6 @@ def numpy_threads() -> Iterator[None]:
     exit. Does nothing unless :func:`set_threads` was called without a count (like
     :func:`use_threads`).
     """
-    global _CURRENT
     before = _CURRENT
     if not _AUTO or before is None:
         yield
@@ -108,11 +112,7 @@ def numpy_threads() -> Iterator[None]:
     try:
         yield
     finally:
-        if _CURRENT != before:
-            import torch
-
-            torch.set_num_threads(before)
-            _CURRENT = before
+        _resize(before)
 
 
 def run_ahead(produce: Callable[[int, int], T], count: int, name: str) -> Iterator[T]:

@@ -193,45 +193,51 @@ def run_search(
     from mergeengine.api import validate
 
     validate(loaded)
-    spec = loaded.recipe.search
     evaluator = _Evaluator(loaded, device)
     try:
-        result = SearchResult()
-        current = _factors_of(loaded.raw)
-        scores: dict[str, float] = {}
-
-        def score(factors: dict[str, list[float]]) -> float:
-            key = json.dumps(factors, sort_keys=True)
-            if key in scores:
-                return scores[key]
-            raw = _with_factors(loaded.raw, factors)
-            candidate = parse_recipe(yaml.safe_dump(raw, sort_keys=False), loaded.path)
-            accuracies = evaluator(candidate)
-            s = geometric_score(accuracies, evaluator.references)
-            scores[key] = s
-            result.trials.append(Trial(copy.deepcopy(factors), accuracies, s))
-            if progress:
-                LOG.info("search trial %d: %s -> score %.4f %s", len(result.trials), factors, s, accuracies)
-            return s
-
-        for f in spec.factors:
-            value = f.start if f.start is not None else current[f.step][f.partition]
-            if value < 0.1:  # DPPA.md: a factor starting below 0.1 starts its search at 1.0
-                value = 1.0
-            current[f.step][f.partition] = value
-            best = score(current)
-            for _ in range(spec.max_steps):
-                trial = copy.deepcopy(current)
-                trial[f.step][f.partition] = round(value + spec.step_size, 10)
-                s = score(trial)
-                if s <= best:
-                    break  # keep the last value that improved (the release steps back one increment)
-                best, value, current = s, trial[f.step][f.partition], trial
-        result.best_factors = current
-        result.best_score = score(current)
-        result.resolved = _with_factors(loaded.raw, current)
+        return _climb(loaded, evaluator, progress)
     finally:  # also on a failed or interrupted trial (the CLI exits without finalizers)
         evaluator.workdir.cleanup()
+
+
+def _climb(loaded: LoadedRecipe, evaluator: _Evaluator, progress: bool) -> SearchResult:
+    """The search itself: each factor in turn, upward by ``step_size`` while the score improves."""
+    spec = loaded.recipe.search
+    assert spec is not None
+    result = SearchResult()
+    current = _factors_of(loaded.raw)
+    scores: dict[str, float] = {}
+
+    def score(factors: dict[str, list[float]]) -> float:
+        key = json.dumps(factors, sort_keys=True)
+        if key in scores:
+            return scores[key]
+        raw = _with_factors(loaded.raw, factors)
+        candidate = parse_recipe(yaml.safe_dump(raw, sort_keys=False), loaded.path)
+        accuracies = evaluator(candidate)
+        s = geometric_score(accuracies, evaluator.references)
+        scores[key] = s
+        result.trials.append(Trial(copy.deepcopy(factors), accuracies, s))
+        if progress:
+            LOG.info("search trial %d: %s -> score %.4f %s", len(result.trials), factors, s, accuracies)
+        return s
+
+    for f in spec.factors:
+        value = f.start if f.start is not None else current[f.step][f.partition]
+        if value < 0.1:  # DPPA.md: a factor starting below 0.1 starts its search at 1.0
+            value = 1.0
+        current[f.step][f.partition] = value
+        best = score(current)
+        for _ in range(spec.max_steps):
+            trial = copy.deepcopy(current)
+            trial[f.step][f.partition] = round(value + spec.step_size, 10)
+            s = score(trial)
+            if s <= best:
+                break  # keep the last value that improved (the release steps back one increment)
+            best, value, current = s, trial[f.step][f.partition], trial
+    result.best_factors = current
+    result.best_score = score(current)
+    result.resolved = _with_factors(loaded.raw, current)
     return result
 
 

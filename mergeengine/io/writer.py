@@ -101,8 +101,7 @@ class ShardFile:
         self.path = path
         self.size = 0
         self._unflushed = 0
-        self._stage: mmap.mmap | None = None
-        self._staged: np.ndarray | None = None  # the stage as a numpy array
+        self._stage: np.ndarray | None = None  # page-aligned (an anonymous mmap), while writing directly
         self._fill = 0
         direct = getattr(os, "O_DIRECT", 0) if DIRECT_IO else 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -110,14 +109,17 @@ class ShardFile:
         if direct:
             try:
                 self._fd = os.open(path, flags | direct, 0o644)
-                self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)
-                self._staged = np.frombuffer(self._stage, dtype=np.uint8)
+                self._stage = np.frombuffer(mmap.mmap(-1, DIRECT_STAGE_BYTES), dtype=np.uint8)
             except OSError as exc:
                 if exc.errno not in _NO_DIRECT_IO:
                     raise
         if self._fd < 0:
             self._fd = os.open(path, flags, 0o644)
-        self.direct = self._stage is not None
+
+    @property
+    def direct(self) -> bool:
+        """Whether the file is (still) written with ``O_DIRECT``."""
+        return self._stage is not None
 
     def write(self, data: memoryview) -> None:
         """Append ``data`` (a flat memoryview of bytes)."""
@@ -132,8 +134,7 @@ class ShardFile:
                 return
             n = min(len(data), DIRECT_STAGE_BYTES - self._fill)
             # numpy's copy releases the GIL (an mmap slice assignment would hold it for ~1 ms)
-            assert self._staged is not None
-            np.copyto(self._staged[self._fill:self._fill + n], np.frombuffer(data[:n], dtype=np.uint8))
+            np.copyto(self._stage[self._fill:self._fill + n], np.frombuffer(data[:n], dtype=np.uint8))
             self._fill += n
             self.size += n
             data = data[n:]
@@ -146,28 +147,28 @@ class ShardFile:
         assert stage is not None
         start = self.size - self._fill  # the file offset of the stage's first byte
         try:
-            self._write_all(memoryview(stage)[:length], start)
+            self._write_all(stage[:length], start)
         except OSError as exc:
             if exc.errno not in _NO_DIRECT_IO or start:
                 raise
             # the filesystem took the flag but refuses the writes: buffered from here on
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            self._stage, self._staged, self.direct = None, None, False
-            self._write_all(memoryview(stage)[:self._fill], 0)
+            self._stage = None
+            self._write_all(stage[:self._fill], 0)
         self._fill = 0
 
-    def _write_all(self, data: memoryview, offset: int) -> None:
-        while len(data):
-            n = os.pwrite(self._fd, data, offset)
-            data, offset = data[n:], offset + n
+    def _write_all(self, data: memoryview | np.ndarray, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def close(self) -> None:
         """Write what is staged, fsync and close."""
         if self._stage is not None and self._fill:
-            fill = self._fill
-            padded = -(-fill // _DIRECT_BLOCK) * _DIRECT_BLOCK
-            memoryview(self._stage)[fill:padded] = bytes(padded - fill)
+            padded = -(-self._fill // _DIRECT_BLOCK) * _DIRECT_BLOCK
+            self._stage[self._fill:padded] = 0
             self._flush_stage(padded)
             if self._stage is not None:  # still direct: drop the padding
                 os.ftruncate(self._fd, self.size)
@@ -179,7 +180,7 @@ class ShardFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._stage = self._staged = None  # freed with its last view (a traceback may still hold one)
+        self._stage = None  # freed with its last view (a traceback may still hold one)
         if unlink:
             self.path.unlink(missing_ok=True)
 

@@ -123,7 +123,7 @@ def block_sums(values: torch.Tensor) -> torch.Tensor:
     parts = [flat[:full].view(-1, SUM_BLOCK).sum(dim=1)] if full else []
     if full < flat.numel():
         parts.append(flat[full:].sum().reshape(1))
-    return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else flat.new_zeros(0))
+    return torch.cat(parts) if parts else flat.new_zeros(0)
 
 
 def l1_norm(sums: list[torch.Tensor]) -> float:
