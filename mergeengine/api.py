@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from mergeengine.errors import MergeEngineError, ModelError
+from mergeengine.errors import MergeEngineError
 from mergeengine.executor import DictSink, RunStats, Sink, execute
 from mergeengine.graph.plan import Plan, TaskKey, build_plan, restrict
 from mergeengine.graph.steps import StepGraph, build_step_graph
 from mergeengine.io.checkpoint import Checkpoint
+from mergeengine.io.outputs import ResumeMode, copy_file_sources, identity, output_folders, verify_resume
 from mergeengine.io.writer import OutputFolder, ShardedWriter
 from mergeengine.ops.save import SaveOp
 from mergeengine.recipe.loader import LoadedRecipe, load_recipe, parse_recipe
@@ -127,7 +128,7 @@ def run_recipe(
     device: str = "cpu",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
-    resume: bool = False,
+    resume: bool | ResumeMode = False,
     progress: bool = False,
 ) -> RunResult:
     """Run a recipe and write every save step's folder atomically.
@@ -136,10 +137,14 @@ def run_recipe(
         recipe: a recipe file, or an already loaded recipe.
         out: overrides the single save step's path.
         device: ``cpu``, ``cuda`` or ``auto``.
-        overwrite: replace existing output folders.
+        overwrite: replace existing output folders, but only ones mergeengine wrote (or empty
+            ones), never a folder that holds the recipe, the current folder, the home folder or
+            an input.
         allow_nonfinite: accept NaN/Inf in the results.
         resume: keep the shards an interrupted run of the same plan finished (checked by size and
             sha256) and compute only the rest; the bytes are those of an uninterrupted run.
+            ``True`` or ``"verify"``: refuse when an input's content changed since;
+            ``"restart"``: start over then.
         progress: show progress bars.
 
     Returns:
@@ -147,31 +152,66 @@ def run_recipe(
 
     Raises:
         MergeEngineError: any failure. Nothing is left at the destination; finished shards stay
-            in the hidden ``.<name>.partial`` sibling for ``--resume``.
+            in the hidden ``.<name>.partial`` sibling for ``--resume``. ``OutputError`` when another
+            run is writing the same destination.
     """
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     full_plan = build_plan(validate(loaded), out=out)
-    dev = resolve_device(device)
-    folders = {s: OutputFolder(full_plan.save_paths[s], overwrite=overwrite, step=s) for s in full_plan.save_order}
-    for f in folders.values():
-        f.check()
+    try:
+        dev = resolve_device(device)
+        folders = output_folders(full_plan, loaded, overwrite=overwrite)
+        for s, f in folders.items():
+            f.check()
+            copy_file_sources(full_plan, s)
+        hashes = _InputHashes(full_plan)
+        return _run(full_plan, loaded, folders, hashes, dev, allow_nonfinite=allow_nonfinite,
+                    resume=_resume_mode(resume), progress=progress)
+    finally:
+        for c in full_plan.checkpoints.values():
+            c.close()
+
+
+def _resume_mode(resume: bool | str) -> ResumeMode | None:
+    if resume in (False, None):
+        return None
+    if resume is True or resume == "verify":
+        return "verify"
+    if resume == "restart":
+        return "restart"
+    raise MergeEngineError(f"resume must be 'verify' or 'restart', got {resume!r}")
+
+
+def _open_writers(plan: Plan, loaded: LoadedRecipe, folders: dict[str, OutputFolder], hashes: _InputHashes,
+                  resume: ResumeMode | None, opened: list[OutputFolder]) -> tuple[dict[str, ShardedWriter], Plan]:
+    """Lock and create every output's work folder; with ``resume``, keep what a verified earlier run finished."""
+    plan_id = _plan_id(plan, loaded)
     writers: dict[str, ShardedWriter] = {}
-    plan_id = _plan_id(full_plan, loaded)
     skip: dict[str, set[str]] = {}
     for s, folder in folders.items():
-        tmp = folder.create(resume=resume)
-        op = full_plan.ops[s]
-        writers[s] = ShardedWriter(tmp, full_plan.save_order[s], full_plan.metas[s], op.step.max_shard_bytes,
-                                   step=s, plan_id=plan_id)
-        if resume:
+        folder.create(resume=resume is not None)
+        opened.append(folder)
+        if resume is not None:
+            verify_resume(folder, plan_id, identity(hashes.get()), resume)
+        op = plan.ops[s]
+        writers[s] = ShardedWriter(folder.tmp, plan.save_order[s], plan.metas[s], op.step.max_shard_bytes,
+                                   step=s, plan_id=plan_id, input_hashes=lambda: identity(hashes.get()))
+        if resume is not None:
             skip[s] = set(writers[s].resume())
             if skip[s]:
                 LOG.warning("step '%s': resuming: %d of %d tensors already written", s, len(skip[s]),
-                            len(full_plan.save_order[s]))
-    plan = restrict(full_plan, skip)
-    hashes = _InputHashes(full_plan)
-    bar = _Progress(plan, progress)
+                            len(plan.save_order[s]))
+    return writers, restrict(plan, skip)
+
+
+def _run(full_plan: Plan, loaded: LoadedRecipe, folders: dict[str, OutputFolder], hashes: _InputHashes,
+         dev: torch.device, *, allow_nonfinite: bool, resume: ResumeMode | None, progress: bool) -> RunResult:
+    """Execute the plan into the output folders and commit them; on failure keep what can be resumed."""
+    opened: list[OutputFolder] = []
+    writers: dict[str, ShardedWriter] = {}
+    bar: _Progress | None = None
     try:
+        writers, plan = _open_writers(full_plan, loaded, folders, hashes, resume, opened)
+        bar = _Progress(plan, progress)
         stats = execute(
             plan, dict(writers), device=dev, seed=loaded.recipe.seed, allow_nonfinite=allow_nonfinite, progress=bar
         )
@@ -184,31 +224,34 @@ def run_recipe(
             _write_card(full_plan, s, loaded, str(dev), folder.tmp, hashes.get())
             outputs[s] = folder.commit()
     except BaseException as exc:
-        bar.close()
-        for w in writers.values():
-            w.abort()
-        kept = [f for f in folders.values() if f.has_progress()]
-        for f in folders.values():
-            if f not in kept:
-                f.discard()
-        if kept and isinstance(exc, MergeEngineError):
-            exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
-        elif kept:
-            LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
+        if bar is not None:
+            bar.close()
+        _keep_progress(exc, writers, opened)
         raise
     finally:
-        for c in full_plan.checkpoints.values():
-            c.close()
+        for f in opened:
+            f.release()
     return RunResult(plan, stats, outputs)
 
 
+def _keep_progress(exc: BaseException, writers: dict[str, ShardedWriter], opened: list[OutputFolder]) -> None:
+    """After a failure: stop the writers, remove work folders without finished shards, say where the rest is."""
+    for w in writers.values():
+        w.abort()
+    kept = [f for f in opened if f.has_progress()]
+    for f in opened:
+        if f not in kept:
+            f.discard()
+    if kept and isinstance(exc, MergeEngineError):
+        exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
+    elif kept:
+        LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
+
+
 def _plan_id(plan: Plan, loaded: LoadedRecipe) -> str:
-    """A digest of everything that determines the output bytes: recipe, inputs' identity, layout."""
+    """A digest of the recipe and the output layout. The inputs' identity (their sha256) is checked
+    separately, so a changed input is a clear refusal rather than silently recomputed work."""
     h = hashlib.sha256(json.dumps(loaded.raw, sort_keys=True, default=str).encode())
-    for sid, ckpt in sorted(plan.checkpoints.items()):
-        for f in ckpt.weight_files():
-            st = f.stat()
-            h.update(f"{sid}:{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     for s, names in plan.save_order.items():
         h.update(f"{s}:{plan.save_paths[s]}".encode())
         for n in names:
@@ -281,12 +324,8 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
     origin = plan.steps.kinds[save].origin
     tok_from = op.step.tokenizer_from or origin
     plan.checkpoints[tok_from].write_support_files(tmp)
-    folder = getattr(plan.checkpoints[origin], "folder", None)
-    for name in op.step.copy_files:
-        src = Path(folder or ".") / name
-        if not src.is_file():
-            raise ModelError(f"copy_files: '{name}' not found beside the model", step=save, file=str(src))
-        shutil.copyfile(src, tmp / Path(name).name)
+    for target, src in copy_file_sources(plan, save).items():
+        shutil.copyfile(src, tmp / target)
 
 
 def _write_reports(plan: Plan, save: str, stats: RunStats, folder: Path) -> None:

@@ -33,9 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (overrides the save step's path)")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     r.add_argument("--dry-run", action="store_true", help="show the plan and estimates; read no tensor data")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder that mergeengine wrote (or an empty one)")
     r.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in results")
-    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished shards")
+    r.add_argument("--resume", nargs="?", const="verify", default=None, choices=["verify", "restart"],
+                   help="continue an interrupted run from its finished shards; its inputs must have the same "
+                        "content (sha256), else it is refused: --resume=restart starts over instead")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads for the math (default: all cores but one, which does the I/O, "
                         "and all cores for compute-bound ops: TIES, DARE, DP/DPA)")
@@ -194,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
-        resume=args.resume,
+        resume=args.resume or False,
         progress=not args.quiet,
     )
     if not args.quiet:

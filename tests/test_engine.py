@@ -134,9 +134,14 @@ def test_output_exists_needs_overwrite(tmp_path, models):
     with pytest.raises(OutputError, match="exists"):
         api.run_recipe(r)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="not written by mergeengine"):  # a folder of someone else's
+        api.run_recipe(r, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()  # an empty folder may be replaced
     api.run_recipe(r, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "model.safetensors").exists()
+    api.run_recipe(r, overwrite=True)  # and so may a folder mergeengine wrote
+    assert (tmp_path / "out" / "mergeengine.json").exists()
 
 
 def test_failure_mid_run_leaves_nothing_behind(tmp_path, models, monkeypatch):

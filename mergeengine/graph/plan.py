@@ -148,11 +148,11 @@ def build_plan(
     for s in saves:
         p = steps.ops[s].step.path  # type: ignore[attr-defined]
         if p is not None:
-            save_paths[s] = (loaded.base_dir / p).resolve()
+            save_paths[s] = (loaded.base_dir / Path(p).expanduser()).resolve()
     if out is not None:
         if len(saves) != 1:
             raise RecipeError([f"{loaded.path}: --out needs exactly one save step, the recipe has {len(saves)}"])
-        save_paths[saves[0]] = Path(out).resolve()
+        save_paths[saves[0]] = Path(out).expanduser().resolve()
     for s in saves:
         if s in roots and s not in save_paths:
             raise RecipeError([f"{loaded.where(('steps',))}: step '{s}': no path: set 'path' or pass --out"])

@@ -8,7 +8,9 @@ read one tensor at a time with :meth:`Checkpoint.read`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,14 @@ class Checkpoint(ABC):
     def weight_files(self) -> list[Path]:
         """The files tensor data is read from (hashed for provenance)."""
 
+    def support_sources(self) -> dict[str, Path]:
+        """Tokenizer and generation files copied into an output: name -> real source file.
+
+        Raises:
+            ModelError: a file is not a plain file inside the model's folder.
+        """
+        return {}
+
     @abstractmethod
     def write_support_files(self, dest: Path) -> list[str]:
         """Write tokenizer and generation files (not config.json, not weights) into ``dest``.
@@ -161,12 +171,47 @@ class FolderCheckpoint(Checkpoint):
         """The weight files read."""
         return list(self._files)
 
+    def support_sources(self) -> dict[str, Path]:
+        """The tokenizer and generation files beside the weights, each confined to the model's folder.
+
+        Raises:
+            ModelError: one of them is a symlink that leads outside the folder, or not a plain file.
+        """
+        root = getattr(self.resolved, "root", None) or self.folder
+        return {name: confined_file(self.folder / name, root, what=name)
+                for name in SUPPORT_FILES if os.path.lexists(self.folder / name)}
+
     def write_support_files(self, dest: Path) -> list[str]:
         """Copy tokenizer and generation files found beside the weights."""
-        written = []
-        for name in SUPPORT_FILES:
-            src = self.folder / name
-            if src.is_file():
-                shutil.copyfile(src, dest / name)
-                written.append(name)
-        return written
+        sources = self.support_sources()
+        for name, src in sources.items():
+            shutil.copyfile(src, dest / name)
+        return list(sources)
+
+
+def confined_file(path: Path, root: Path, *, what: str) -> Path:
+    """The real path of ``path``, which must be a plain file inside ``root`` once symlinks are resolved.
+
+    Args:
+        path: the file as named (inside a model folder).
+        root: the folder it must stay in (a model folder; for hub models, the repo's cache folder,
+            whose snapshots link to its blobs).
+        what: how to name the file in messages.
+
+    Raises:
+        ModelError: missing, outside ``root``, or not a regular file (a folder, a device, a FIFO).
+    """
+    from mergeengine.errors import ModelError
+
+    try:
+        real = Path(path).resolve(strict=True)
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found", file=str(path)) from None
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"{what} cannot be resolved: {exc}", file=str(path)) from None
+    inside = Path(os.path.realpath(root))
+    if inside not in real.parents:
+        raise ModelError(f"{what} resolves to {real}, outside the model folder {inside}: refused", file=str(path))
+    if not stat.S_ISREG(real.stat().st_mode):
+        raise ModelError(f"{what} is not a plain file", file=str(path))
+    return real

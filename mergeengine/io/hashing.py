@@ -9,8 +9,10 @@ hex, but not a SHA-256), so the link chain is followed one hop at a time and onl
 ``blobs/<name>`` directly inside a repo folder counts.
 
 Other files are hashed in 8 MiB chunks; results are cached in ``$MERGEENGINE_CACHE/sha256.json``
-(default ``~/.cache/mergeengine``) keyed by absolute path, size and mtime, so reruns on the same
-inputs do not read them again.
+(default ``~/.cache/mergeengine``) keyed by absolute path, size, mtime, inode and ctime, so reruns on
+the same inputs do not read them again. Size and mtime alone are not an identity: ``cp -p`` and
+``rsync -a`` give new content the old ones; a new file (or a write in place) always gets a new
+ctime, which no tool can set back.
 
 Example:
     >>> file_sha256(Path("models/base/model.safetensors"))  # doctest: +SKIP
@@ -127,20 +129,23 @@ def file_sha256(path: Path | str) -> str:
     key = str(real)
     cache_path = hash_cache_path()
     cached = _read_cache(cache_path).get(key)
-    if (
-        isinstance(cached, dict)
-        and cached.get("size") == st.st_size
-        and cached.get("mtime_ns") == st.st_mtime_ns
-        and isinstance(cached.get("sha256"), str)
-    ):
+    stamp = _file_stamp(st)
+    if isinstance(cached, dict) and all(cached.get(k) == v for k, v in stamp.items()) \
+            and isinstance(cached.get("sha256"), str):
         return cached["sha256"]
     h = hashlib.sha256()
     with open(real, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
     digest = h.hexdigest()
-    _write_cache(cache_path, key, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
+    _write_cache(cache_path, key, {**stamp, "sha256": digest})
     return digest
+
+
+def _file_stamp(st: os.stat_result) -> dict[str, int]:
+    """What must be unchanged for a cached hash to stand (ctime: any content change moves it)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+            "device": st.st_dev}
 
 
 def checkpoint_provenance(

@@ -1,8 +1,10 @@
 """Turn a load step's ``model`` string into an opened :class:`Checkpoint`.
 
 ``model`` is a local folder, a ``.safetensors`` file, a ``.gguf`` file, a PyTorch ``.bin`` file
-or folder (with ``allow_pickle``), or a hub repo id ``org/name``. A path that exists locally
-always wins over a repo id of the same spelling.
+or folder (with ``allow_pickle``), or a hub repo id ``org/name``. A string is tried on the hub only
+when it cannot be a local path: ``./``, ``../``, ``/`` and ``~`` prefixes, or a first part that is
+an existing local folder (``models/base`` beside a ``models`` folder), mean a local path, and a
+missing one is "not found", so a typo never fetches a stranger's model. ``~`` expands.
 
 Example:
     >>> ckpt = open_checkpoint("org/name", base_dir=Path("."), revision="main")  # doctest: +SKIP
@@ -33,6 +35,8 @@ class ResolvedModel:
         revision: the revision asked for (hub only).
         resolved_revision: the commit sha it resolved to (hub only; None for local paths).
         repo_id: ``org/name`` for hub models, None for local paths.
+        root: the folder the model's files may resolve into: for hub models the repo's cache
+            folder (snapshots link to its blobs); None for local paths (their own folder).
     """
 
     spec: str
@@ -40,6 +44,7 @@ class ResolvedModel:
     revision: str | None = None
     resolved_revision: str | None = None
     repo_id: str | None = None
+    root: Path | None = None
 
     @property
     def is_hub(self) -> bool:
@@ -75,17 +80,20 @@ def resolve_model(
                 revision,
             )
         return ResolvedModel(model, path)
-    if path.suffix != ".gguf" and looks_like_repo_id(model):
+    if path.suffix != ".gguf" and looks_like_repo_id(model) and not path.parent.is_dir():
         try:
             snap = resolve_hub_model(model, revision, allow_pickle=allow_pickle)
         except ModelError as exc:
             exc.message = f"{exc.message} (no local path {path} either)"
             exc.args = (exc.message,)
             raise
-        return ResolvedModel(model, snap.folder, revision, snap.commit, model)
+        return ResolvedModel(model, snap.folder, revision, snap.commit, model, root=snap.folder.parent.parent)
     if path.suffix == ".gguf":
         raise ModelError("GGUF file not found", file=str(path))
-    hint = "" if "/" in model else " (hub repo ids have the form org/name)"
+    if looks_like_repo_id(model):  # its first part is a local folder: a path, never a hub id
+        hint = f" ({path.parent} exists, so this is a local path, not a hub repo id)"
+    else:
+        hint = "" if "/" in model else " (hub repo ids have the form org/name)"
     raise ModelError(f"model not found: no such file or folder{hint}", file=str(path))
 
 

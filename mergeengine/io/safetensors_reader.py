@@ -9,7 +9,7 @@ import mmap
 import os
 import struct
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -25,17 +25,21 @@ SINGLE_NAME = "model.safetensors"
 MADV_POPULATE_READ = 22
 
 
+#: safetensors' own limit on the JSON header (100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors file's JSON header without reading tensor data.
+    """Parse a safetensors file's JSON header without reading tensor data (validated: see :func:`validate_header`).
 
     Raises:
-        ModelError: the file is missing, truncated or not safetensors.
+        ModelError: the file is missing, truncated, not safetensors, or its header is malformed.
     """
     return _read_header(path)[0]
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header and the file offset where tensor data starts."""
+    """The validated header and the file offset where tensor data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -43,22 +47,97 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(raw) < 8:
                 raise ModelError("file is too short to be safetensors (truncated?)", file=str(path))
             (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100_000_000):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise ModelError("header length exceeds file size: not safetensors or truncated", file=str(path))
-            header = json.loads(f.read(n))
+            text = f.read(n)
+            if not text.startswith(b"{"):
+                raise ModelError("header is not a JSON object: not a safetensors file", file=str(path))
+            header = json.loads(text)
     except FileNotFoundError:
         raise ModelError("file not found", file=str(path)) from None
     except PermissionError:
         raise ModelError("permission denied", file=str(path)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except IsADirectoryError:
+        raise ModelError("is a folder, not a safetensors file", file=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ModelError("header is not valid JSON: not a safetensors file", file=str(path)) from None
-    data_len = size - 8 - n
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    if end > data_len:
-        raise ModelError(
-            f"truncated: header describes {end} data bytes but the file holds {data_len}", file=str(path)
-        )
+    validate_header(header, size - 8 - n, path)
     return header, 8 + n
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with one tensor entry's fields (None: well-formed)."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        return "must be an object with dtype, shape and data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
+        return f"has unsupported dtype {dtype!r} (supported: {', '.join(ST_TO_TORCH)})"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has a malformed shape {shape!r} (a list of non-negative integers)"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        return f"has malformed data_offsets {offsets!r} (two non-negative integers)"
+    return None
+
+
+def validate_header(header: Any, data_bytes: int, path: Path) -> None:
+    """Check a parsed header as safetensors itself does, so no header byte is ever read as a weight.
+
+    Every entry but ``__metadata__`` (an object of strings) has a known dtype, a shape of
+    non-negative integers and two offsets whose span is exactly the shape's bytes; sorted by
+    offset, the tensors tile the data section from 0 to its end: contiguous, in range, no overlap.
+
+    Raises:
+        ModelError: one line naming the file and the tensor.
+    """
+    if not isinstance(header, dict):
+        raise ModelError("header is not a JSON object: not a safetensors file", file=str(path))
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelError("header __metadata__ must map strings to strings", file=str(path))
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _entry_problem(name, entry)
+        if problem is not None:
+            raise ModelError(f"tensor '{name}' {problem}: corrupt header", file=str(path))
+        begin, end = entry["data_offsets"]
+        need = math.prod(entry["shape"]) * torch.empty((), dtype=ST_TO_TORCH[entry["dtype"]]).element_size()
+        if end - begin != need:
+            raise ModelError(f"tensor '{name}' holds {end - begin} bytes but its shape {entry['shape']} and dtype "
+                             f"{entry['dtype']} need {need}: corrupt header", file=str(path))
+        spans.append((begin, end, name))
+    spans.sort()
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap at byte {at}"
+            raise ModelError(f"tensor '{name}' {what} (data_offsets [{begin}, {end}]): corrupt header", file=str(path))
+        at = end
+    if at != data_bytes:
+        how = "truncated" if at > data_bytes else "trailing bytes"
+        raise ModelError(f"{how}: header describes {at} data bytes but the file holds {data_bytes}", file=str(path))
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard names an index lists, each a plain name inside the index's folder.
+
+    Raises:
+        ModelError: the index is not valid JSON, has no ``weight_map`` of strings, or names a file
+            outside its folder (an absolute path, ``..``).
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ModelError("index is not valid (no weight_map)", file=str(index)) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError("index weight_map must map tensor names to shard file names", file=str(index))
+    names = list(dict.fromkeys(weight_map.values()))
+    for n in names:
+        parts = PurePosixPath(n.replace("\\", "/")).parts
+        if not n or n.startswith(("/", "~")) or ".." in parts or "\x00" in n:
+            raise ModelError(f"index names shard '{n}' outside the model folder: refused", file=str(index))
+    return names
 
 
 class SafetensorsCheckpoint(FolderCheckpoint):
@@ -89,19 +168,12 @@ class SafetensorsCheckpoint(FolderCheckpoint):
             header, data_start = _read_header(file)
             items = [(k, v) for k, v in header.items() if k != "__metadata__"]
             items.sort(key=lambda kv: kv[1]["data_offsets"][0])
-            for name, entry in items:
-                dtype = ST_TO_TORCH.get(entry["dtype"])
-                if dtype is None:
-                    raise ModelError(f"tensor '{name}' has unsupported dtype {entry['dtype']}", file=str(file))
+            for name, entry in items:  # validated by _read_header
                 if name in self._infos:
                     raise ModelError(f"tensor '{name}' appears in two shards", file=str(file))
-                self._infos[name] = TensorInfo(tuple(entry["shape"]), dtype, str(file))
+                self._infos[name] = TensorInfo(tuple(entry["shape"]), ST_TO_TORCH[entry["dtype"]], str(file))
                 self._file_of[name] = file
-                begin, end = (int(x) for x in entry["data_offsets"])
-                expected = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
-                if end - begin != expected:
-                    raise ModelError(f"tensor '{name}' holds {end - begin} bytes but its shape {entry['shape']} "
-                                     f"and dtype {entry['dtype']} need {expected}: corrupt header", file=str(file))
+                begin, end = entry["data_offsets"]
                 self._span[name] = (data_start + begin, data_start + end)
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
@@ -116,12 +188,7 @@ class SafetensorsCheckpoint(FolderCheckpoint):
             return [p]
         index = p / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ModelError("index is not valid (no weight_map)", file=str(index)) from None
-            names = list(dict.fromkeys(weight_map.values()))
-            files = [p / n for n in names]
+            files = [p / n for n in _index_shards(index)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise ModelError(f"shards listed in the index are missing: {', '.join(missing)}", file=str(index))

@@ -19,6 +19,7 @@ import queue
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from mergeengine.errors import MergeEngineError, OutputError
 from mergeengine.io.checkpoint import TORCH_TO_ST
+from mergeengine.io.output_guard import RunLock, check_destination, default_protected, replace_folder
 from mergeengine.ops.base import TensorMeta
 from mergeengine.runtime import libc
 
@@ -218,6 +220,8 @@ class ShardedWriter:
         max_shard_bytes: largest data size of one shard.
         step: save step id, for messages.
         plan_id: identifies the plan; a journal from another plan is never resumed.
+        input_hashes: returns the sha256 of every input file (waiting for them if needed); the
+            journal records them so ``--resume`` can tell whether the inputs changed.
     """
 
     def __init__(
@@ -228,8 +232,10 @@ class ShardedWriter:
         max_shard_bytes: int,
         step: str = "",
         plan_id: str = "",
+        input_hashes: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.folder = folder
+        self.input_hashes = input_hashes
         self.metas = metas
         self.step = step
         self.plan_id = plan_id
@@ -253,16 +259,17 @@ class ShardedWriter:
         Returns:
             The tensor names that no longer need computing.
         """
-        journal = _read_journal(self.folder)
+        journal = read_journal(self.folder)
         if journal.get("plan_id") != self.plan_id:
             return []
-        done = journal.get("shards", {})
+        done = journal.get("shards")
+        done = done if isinstance(done, dict) else {}
         skipped: list[str] = []
         for shard in self.shards:
             entry = done.get(shard.file)
             path = self.folder / shard.file
             expected_size = len(shard.header(self.metas)) + shard.data_bytes
-            if not entry or not path.is_file() or path.stat().st_size != expected_size:
+            if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != expected_size:
                 continue
             if entry.get("sha256") != _sha256_file(path):
                 LOG.warning("step '%s': %s does not match its checksum; recomputing it", self.step, shard.file)
@@ -348,10 +355,12 @@ class ShardedWriter:
 
     def _save_journal(self) -> None:
         """Record finished shards so ``--resume`` can keep them (written atomically)."""
-        data = {
+        data: dict[str, Any] = {
             "plan_id": self.plan_id,
             "shards": {f: {"sha256": self.sha256[f]} for f in sorted(self.completed)},
         }
+        if self.input_hashes is not None:
+            data["inputs"] = self.input_hashes()
         tmp = self.folder / (JOURNAL_NAME + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.folder / JOURNAL_NAME)
@@ -385,11 +394,16 @@ class ShardedWriter:
         (self.folder / JOURNAL_NAME).unlink(missing_ok=True)
 
 
-def _read_journal(folder: Path) -> dict[str, Any]:
+def read_journal(folder: Path) -> dict[str, Any]:
+    """The progress journal an interrupted run left in ``folder`` (``{}`` when none or unreadable).
+
+    Keys: ``plan_id``, ``shards`` (finished shard -> ``{"sha256"}``), ``inputs`` (the input hashes).
+    """
     try:
-        return json.loads((folder / JOURNAL_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads((folder / JOURNAL_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _sha256_file(path: Path) -> str:
@@ -409,25 +423,38 @@ def _os_error(exc: OSError, path: Path) -> OutputError:
 
 
 class OutputFolder:
-    """A destination folder that appears only when complete.
+    """A destination folder that appears only when complete, written by one run at a time.
 
-    Work happens in ``.<name>.partial`` beside the destination; :meth:`commit` renames it into
-    place (replacing an existing folder only with ``overwrite``); :meth:`discard` removes it.
+    Work happens in ``.<name>.partial`` beside the destination, under a :class:`RunLock`;
+    :meth:`commit` swaps it into place (replacing an existing folder only with ``overwrite``, and
+    only one that :func:`check_destination` allows); :meth:`discard` removes it.
+
+    Args:
+        dest: the destination folder (absolute).
+        overwrite: whether an existing folder may be replaced.
+        step: the save step, for messages.
+        protected: folders that must survive an overwrite (default: home, current folder).
+        inputs: load step id -> paths it reads (an overwrite never replaces a folder holding one).
 
     Raises:
-        OutputError: the destination exists (without ``overwrite``) or its parent is not writable.
+        OutputError: the destination must not be written, or its parent is not writable.
     """
 
-    def __init__(self, dest: Path, *, overwrite: bool = False, step: str = "") -> None:
+    def __init__(self, dest: Path, *, overwrite: bool = False, step: str = "",
+                 protected: dict[str, Path] | None = None, inputs: dict[str, list[Path]] | None = None) -> None:
         self.dest = Path(dest)
         self.overwrite = overwrite
         self.step = step
+        self.protected = default_protected(None) if protected is None else protected
+        self.inputs = inputs or {}
         self.tmp = self.dest.parent / f".{self.dest.name}.partial"
+        self.lock = RunLock(self.dest, step=step)
+        self.complete = False  # the finished folder could not be moved into place: keep it
 
     def check(self) -> None:
-        """Fail early (before any computation) when the destination cannot be written."""
-        if self.dest.exists() and not self.overwrite:
-            raise OutputError("output path exists; pass --overwrite to replace it", file=str(self.dest), step=self.step)
+        """Fail early (before any computation) when the destination must not or cannot be written."""
+        check_destination(self.dest, overwrite=self.overwrite, protected=self.protected, inputs=self.inputs,
+                          step=self.step)
         parent = self.dest.parent
         probe = parent
         while not probe.exists():
@@ -436,10 +463,20 @@ class OutputFolder:
             raise OutputError("permission denied: cannot create the output folder here", file=str(parent), step=self.step)
 
     def create(self, *, resume: bool = False) -> Path:
-        """Create the temporary folder (fresh, or kept as it is with ``resume``) and return it."""
+        """Lock the destination, create the temporary folder (fresh, or kept with ``resume``) and return it.
+
+        Raises:
+            OutputError: see :meth:`check`; another run holds the lock; the folder cannot be made.
+        """
         self.check()
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, self.dest.parent) from None
+        self.lock.acquire()
+        if self.tmp.is_symlink():
+            raise OutputError("the work folder is a symbolic link; remove it", file=str(self.tmp), step=self.step)
+        try:
             if self.tmp.exists() and not resume:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(exist_ok=True)
@@ -447,25 +484,31 @@ class OutputFolder:
             raise _os_error(exc, self.tmp) from None
         return self.tmp
 
+    def restart(self) -> None:
+        """Empty the temporary folder (an interrupted run's shards are not wanted)."""
+        try:
+            shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise _os_error(exc, self.tmp) from None
+
     def commit(self) -> Path:
-        """Move the finished folder into place."""
-        old = None
-        if self.dest.exists():
-            if not self.overwrite:
-                raise OutputError("output path appeared during the run; pass --overwrite", file=str(self.dest))
-            old = self.dest.parent / f".{self.dest.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.dest, old)
-        os.replace(self.tmp, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        """Move the finished folder into place (the destination is checked again: it may have appeared)."""
+        self.check()
+        self.complete = True
+        replace_folder(self.tmp, self.dest)
+        self.complete = False
         return self.dest
 
     def discard(self) -> None:
-        """Remove the temporary folder."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary folder, unless it holds a finished output that could not be moved in."""
+        if not self.complete:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def release(self) -> None:
+        """Drop the run lock."""
+        self.lock.release()
 
     def has_progress(self) -> bool:
         """Whether the temporary folder holds finished shards worth resuming."""
-        return bool(_read_journal(self.tmp).get("shards"))
+        return not self.complete and bool(read_journal(self.tmp).get("shards"))

@@ -22,9 +22,10 @@ STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 
 
 class StepModel(BaseModel):
-    """Fields shared by every step. Unknown fields are errors."""
+    """Fields shared by every step. Unknown fields are errors; so are NaN and Inf in any float field
+    (``recipe.schema.out_of_range_numbers`` also refuses values beyond float32, nested ones included)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     id: str = Field(pattern=STEP_ID_PATTERN, description="Unique name of the step; other steps refer to it.")
     op: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Literal
 
 import torch
@@ -54,6 +55,15 @@ class SaveStep(StepModel):
     @classmethod
     def _parse_size(cls, v: int | str) -> int:
         return parse_bytes(v)
+
+    @field_validator("copy_files")
+    @classmethod
+    def _inside_the_model(cls, names: list[str]) -> list[str]:
+        for name in names:
+            p = PurePosixPath(name.replace("\\", "/"))
+            if not name or p.is_absolute() or name.startswith("~") or ".." in p.parts:
+                raise ValueError(f"'{name}' must name a file inside the model's folder (no absolute path, no '..')")
+        return names
 
 
 @register

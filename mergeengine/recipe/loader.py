@@ -1,8 +1,16 @@
-"""Load a recipe from YAML, keeping line:column of every key so errors can point at them."""
+"""Load a recipe from YAML, keeping line:column of every key so errors can point at them.
+
+Recipes are shared, so the YAML is read strictly: a key given twice is an error naming both lines
+(YAML would keep the last one silently, and a reviewer reads the first); anchors used as aliases
+and merge keys (``<<``) are refused, so a few lines cannot expand to gigabytes; nesting deeper than
+:data:`MAX_DEPTH` is refused. The text is parsed once (libyaml when present): the node tree gives
+both the data and the positions.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +20,7 @@ from pydantic import ValidationError
 
 from mergeengine.errors import RecipeError
 from mergeengine.ops import MERGE_METHODS, OPS
-from mergeengine.recipe.schema import Recipe, step_fields
+from mergeengine.recipe.schema import Recipe, out_of_range_numbers, step_fields
 
 
 @dataclass
@@ -88,11 +96,73 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     return parse_recipe(text, str(p))
 
 
+#: Deepest nesting of mappings and lists a recipe may have (real recipes use 4-5 levels).
+MAX_DEPTH = 64
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _node_problems(root: yaml.Node, path: str) -> list[str]:
+    """Duplicate keys, aliases, merge keys and excessive nesting in a composed YAML tree (walked iteratively)."""
+    problems: list[str] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        line, col = node.start_mark.line + 1, node.start_mark.column + 1
+        if id(node) in seen:
+            problems.append(f"{path}:{line}:{col}: YAML aliases are not allowed in recipes (this anchored value "
+                            "is used again): write the value out")
+            continue
+        seen.add(id(node))
+        if depth > MAX_DEPTH and not isinstance(node, yaml.ScalarNode):
+            problems.append(f"{path}:{line}:{col}: nested more than {MAX_DEPTH} levels deep")
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            problems.extend(_key_problems(node, path))
+            for k, v in reversed(node.value):
+                stack.extend(((v, depth + 1), (k, depth + 1)))
+    return problems
+
+
+def _key_problems(node: yaml.MappingNode, path: str) -> list[str]:
+    first: dict[tuple[str, str], yaml.Node] = {}
+    problems = []
+    for k, _ in node.value:
+        if k.tag == _MERGE_TAG:
+            problems.append(f"{path}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: YAML merge keys (<<) "
+                            "are not allowed in recipes: write the keys out")
+        if not isinstance(k, yaml.ScalarNode):
+            continue
+        earlier = first.setdefault((k.tag, k.value), k)
+        if earlier is not k:
+            problems.append(f"{path}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: duplicate key '{k.value}' "
+                            f"(first at line {earlier.start_mark.line + 1}): remove one; YAML would silently keep "
+                            "the last")
+    return problems
+
+
+def _parse_yaml(text: str, path: str) -> tuple[yaml.Node | None, Any]:
+    """Compose the YAML once, check it (see the module docstring), and build the data from the same tree."""
+    loader = _LOADER(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        problems = _node_problems(root, path)
+        if problems:
+            raise RecipeError(problems)
+        return root, loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
 def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
     """Validate recipe text. See :func:`load_recipe`."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root, data = _parse_yaml(text, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -105,7 +175,47 @@ def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
+    problems = [_located(path, positions, data, loc, msg) for loc, msg in out_of_range_numbers(recipe)]
+    problems += _save_path_problems(recipe, positions, path)
+    if problems:
+        raise RecipeError(problems)
     return LoadedRecipe(recipe, path, positions, data, text)
+
+
+def _step_prefix(data: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        steps = data.get("steps") or []
+        step = steps[loc[1]] if loc[1] < len(steps) and isinstance(steps[loc[1]], dict) else {}
+        sid = step.get("id")
+        return f"step '{sid}': " if sid else f"step #{loc[1] + 1}: "
+    return ""
+
+
+def _located(path: str, positions: Positions, data: dict[str, Any], loc: tuple[Any, ...], msg: str) -> str:
+    field_name = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    line, col = positions.of(loc)
+    return f"{path}:{line}:{col}: {_step_prefix(data, loc)}field '{field_name}': {msg}"
+
+
+def _save_path_problems(recipe: Recipe, positions: Positions, path: str) -> list[str]:
+    """Two save steps writing the same or nested folders (paths as written, relative to the recipe)."""
+    base = Path(path).resolve().parent if path != "<string>" else Path.cwd()
+    seen: list[tuple[Path, str, int]] = []
+    problems = []
+    for i, step in enumerate(recipe.steps):
+        p = getattr(step, "path", None) if step.op == "save" else None
+        if p is None:
+            continue
+        target = Path(os.path.normpath(base / Path(p).expanduser()))
+        for other, sid, j in seen:
+            if target == other or other in target.parents or target in other.parents:
+                how = "the same folder as" if target == other else "a folder nested with that of"
+                line, col = positions.of(("steps", i, "path"))
+                problems.append(f"{path}:{line}:{col}: step '{step.id}': field 'path': writes {how} "
+                                f"step '{sid}' (line {positions.of(('steps', j, 'path'))[0]}): give each save "
+                                "its own folder")
+        seen.append((target, step.id, i))
+    return problems
 
 
 def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positions, path: str) -> list[str]:

@@ -6,6 +6,8 @@ never touches the schema.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,3 +81,42 @@ def step_fields(step: dict[str, Any]) -> list[str]:
     if cls is None:
         return []
     return [f.alias or n for n, f in cls.Step.model_fields.items()]
+
+
+#: The largest finite float32: every numeric field is applied to float32 tensors.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def out_of_range_numbers(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
+    """Every float in the recipe's steps and search block that is NaN, infinite or beyond float32.
+
+    Checked once here, for every op and merge method (also those defined later), on the validated
+    values (so ``"1e39"`` written as a string is caught too). ``provenance`` is not checked.
+
+    Returns:
+        ``(location, message)`` pairs; a location is a path such as ``("steps", 3, "lambda")``
+        using the YAML spelling of each field.
+    """
+    found = []
+    for loc, value in _numbers(recipe, ()):
+        if loc and loc[0] == "provenance":
+            continue
+        if not math.isfinite(value):
+            found.append((loc, f"must be a finite number, got {value}"))
+        elif abs(value) > FLOAT32_MAX:
+            found.append((loc, f"{value:g} is out of float32 range (|x| <= 3.4e38)"))
+    return found
+
+
+def _numbers(value: Any, loc: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], float]]:
+    if isinstance(value, float):  # float fields hold floats once validated; int fields (seed, sizes) are no weights
+        yield loc, value
+    elif isinstance(value, BaseModel):
+        for name, f in type(value).model_fields.items():
+            yield from _numbers(getattr(value, name), (*loc, f.alias or name))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _numbers(v, (*loc, i))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, (*loc, k))
