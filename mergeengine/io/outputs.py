@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mergeengine.errors import ModelError, OutputError
+from mergeengine.errors import OutputError
 from mergeengine.io.checkpoint import confined_file
-from mergeengine.io.output_guard import PROVENANCE_NAME, check_distinct, default_protected
+from mergeengine.io.output_guard import check_distinct, default_protected
 from mergeengine.io.resolve import resolution_of
-from mergeengine.io.writer import INDEX_NAME, JOURNAL_NAME, OutputFolder, read_journal
+from mergeengine.io.writer import OutputFolder, read_journal
 
 if TYPE_CHECKING:
     from mergeengine.graph.plan import Plan
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 ResumeMode = Literal["verify", "restart"]
-#: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
-WRITER_FILES = frozenset({"config.json", "model.safetensors", INDEX_NAME, "README.md", PROVENANCE_NAME,
-                          "dppa_report.json", JOURNAL_NAME})
 
 
 def output_folders(plan: Plan, loaded: LoadedRecipe, *, overwrite: bool) -> dict[str, OutputFolder]:
@@ -54,8 +51,7 @@ def copy_file_sources(plan: Plan, save: str) -> dict[str, Path]:
     folder once symlinks are resolved.
 
     Raises:
-        ModelError: a file is missing, outside its model's folder, or would replace a file the
-            writer produces.
+        ModelError: a file is missing, outside its model's folder, or not a plain file.
     """
     op: Any = plan.ops[save]
     origin = plan.steps.kinds[save].origin
@@ -66,9 +62,7 @@ def copy_file_sources(plan: Plan, save: str) -> dict[str, Path]:
     folder = Path(ckpt.source) if Path(ckpt.source).is_dir() else Path(ckpt.source).parent
     root = getattr(ckpt.resolved, "root", None) or folder
     for name in op.step.copy_files:
-        target = Path(name).name
-        if target in WRITER_FILES or target.endswith(".safetensors"):
-            raise ModelError(f"copy_files: '{name}' would replace the merge's own {target}", step=save)
+        target = Path(name).name  # the step's schema refused names of the writer's own files
         sources[target] = confined_file(folder / name, root, what=f"copy_files: '{name}'")
     return sources
 

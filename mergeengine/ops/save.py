@@ -20,6 +20,9 @@ from pydantic import Field, field_validator
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta
 
+#: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
+WRITER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "README.md",
+                          "mergeengine.json", "dppa_report.json", ".mergeengine-progress.json"})
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -63,6 +66,8 @@ class SaveStep(StepModel):
             p = PurePosixPath(name.replace("\\", "/"))
             if not name or p.is_absolute() or name.startswith("~") or ".." in p.parts:
                 raise ValueError(f"'{name}' must name a file inside the model's folder (no absolute path, no '..')")
+            if p.name in WRITER_FILES or p.name.endswith(".safetensors"):
+                raise ValueError(f"'{name}' would replace the merge's own {p.name}")
         return names
 
 
