@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written at the destination (rerun with --resume to continue)",
               file=sys.stderr)
         return 130
+    except OSError as exc:  # the filesystem said no (permissions, a vanished file): still one line
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug: still one line unless debugging
         if debug:
             traceback.print_exc()

@@ -100,7 +100,7 @@ class _Evaluator:
         assert spec is not None
         self.spec = spec
         self.device = device
-        tasks_path = Path(spec.tasks)
+        tasks_path = Path(spec.tasks).expanduser()
         if not tasks_path.is_absolute():
             tasks_path = loaded.base_dir / tasks_path
         self.tasks = load_tasks(tasks_path)

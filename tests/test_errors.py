@@ -151,3 +151,13 @@ def test_cli_errors_are_one_line_and_traceback_only_when_debugging(tmp_path, cap
     monkeypatch.setenv("MERGEENGINE_DEBUG", "1")
     assert main(["run", str(r)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_os_errors_are_one_line_naming_the_file(tmp_path, models, capsys, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "somewhere"))
+
+    monkeypatch.setattr(api, "run_recipe", refused)
+    assert main(["run", str(recipe(tmp_path, models["base"], models["math"])), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: {tmp_path / 'somewhere'}: Permission denied"

@@ -291,6 +291,19 @@ def test_finding_3_index_shard_outside_the_folder_is_refused(tmp_path, models, s
         api.plan_recipe(r)
 
 
+def test_finding_3_torch_index_shard_outside_the_folder_is_refused(tmp_path, models):
+    proj = project(tmp_path, models)
+    (proj / "bin").mkdir()
+    (proj / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../../x.bin"}}))
+    r = write_recipe(proj, """
+        steps:
+          - {id: x, op: load, model: ./bin, allow_pickle: true}
+          - {id: out, op: save, input: x, path: out}
+        """, "bin.yaml")
+    with pytest.raises(ModelError, match="outside the model folder"):
+        api.plan_recipe(r)
+
+
 # --- 4. the overwrite commit is not atomic --------------------------------------------------------
 
 

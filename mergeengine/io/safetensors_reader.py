@@ -119,7 +119,7 @@ def validate_header(header: Any, data_bytes: int, path: Path) -> None:
         raise ModelError(f"{how}: header describes {at} data bytes but the file holds {data_bytes}", file=str(path))
 
 
-def _index_shards(index: Path) -> list[str]:
+def index_shards(index: Path) -> list[str]:
     """The shard names an index lists, each a plain name inside the index's folder.
 
     Raises:
@@ -188,7 +188,7 @@ class SafetensorsCheckpoint(FolderCheckpoint):
             return [p]
         index = p / INDEX_NAME
         if index.is_file():
-            files = [p / n for n in _index_shards(index)]
+            files = [p / n for n in index_shards(index)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise ModelError(f"shards listed in the index are missing: {', '.join(missing)}", file=str(index))

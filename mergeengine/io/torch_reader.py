@@ -8,7 +8,6 @@ the pickle (names, shapes, dtypes) and :meth:`TorchBinCheckpoint.read` copies on
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from mergeengine.errors import ModelError
 from mergeengine.io.checkpoint import DTYPE_BYTES, FolderCheckpoint, TensorInfo
+from mergeengine.io.safetensors_reader import index_shards
 
 LOG = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ class TorchBinCheckpoint(FolderCheckpoint):
             return [p]
         index = p / TORCH_INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = list(dict.fromkeys(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise ModelError("index is not valid (no weight_map)", file=str(index)) from None
-            files = [p / n for n in names]
+            files = [p / n for n in index_shards(index)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise ModelError(
