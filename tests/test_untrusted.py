@@ -230,7 +230,7 @@ def test_finding_2_lock_of_a_killed_run_is_taken_over(tmp_path, models, monkeypa
 # --- 3. secrets copied into the output ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../secret.txt", "/etc/passwd", "~/.ssh/id_rsa", "model.safetensors",
+@pytest.mark.parametrize("name", ["../secret.txt", "/etc/passwd", "~/.ssh/id_rsa", "model.safetensors", "a/x', 'b/x",
                                   "model-00001-of-00002.safetensors", "config.json", "mergeengine.json",
                                   "README.md", "model.safetensors.index.json"])
 def test_finding_3_copy_files_refuses_outside_and_writer_names(tmp_path, models, name):
@@ -365,6 +365,22 @@ def test_finding_5_two_saves_to_same_or_nested_path_are_refused(tmp_path, models
         """)
     with pytest.raises(RecipeError, match=r"recipe.yaml:6:\d+: step 'b': field 'path': writes .*step 'a' \(line 5\)"):
         api.validate(r)
+
+
+def test_finding_5_a_save_into_another_saves_work_folder_is_refused(tmp_path, models, monkeypatch):
+    proj = project(tmp_path, models)
+    r = write_recipe(proj, """
+        steps:
+          - {id: base, op: load, model: ./base}
+          - {id: math, op: load, model: ./math}
+          - {id: m, op: merge, method: task_arithmetic, base: base, inputs: [math]}
+          - {id: a, op: save, input: m, path: out}
+          - {id: b, op: save, input: math, path: .out.partial}
+        """)
+    no_compute(monkeypatch)
+    with pytest.raises(OutputError, match="writes into the work folder of save step 'a'"):
+        api.run_recipe(r, overwrite=True)
+    assert sorted(p.name for p in proj.iterdir()) == ["base", "math", "recipe.yaml"]
 
 
 def test_finding_5_saves_aliased_by_a_symlink_are_refused_before_writing(tmp_path, models, monkeypatch):

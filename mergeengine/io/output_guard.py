@@ -110,6 +110,12 @@ def check_distinct(paths: dict[str, Path]) -> None:
                 how = "the same folder" if a == b else "nested folders"
                 raise OutputError(f"save steps '{sa}' and '{sb}' write {how} ({a}, {b}): give each its own path",
                                   file=str(b))
+    for a, sa in items:
+        work = {a.parent / f".{a.name}.partial", a.parent / f".{a.name}.lock"}
+        for b, sb in items:
+            if any(_is_within(b, w) for w in work):
+                raise OutputError(f"save step '{sb}' writes into the work folder of save step '{sa}': "
+                                  "give it another path", file=str(b))
 
 
 def replace_folder(new: Path, dest: Path) -> None:

@@ -68,6 +68,10 @@ class SaveStep(StepModel):
                 raise ValueError(f"'{name}' must name a file inside the model's folder (no absolute path, no '..')")
             if p.name in WRITER_FILES or p.name.endswith(".safetensors"):
                 raise ValueError(f"'{name}' would replace the merge's own {p.name}")
+        targets = [PurePosixPath(n.replace("\\", "/")).name for n in names]
+        twice = sorted({t for t in targets if targets.count(t) > 1})
+        if twice:
+            raise ValueError(f"two files would be copied to the same name: {', '.join(twice)}")
         return names
 
 
