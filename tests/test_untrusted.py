@@ -349,6 +349,22 @@ def test_finding_4_failed_restore_says_where_both_folders_are(tmp_path, models, 
     assert (proj / ".out.partial" / "model.safetensors").is_file()
 
 
+def test_finding_4_a_destination_that_appears_during_the_run_is_not_replaced(tmp_path, models, monkeypatch):
+    proj = project(tmp_path, models)
+    original = TaskArithmetic.compute
+
+    def compute(self, inputs, ctx):
+        (proj / "out").mkdir(exist_ok=True)
+        (proj / "out" / "theirs.txt").write_text("theirs")
+        return original(self, inputs, ctx)
+
+    monkeypatch.setattr(TaskArithmetic, "compute", compute)
+    with pytest.raises(OutputError, match=r"not written by mergeengine.*the finished output is in .*\.out\.partial"):
+        api.run_recipe(ta(proj, "out"), overwrite=True)
+    assert (proj / "out" / "theirs.txt").read_text() == "theirs"
+    assert (proj / ".out.partial" / "model.safetensors").is_file()
+
+
 # --- 5. two save steps to the same (or a nested) path ---------------------------------------------
 
 

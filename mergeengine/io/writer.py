@@ -493,9 +493,18 @@ class OutputFolder:
             raise _os_error(exc, self.tmp) from None
 
     def commit(self) -> Path:
-        """Move the finished folder into place (the destination is checked again: it may have appeared)."""
-        self.check()
+        """Move the finished folder into place (the destination is checked again: it may have appeared).
+
+        Raises:
+            OutputError: the destination may not be replaced now, or a rename failed; the finished
+                folder is kept and the message says where it is.
+        """
         self.complete = True
+        try:
+            self.check()
+        except OutputError as exc:
+            exc.message += f" (the finished output is in {self.tmp})"
+            raise
         replace_folder(self.tmp, self.dest)
         self.complete = False
         return self.dest
