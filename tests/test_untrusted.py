@@ -127,6 +127,15 @@ def test_finding_1_overwrite_refuses_input_folder(tmp_path, models, monkeypatch)
     assert (proj / "math" / "model.safetensors").read_bytes() == (models["math"] / "model.safetensors").read_bytes()
 
 
+def test_finding_1_overwrite_never_replaces_a_file(tmp_path, models, monkeypatch):
+    proj = project(tmp_path, models)
+    no_compute(monkeypatch)
+    r = ta(proj, "recipe.yaml")
+    with pytest.raises(OutputError, match="replaces only folders"):
+        api.run_recipe(r, overwrite=True)
+    assert "recipe.yaml" in r.read_text()
+
+
 def test_finding_1_overwrite_replaces_only_own_or_empty_folders(tmp_path, models):
     proj = project(tmp_path, models)
     (proj / "out").mkdir()
@@ -269,6 +278,27 @@ def test_finding_3_files_inside_the_model_are_copied(tmp_path, models):
     assert (proj / "out" / "LICENSE").read_text() == "license"
     assert (proj / "out" / "tokenizer.json").read_text() == "license"
     assert read_folder(proj / "out")  # the merged weights are the merge's
+
+
+def test_finding_3_hub_snapshot_links_into_its_blobs_are_copied(tmp_path, models, monkeypatch):
+    proj = project(tmp_path, models)
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--base"
+    snap = repo / "snapshots" / ("c" * 40)
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    for f in [*models["base"].iterdir(), proj / "tok.json"]:
+        if f.name == "tok.json":
+            f.write_text('{"tokenizer": "hub"}')
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / ("tokenizer.json" if f.name == "tok.json" else f.name)).symlink_to(os.path.relpath(blob, snap))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    api.run_recipe(ta(proj, "out", base="org/base"))
+    assert json.loads((proj / "out" / "tokenizer.json").read_text()) == {"tokenizer": "hub"}
 
 
 @pytest.mark.parametrize("shard", ["../math/model.safetensors", "/etc/passwd"])
