@@ -243,7 +243,8 @@ def _keep_progress(exc: BaseException, writers: dict[str, ShardedWriter], opened
         if f not in kept:
             f.discard()
     if kept and isinstance(exc, MergeEngineError):
-        exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
+        if str(kept[0].tmp) not in exc.message:  # a refused resume already says where they are
+            exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
     elif kept:
         LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
 
