@@ -85,6 +85,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _attach_optional_values(argv: list[str]) -> list[str]:
+    """A bare ``--resume`` means ``--resume=verify``: its value is only ever attached with ``=``,
+    so ``run --resume RECIPE`` does not read the recipe as the mode."""
+    out = list(argv)
+    end = out.index("--") if "--" in out else len(out)
+    return [("--resume=verify" if a == "--resume" else a) if i < end else a for i, a in enumerate(out)]
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
@@ -100,7 +108,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mergeengine`` console script. Returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_attach_optional_values(sys.argv[1:] if argv is None else argv))
     # A kill (SIGTERM) unwinds like Ctrl-C, so partial output is cleaned up.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _setup_logging(args.verbose, args.quiet)

@@ -518,6 +518,17 @@ def test_finding_6_resume_of_unchanged_inputs_keeps_the_shards(tmp_path, models,
     assert 0 < calls["n"] < 21
 
 
+def test_finding_6_cli_resume_flag_before_the_recipe(tmp_path, models, monkeypatch):
+    proj = project(tmp_path, models)
+    r = sharded(proj, "out")
+    interrupt_at(monkeypatch, 15)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_recipe(r)
+    calls = interrupt_at(monkeypatch, 10**9)
+    assert cli.main(["run", "--resume", str(r), "-q"]) == 0
+    assert 0 < calls["n"] < 21
+
+
 # --- 7. recipe parsing ----------------------------------------------------------------------------
 
 
@@ -703,4 +714,5 @@ def test_finding_9_root_path_is_refused_before_writing(tmp_path, models, monkeyp
     with pytest.raises(OutputError, match="a filesystem root cannot be an output folder"):
         api.run_recipe(ta(proj, "/"), overwrite=overwrite)
     assert not Path("/..partial").exists() and not Path("/.lock").exists()
+
 
