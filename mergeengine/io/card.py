@@ -1,7 +1,8 @@
 """Model card (``README.md``) and machine-readable provenance (``mergeengine.json``) for a merge.
 
 ``mergeengine.json`` is the recipe that produced the model plus a ``provenance`` key, so it can be
-rerun as is (JSON is YAML): ``mergeengine run out/mergeengine.json``.
+rerun as is (JSON is YAML): ``mergeengine run out/mergeengine.json --out DIR`` (a new folder: the
+recipe's own folder is never overwritten).
 
 Example:
     >>> write_model_card(Path("out"), recipe_name="math+code", recipe_yaml=text,
@@ -131,7 +132,7 @@ def render_model_card(
         lines += ["### Resolved step parameters", "", "```yaml", _dump_yaml(steps), "```", ""]
     lines += [
         f"`{PROVENANCE_NAME}` holds the same information and reruns the merge: "
-        f"`mergeengine run {PROVENANCE_NAME}`.",
+        f"`mergeengine run {PROVENANCE_NAME} --out DIR`.",
         "",
     ]
     return "\n".join(lines)

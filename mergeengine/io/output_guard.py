@@ -86,12 +86,13 @@ def check_destination(
     for what, folder in protected.items():
         if _is_within(folder, real):
             relation = "is" if folder == real else "holds"
-            raise OutputError(f"--overwrite refused: this folder {relation} {what}", file=str(dest), step=step)
+            raise OutputError(f"--overwrite refused: this folder {relation} {what}; write the output elsewhere "
+                              "(--out DIR)", file=str(dest), step=step)
     for sid, paths in inputs.items():
         for p in paths:
             if _is_within(Path(os.path.realpath(p)), real):
-                raise OutputError(f"--overwrite refused: this folder holds the input of load step '{sid}' ({p})",
-                                  file=str(dest), step=step)
+                raise OutputError(f"--overwrite refused: this folder holds the input of load step '{sid}' ({p}); "
+                                  "write the output elsewhere (--out DIR)", file=str(dest), step=step)
     if not written_by_mergeengine(real) and any(real.iterdir()):
         raise OutputError(f"--overwrite refused: this folder was not written by mergeengine (no {PROVENANCE_NAME}) "
                           "and is not empty; remove it yourself or choose another path", file=str(dest), step=step)
