@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mergeengine import api
-from mergeengine.tiny import LlamaShape, write_example_models
+from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint, write_example_models
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.yaml"))
@@ -75,6 +75,24 @@ steps:
      gamma: 0.05, weights: [0.5, 1.5]}
   - {id: out, op: save, input: merged, path: ./out/breadcrumbs_lists, dtype: bfloat16}
 """,
+    "vocab_pad.yaml": """
+seed: 1
+steps:
+  - {id: base, op: load, model: ./models/base}
+  - {id: big, op: load, model: ./models/big_vocab}
+  - {id: code, op: load, model: ./models/code}
+  - {id: ta, op: merge, method: task_arithmetic, base: base, inputs: [big, code], vocab: pad_base, lambda: 0.9}
+  - {id: ti, op: merge, method: ties, base: base, inputs: [big, code], vocab: pad_base, density: 0.3}
+  - {id: dt, op: merge, method: dare_ties, base: base, inputs: [big, code], vocab: pad_base, density: 0.4}
+  - {id: dl, op: merge, method: dare_linear, base: base, inputs: [big, code], vocab: truncate, density: 0.4,
+     rescale: l1}
+  - {id: bc, op: merge, method: breadcrumbs, base: base, inputs: [big, code], vocab: truncate, density: 0.3}
+  - {id: out_ta, op: save, input: ta, path: ./out/vocab_ta}
+  - {id: out_ti, op: save, input: ti, path: ./out/vocab_ti}
+  - {id: out_dt, op: save, input: dt, path: ./out/vocab_dt, dtype: float32}
+  - {id: out_dl, op: save, input: dl, path: ./out/vocab_dl}
+  - {id: out_bc, op: save, input: bc, path: ./out/vocab_bc}
+""",
     "dpa_shared.yaml": """
 steps:
   - {id: base, op: load, model: ./models/base}
@@ -108,6 +126,7 @@ def recipes(root: Path) -> list[Path]:
 def output_hashes(root: Path, shape: LlamaShape) -> dict[str, dict[str, str]]:
     """Recipe file name -> output file (relative) -> sha256, for models of ``shape`` under ``root``."""
     write_example_models(root / "models", shape)
+    write_big_vocab(root / "models" / "big_vocab", shape)
     result: dict[str, dict[str, str]] = {}
     for recipe in recipes(root):
         run = api.run_recipe(recipe, overwrite=True)
@@ -118,6 +137,21 @@ def output_hashes(root: Path, shape: LlamaShape) -> dict[str, dict[str, str]]:
                     files[f"{save}/{f.relative_to(folder)}"] = hashlib.sha256(f.read_bytes()).hexdigest()
         result[recipe.name] = files
     return result
+
+
+def write_big_vocab(folder: Path, shape: LlamaShape, extra_rows: int = 8) -> Path:
+    """A fine-tune of the example base with ``extra_rows`` more embedding and lm_head rows."""
+    import dataclasses
+
+    import torch
+
+    weights = fine_tune(make_weights(shape, seed=0), seed=7)
+    g = torch.Generator().manual_seed(7)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = weights[name]
+        weights[name] = torch.cat([t, 0.02 * torch.randn((extra_rows, t.shape[1]), generator=g)])
+    big = dataclasses.replace(shape, vocab_size=shape.vocab_size + extra_rows)
+    return write_checkpoint(folder, weights, big, dtype=torch.bfloat16)
 
 
 def main() -> int:
