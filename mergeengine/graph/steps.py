@@ -103,7 +103,6 @@ def build_step_graph(loaded: LoadedRecipe) -> StepGraph:
                 problems.append(f"{loaded.where(('steps', index[sid], field))}: step '{sid}': {msg}")
             if kind is not None:
                 kinds[sid] = kind
-                op.kind = kind
     problems += _check_search(loaded, ops)
     if problems:
         raise RecipeError(problems)

@@ -46,7 +46,7 @@ class Dare(DeltaOp):
     step: DareStep
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        if not self.in_scope(ctx.tensor, self.step.scope):
+        if not self.in_scope(ctx.plan, ctx.tensor, self.step.scope):
             return inputs[0]
         g = tensor_generator(ctx.seed, ctx.step, ctx.tensor)
         return dare(inputs[0], self.step.density, self.step.rescale, generator=g)
