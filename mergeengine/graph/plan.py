@@ -211,7 +211,7 @@ def _plan_steps(steps: StepGraph, active: list[str], ckpts: dict[str, Checkpoint
             if isinstance(op, LoadOp) and sid not in ckpts:
                 ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision,
                                              allow_pickle=op.step.allow_pickle)
-            dtype = _model_dtype(ckpts[steps.kinds[sid].origin]) if isinstance(op, SaveOp) else torch.float32
+            dtype = _model_dtype(ckpts[steps.kinds[sid].origin]) if isinstance(op, SaveOp) else None
             inputs = PlanInputs({r: plans[r].metas for r in refs}, steps.kinds, ckpts.get(sid), dtype)
             plans[sid] = op.plan_step(inputs)
         except MergeEngineError as exc:

@@ -90,7 +90,7 @@ def plan_dot(plan: Plan) -> str:
         label = f"{sid}\\n{op.name}" + (f":{op.label}" if op.label != op.name else "")
         shape = "ellipse" if plan.steps.kinds[sid].kind == "delta" else "box"
         lines.append(f'  "{sid}" [label="{label}", shape={shape}];')
-    for a, b in plan.steps.graph.edges:
+    for a, b in plan.steps.edges:
         if a in plan.active and b in plan.active:
             lines.append(f'  "{a}" -> "{b}";')
     lines.append("}")

@@ -31,7 +31,7 @@ from mergeengine.ops.chunks import TensorStream
 from mergeengine.runtime import numpy_threads
 
 Vote = Literal["unweighted", "weighted"]
-Trim = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Trim = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def non_negative_weights(params: Mapping[str, Any]) -> None:

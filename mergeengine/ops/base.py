@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from mergeengine.errors import ShapeError
-from mergeengine.io.checkpoint import TensorMeta
+from mergeengine.io.meta import TensorMeta
 from mergeengine.recipe.step import STEP_ID_PATTERN, StepModel
 
 __all__ = ["STEP_ID_PATTERN", "ChunkFill", "Op", "PlanInputs", "Reduction", "StepKind", "StepModel", "StepPlan",
@@ -92,7 +92,8 @@ class StepPlan:
         read_from: input step id -> the steps read in its place (a fused ``diff``: its model, and
             for a delta op also its base).
         fused: input step ids whose op this step computes chunk by chunk (fused amplification).
-        emit_dtype: the dtype floating-point results are returned in (a save: the stored dtype).
+        emit_dtype: the dtype floating-point results are returned in (a save: the stored dtype);
+            None: float32.
         groups: decoder linear tensors -> (layer, module), for the ops that treat them apart.
         details: op-specific results of planning (a load's checkpoint, a diff's row mismatches).
     """
@@ -103,7 +104,7 @@ class StepPlan:
     target_rows: Mapping[str, int] = field(default_factory=dict)
     read_from: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     fused: tuple[str, ...] = ()
-    emit_dtype: torch.dtype = torch.float32
+    emit_dtype: torch.dtype | None = None
     groups: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -116,13 +117,13 @@ class PlanInputs:
         metas: referenced step id -> its tensors.
         kinds: every validated step's kind, by step id.
         checkpoint: the opened input of a load step (None for other ops).
-        model_dtype: the dtype most of the origin model's floating bytes are stored in.
+        model_dtype: for a save, the dtype most of the origin model's floating bytes are stored in.
     """
 
     metas: Mapping[str, Mapping[str, TensorMeta]]
     kinds: Mapping[str, StepKind]
     checkpoint: Any = None
-    model_dtype: torch.dtype = torch.float32
+    model_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -153,7 +154,7 @@ class TaskContext:
 
 
 #: ``fill(delta chunk, out)``: a fused delta op's output for one chunk of ``model - base``.
-ChunkFill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ChunkFill = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 class Op:
@@ -262,10 +263,8 @@ class Op:
 def same_tensors(
     step: str,
     named_inputs: list[tuple[str, dict[str, TensorMeta]]],
-    *,
-    dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, TensorMeta]:
-    """Check that all inputs have the same tensor names and shapes; return the first's (as ``dtype``).
+    """Check that all inputs have the same tensor names and shapes; return the first's, as float32.
 
     Every mismatch is listed in one error, so a user sees them all at once.
 
@@ -293,7 +292,9 @@ def same_tensors(
                 problems.append(f"tensor '{n}': dtype {other[n].dtype} in '{other_id}' vs {meta.dtype} in '{ref_id}'")
     if problems:
         raise ShapeError("; ".join(problems), step=step)
-    return {n: TensorMeta(m.shape, dtype or m.dtype) for n, m in ref.items()}
+    import torch
+
+    return {n: TensorMeta(m.shape, torch.float32) for n, m in ref.items()}
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -32,7 +32,7 @@ CHUNK_NUMEL = 1 << 17  # a multiple of sparsify.SUM_BLOCK (DARE's l1 norms sum w
 #: to a deltas method), plus the base (a delta given to a models method), or amplified in the
 #: chunk (a fused ``dpa_amplify`` of ``model - base``).
 Conversion = Literal["as_is", "sub_base", "add_base", "fused"]
-Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Fill = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def merge_chunk() -> int:
@@ -107,9 +107,9 @@ class TensorStream:
         """Results of the method's whole-model statistics (``statistics`` hook), by name."""
         return self.ctx.stats
 
-    def buffer(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A new scratch buffer of one chunk's length (slice it to the chunk)."""
-        return torch.empty(min(merge_chunk(), max(self.numel, 1)), dtype=dtype, device=self.device)
+    def buffer(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new scratch buffer of one chunk's length (slice it to the chunk); float32 by default."""
+        return torch.empty(min(merge_chunk(), max(self.numel, 1)), dtype=dtype or torch.float32, device=self.device)
 
     def lengths(self) -> list[int]:
         """The length of every chunk, in order."""

@@ -203,7 +203,8 @@ class MergeOp(Op):
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         stream = self._stream(ctx.plan, ctx.tensor, inputs, ctx)
-        return run_method(self.merge_method, self.params, stream, ctx.plan.emit_dtype, ctx.plan.metas[ctx.tensor].shape)
+        dtype = ctx.plan.emit_dtype or torch.float32
+        return run_method(self.merge_method, self.params, stream, dtype, ctx.plan.metas[ctx.tensor].shape)
 
     def _stream(self, plan: StepPlan, tensor: str, inputs: list[torch.Tensor], ctx: TaskContext | None) -> TensorStream:
         rows = plan.target_rows.get(tensor)

@@ -19,7 +19,8 @@ from pydantic import Field, field_validator
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The storage dtypes a save accepts (torch attribute names).
+DTYPES = ("float32", "float16", "bfloat16")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -83,7 +84,7 @@ class SaveOp(Op):
     def plan_step(self, inputs: PlanInputs) -> StepPlan:
         """The stored dtype (default: the origin model's) is the plan's ``emit_dtype``; a delta
         input's base is read too (``read_from``)."""
-        dtype = DTYPES[self.step.dtype] if self.step.dtype else inputs.model_dtype
+        dtype = getattr(torch, self.step.dtype) if self.step.dtype else inputs.model_dtype
         metas = {n: TensorMeta(m.shape, dtype if m.dtype.is_floating_point else m.dtype)
                  for n, m in inputs.metas[self.step.input].items()}
         src = inputs.kinds[self.step.input]
