@@ -156,26 +156,13 @@ def build_plan(
         RecipeError: no save step, or ``out`` is ambiguous.
         ModelError, ShapeError: an input cannot be opened, or tensors do not line up.
     """
-    loaded = steps.loaded
     saves = steps.saves()
     if roots is None:
         roots = saves
         if not saves:
-            raise RecipeError([f"{loaded.path}: the recipe has no save step: add one "
+            raise RecipeError([f"{steps.loaded.path}: the recipe has no save step: add one "
                                "(- {id: out, op: save, input: <step>, path: ./merged})"])
-    save_paths: dict[str, Path] = {}
-    for s in saves:
-        p = steps.ops[s].step.path  # type: ignore[attr-defined]
-        if p is not None:
-            save_paths[s] = (loaded.base_dir / p).resolve()
-    if out is not None:
-        if len(saves) != 1:
-            raise RecipeError([f"{loaded.path}: --out needs exactly one save step, the recipe has {len(saves)}"])
-        save_paths[saves[0]] = Path(out).resolve()
-    for s in saves:
-        if s in roots and s not in save_paths:
-            raise RecipeError([f"{loaded.where(('steps',))}: step '{s}': no path: set 'path' or pass --out"])
-
+    save_paths = _save_paths(steps, saves, roots, out)
     active = steps.needed(roots)
     ckpts = dict(checkpoints or {})
     plans = _plan_steps(steps, active, ckpts)
@@ -194,6 +181,24 @@ def build_plan(
         m.nbytes for sid in active if isinstance(steps.ops[sid], LoadOp) for m in plan.metas[sid].values()
     )
     return plan
+
+
+def _save_paths(steps: StepGraph, saves: list[str], roots: list[str], out: str | Path | None) -> dict[str, Path]:
+    """Where each save step writes (``out`` overrides the single save's path)."""
+    loaded = steps.loaded
+    save_paths: dict[str, Path] = {}
+    for s in saves:
+        p = steps.ops[s].step.path  # type: ignore[attr-defined]
+        if p is not None:
+            save_paths[s] = (loaded.base_dir / p).resolve()
+    if out is not None:
+        if len(saves) != 1:
+            raise RecipeError([f"{loaded.path}: --out needs exactly one save step, the recipe has {len(saves)}"])
+        save_paths[saves[0]] = Path(out).resolve()
+    for s in saves:
+        if s in roots and s not in save_paths:
+            raise RecipeError([f"{loaded.where(('steps',))}: step '{s}': no path: set 'path' or pass --out"])
+    return save_paths
 
 
 def _plan_steps(steps: StepGraph, active: list[str], ckpts: dict[str, Checkpoint]) -> dict[str, StepPlan]:
@@ -264,56 +269,70 @@ def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def _expand(steps: StepGraph, active: list[str], plans: dict[str, StepPlan], roots: list[str]) -> Plan:
-    ops = steps.ops
+    """The task DAG of ``roots``' tensors, its passes and its schedule."""
+    tasks = _TaskGraph(steps.ops, plans, active)
     metas = {sid: dict(p.metas) for sid, p in plans.items()}
-    graph = nx.DiGraph()
-    sources: dict[TaskKey, list[TaskKey]] = {}
-    reductions: dict[tuple[str, str], Reduction] = {}
-    for sid in active:
-        for red in ops[sid].reductions(plans[sid]):
-            reductions[(sid, red.name)] = red
-
-    def need(step: str, name: str, pass_of: tuple[str, str]) -> TaskKey:
-        key = TaskKey(step, name, pass_of=pass_of)
-        if key in graph:
-            return key
-        graph.add_node(key)
-        srcs = [need(s, n, pass_of) for s, n in ops[step].sources(name, plans[step])]
-        sources[key] = srcs
-        for s in srcs:
-            graph.add_edge(s, key)
-        waits_for = {step, *ops[step].stats_steps(plans[step])}
-        for (rstep, rname) in reductions:
-            if rstep in waits_for:
-                graph.add_edge(reduce_node(rstep, rname), key)
-        return key
-
-    def reduce_node(step: str, rname: str) -> TaskKey:
-        key = TaskKey(step, kind="reduce", reduction=rname)
-        if key in graph:
-            return key
-        graph.add_node(key)
-        red = reductions[(step, rname)]
-        priors = [reduce_node(step, a) for a in red.after]
-        for p in priors:
-            graph.add_edge(p, key)
-        for name in red.tensors:
-            m = TaskKey(step, name, "map", rname)
-            srcs = [need(s, n, (step, rname)) for s, n in ops[step].sources(name, plans[step])]
-            sources[m] = srcs
-            for s in srcs:
-                graph.add_edge(s, m)
-            for p in priors:
-                graph.add_edge(p, m)
-            graph.add_edge(m, key)
-        return key
-
     save_roots = [r for r in roots if r in metas]
     for r in save_roots:
         for name in sorted(metas[r], key=natural_key):
-            need(r, name, ("", ""))
+            tasks.need(r, name, ("", ""))
+    phase = _phases(tasks.graph)
+    graph, sources, phase = _share_statistics_passes(tasks.graph, tasks.sources, phase)
+    order = _schedule(graph, phase, list(steps.ops))
+    save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
+    return Plan(steps, active, plans, metas, graph, order, sources, tasks.reductions, phase, save_order, {})
 
-    # Phases: a reduce node runs after every reduce node it depends on.
+
+class _TaskGraph:
+    """Builds the task DAG: each needed (step, tensor) once per pass, and each reduction's pass."""
+
+    def __init__(self, ops: dict[str, Op], plans: dict[str, StepPlan], active: list[str]) -> None:
+        self.ops, self.plans = ops, plans
+        self.graph = nx.DiGraph()
+        self.sources: dict[TaskKey, list[TaskKey]] = {}
+        self.reductions = {(sid, red.name): red for sid in active for red in ops[sid].reductions(plans[sid])}
+
+    def _inputs(self, key: TaskKey, pass_of: tuple[str, str]) -> None:
+        """Wire ``key`` to the tasks of its sources (in ``pass_of``'s pass)."""
+        srcs = [self.need(s, n, pass_of) for s, n in self.ops[key.step].sources(key.tensor, self.plans[key.step])]
+        self.sources[key] = srcs
+        for s in srcs:
+            self.graph.add_edge(s, key)
+
+    def need(self, step: str, name: str, pass_of: tuple[str, str]) -> TaskKey:
+        """The compute task of ``step``'s tensor ``name`` in the pass feeding ``pass_of`` (main: empty)."""
+        key = TaskKey(step, name, pass_of=pass_of)
+        if key in self.graph:
+            return key
+        self.graph.add_node(key)
+        self._inputs(key, pass_of)
+        waits_for = {step, *self.ops[step].stats_steps(self.plans[step])}
+        for (rstep, rname) in self.reductions:
+            if rstep in waits_for:
+                self.graph.add_edge(self.reduce_node(rstep, rname), key)
+        return key
+
+    def reduce_node(self, step: str, rname: str) -> TaskKey:
+        """The reduce task of ``step``'s reduction ``rname``, with its map tasks and their inputs."""
+        key = TaskKey(step, kind="reduce", reduction=rname)
+        if key in self.graph:
+            return key
+        self.graph.add_node(key)
+        red = self.reductions[(step, rname)]
+        priors = [self.reduce_node(step, a) for a in red.after]
+        for p in priors:
+            self.graph.add_edge(p, key)
+        for name in red.tensors:
+            m = TaskKey(step, name, "map", rname)
+            self._inputs(m, (step, rname))
+            for p in priors:
+                self.graph.add_edge(p, m)
+            self.graph.add_edge(m, key)
+        return key
+
+
+def _phases(graph: nx.DiGraph) -> dict[TaskKey, int]:
+    """Each task's pass: a reduce runs after every reduce it depends on; its pass's tasks with it."""
     rphase: dict[TaskKey, int] = {}
     for k in nx.topological_sort(graph):
         if k.kind == "reduce":
@@ -321,30 +340,41 @@ def _expand(steps: StepGraph, active: list[str], plans: dict[str, StepPlan], roo
             rphase[k] = 1 + max((rphase[a] for a in deps), default=-1)
     main_phase = 1 + max(rphase.values(), default=-1)
     pass_phase = {(k.step, k.reduction): ph for k, ph in rphase.items()}
-    phase = {k: rphase[k] if k.kind == "reduce" else pass_phase.get((k.step, k.reduction) if k.kind == "map"
-                                                                     else k.pass_of, main_phase) for k in graph}
 
-    # Statistics passes that run in the same phase share their upstream work: the base model's
-    # tensors are read once for both experts' DP statistics, not once per reduction.
+    def phase_of(k: TaskKey) -> int:
+        if k.kind == "reduce":
+            return rphase[k]
+        return pass_phase.get((k.step, k.reduction) if k.kind == "map" else k.pass_of, main_phase)
+
+    return {k: phase_of(k) for k in graph}
+
+
+def _share_statistics_passes(graph: nx.DiGraph, sources: dict[TaskKey, list[TaskKey]], phase: dict[TaskKey, int]
+                             ) -> tuple[nx.DiGraph, dict[TaskKey, list[TaskKey]], dict[TaskKey, int]]:
+    """Statistics passes that run in the same phase share their upstream work: the base model's
+    tensors are read once for both experts' DP statistics, not once per reduction."""
     merged = {k: TaskKey(k.step, k.tensor, stats_pass=phase[k] + 1) for k in graph
               if k.kind == "compute" and k.pass_of != ("", "")}
-    if merged:
-        graph = nx.relabel_nodes(graph, merged, copy=True)
-        sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
-        phase = {merged.get(k, k): ph for k, ph in phase.items()}
+    if not merged:
+        return graph, sources, phase
+    graph = nx.relabel_nodes(graph, merged, copy=True)
+    sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
+    return graph, sources, {merged.get(k, k): ph for k, ph in phase.items()}
 
+
+def _schedule(graph: nx.DiGraph, phase: dict[TaskKey, int], steps: list[str]) -> list[TaskKey]:
+    """The lexicographic topological order keyed by (pass, tensor, step): each tensor's chain
+    finishes before the next tensor's starts."""
     names = sorted({k.tensor for k in graph if k.kind != "reduce"}, key=natural_key)
     tensor_rank = {n: i for i, n in enumerate(names)}
-    step_rank = {s: i for i, s in enumerate(ops)}
-    inf = len(names) + 1
+    step_rank = {s: i for i, s in enumerate(steps)}
+    last = len(names) + 1
 
     def sort_key(k: TaskKey) -> tuple:
-        t = inf if k.kind == "reduce" else tensor_rank[k.tensor]
+        t = last if k.kind == "reduce" else tensor_rank[k.tensor]
         return (phase[k], t, step_rank[k.step], k.kind == "map")
 
-    order = list(nx.lexicographical_topological_sort(graph, key=sort_key))
-    save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
-    return Plan(steps, active, plans, metas, graph, order, sources, reductions, phase, save_order, {})
+    return list(nx.lexicographical_topological_sort(graph, key=sort_key))
 
 
 def uses(plan: Plan) -> dict[TaskKey, int]:
