@@ -302,8 +302,7 @@ def output_config(plan: Plan, save: str) -> dict[str, Any] | None:
     if cfg is None:
         return None
     cfg = dict(cfg)
-    op = plan.ops[save]
-    dtype = str(op.out_dtype).removeprefix("torch.")
+    dtype = str(plan.step_plans[save].emit_dtype).removeprefix("torch.")
     if "dtype" in cfg and "torch_dtype" not in cfg:
         cfg["dtype"] = dtype
     else:
@@ -332,11 +331,8 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
 def _write_reports(plan: Plan, save: str, stats: RunStats, folder: Path) -> None:
     """``dppa_report.json``: the DP/DPA statistics of every step this output depends on."""
     upstream = plan.steps.needed([save])
-    reports = {
-        sid: plan.ops[sid].report(stats.statistics.get(sid, {}))  # type: ignore[attr-defined]
-        for sid in upstream
-        if hasattr(plan.ops[sid], "report")
-    }
+    reports = {sid: r for sid in upstream
+               if (r := plan.ops[sid].report(plan.step_plans[sid], stats.statistics.get(sid, {}))) is not None}
     if reports:
         (folder / "dppa_report.json").write_text(json.dumps(reports, indent=2) + "\n")
 
@@ -421,7 +417,7 @@ def _write_card(
     methods = []
     for sid in upstream:
         op = plan.ops[sid]
-        name = getattr(op, "method", None) or op.name
+        name = op.label
         if name not in ("load", "save", "diff") and name not in methods:
             methods.append(name)
     hub_ids = [p["model"] for p in prov["inputs"].values() if p.get("resolved_revision")]

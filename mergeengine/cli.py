@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def main_eval(argv: list[str] | None = None) -> int:
+    """``mergeengine eval`` as its own entry point: :func:`main` with ``eval`` and ``argv``."""
+    return main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
+
 def console_main() -> None:
     """The ``mergeengine`` console script and ``python -m mergeengine``: :func:`main`, then a fast exit.
 
@@ -159,7 +164,24 @@ def console_main() -> None:
     os._exit(code)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    """``validate``: schema, references, order, cycles and kinds; reads no weights and imports no
+    torch (see :mod:`mergeengine.lazy`)."""
+    from mergeengine import lazy
+
+    lazy.defer()
+    from mergeengine.graph.steps import build_step_graph
+    from mergeengine.recipe.loader import load_recipe
+
+    steps = build_step_graph(load_recipe(args.recipe))
+    if not args.quiet:
+        print(f"{args.recipe}: ok ({len(steps.ops)} steps)")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "validate":
+        return _validate(args)
     from mergeengine import api
 
     if args.command in ("eval", "search"):  # the math must not fight the I/O threads (see runtime.py)
@@ -180,11 +202,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"best factors {result.best_factors} (score {result.best_score:.4f}, {len(result.trials)} trials); "
                   f"wrote {resolved} and {log}")
-        return 0
-    if args.command == "validate":
-        steps = api.validate(args.recipe)
-        if not args.quiet:
-            print(f"{args.recipe}: ok ({len(steps.ops)} steps)")
         return 0
     if args.command == "plan" or (args.command == "run" and args.dry_run):
         from mergeengine.graph.report import plan_dot, plan_json, plan_text

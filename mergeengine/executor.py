@@ -81,19 +81,8 @@ def execute(
     Raises:
         MergeEngineError: with the step and tensor that failed.
     """
-    dev = torch.device(device)
-    stats = RunStats()
+    run = _Run(plan, sinks, torch.device(device), seed, allow_nonfinite)
     start = time.perf_counter()
-    remaining = uses(plan)
-    window = PrefetchWindow(plan, plan.prefetch_bytes)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if plan.prefetch_bytes else None
-    reads: dict[TaskKey, Future[torch.Tensor]] = {}
-    values: dict[TaskKey, Any] = {}
-    checked: set[TaskKey] = set()  # results their op verified free of NaN/Inf
-    step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
-    accs: dict[tuple[str, str], Any] = {}
-    live = 0
-    ops = plan.ops
     # Everything alive now (torch's and the plan's objects) lives until the end: move it out of
     # the collector's generations, so the collections the many short-lived tensor objects trigger
     # do not traverse it again and again (~2% of a task_arithmetic run). New cycles are collected;
@@ -102,85 +91,133 @@ def execute(
     gc.freeze()
     try:
         for key in plan.order:
-            op = ops[key.step]
-            read = written = 0
-            try:
-                if key.kind == "reduce":
-                    name = key.tensor[1:]
-                    red = plan.reductions[(key.step, name)]
-                    acc = accs.pop((key.step, name), None)
-                    step_stats[key.step][name] = red.finish(red.initial() if acc is None else acc, step_stats[key.step])
-                else:
-                    inputs = [values[s] for s in plan.sources[key]]
-                    if key.kind == "map":
-                        use_threads(op.compute_bound)
-                        rname = key.pass_.split("/", 1)[1]
-                        red = plan.reductions[(key.step, rname)]
-                        partial = red.map(key.tensor, inputs, step_stats[key.step])
-                        acc = accs.get((key.step, rname))
-                        accs[(key.step, rname)] = red.fold_partial(red.initial() if acc is None else acc, key.tensor, partial)
-                    elif isinstance(op, LoadOp):
-                        for k in window.take(key):  # read ahead in the background, bounded
-                            ctx = TaskContext(k.step, k.tensor, seed, dev, {})
-                            reads[k] = pool.submit(op_compute, plan.ops[k.step], ctx) if pool else _done(
-                                op_compute(plan.ops[k.step], ctx))
-                        out = reads.pop(key).result()
-                        size = out.nbytes
-                        live += size
-                        stats.peak_live_bytes = max(stats.peak_live_bytes, live + window.ahead)
-                        read = size
-                        stats.bytes_read += size
-                        values[key] = out
-                    else:
-                        ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step], stats_of=step_stats)
-                        use_threads(op.compute_bound)
-                        out = op.compute(inputs, ctx)
-                        if ctx.checked_finite:
-                            checked.add(key)
-                        size = out.nbytes if isinstance(out, torch.Tensor) else 0
-                        live += size
-                        stats.peak_live_bytes = max(stats.peak_live_bytes, live + window.ahead)
-                        if isinstance(op, SaveOp):
-                            verified = out is inputs[0] and plan.sources[key][0] in checked
-                            if not allow_nonfinite and out.dtype.is_floating_point and not verified:
-                                _check_finite(out, op.step.input, key.tensor)
-                            sinks[key.step].write(key.tensor, out)
-                            written = size
-                            stats.bytes_written += size
-                            stats.tensors_written += 1
-                        if remaining[key] > 0:
-                            values[key] = out
-                        else:
-                            live -= size
-                    for s in plan.sources[key]:
-                        remaining[s] -= 1
-                        if remaining[s] == 0:
-                            v = values.pop(s)
-                            checked.discard(s)
-                            live -= v.nbytes if isinstance(v, torch.Tensor) else 0
-            except MergeEngineError as exc:
-                exc.step = exc.step or key.step
-                exc.tensor = exc.tensor or (key.tensor if key.kind != "reduce" else None)
-                raise
-            except torch.cuda.OutOfMemoryError:
-                raise ExecutionError("out of GPU memory; run with --device cpu", step=key.step, tensor=key.tensor) from None
-            except Exception as exc:  # an op bug or a torch error: keep the context, one line
-                raise ExecutionError(f"{type(exc).__name__}: {exc}", step=key.step, tensor=key.tensor) from exc
-            stats.tasks += 1
+            read, written = run.task(key)
+            run.stats.tasks += 1
             if progress is not None:
                 progress(key, read, written)
     finally:
         gc.unfreeze()
-        if pool is not None:  # stop reading ahead, also after a failure
-            pool.shutdown(wait=True, cancel_futures=True)
-    stats.wall_seconds = time.perf_counter() - start
-    stats.statistics = step_stats
-    return stats
+        run.close()
+    run.stats.wall_seconds = time.perf_counter() - start
+    run.stats.statistics = run.step_stats
+    return run.stats
 
 
-def op_compute(op: Any, ctx: TaskContext) -> torch.Tensor:
-    """Run a load task (no inputs); used by the read-ahead thread."""
-    return op.compute([], ctx)
+class _Run:
+    """The state of one execution: live values, their accounting, read-ahead and statistics."""
+
+    def __init__(self, plan: Plan, sinks: dict[str, Sink], device: torch.device, seed: int,
+                 allow_nonfinite: bool) -> None:
+        self.plan, self.sinks, self.device, self.seed = plan, sinks, device, seed
+        self.allow_nonfinite = allow_nonfinite
+        self.stats = RunStats()
+        self.remaining = uses(plan)
+        self.window = PrefetchWindow(plan, plan.prefetch_bytes)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if plan.prefetch_bytes else None
+        self.reads: dict[TaskKey, Future[torch.Tensor]] = {}
+        self.values: dict[TaskKey, Any] = {}
+        self.checked: set[TaskKey] = set()  # results their op verified free of NaN/Inf
+        self.step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
+        self.accs: dict[tuple[str, str], Any] = {}
+        self.live = 0
+
+    def task(self, key: TaskKey) -> tuple[int, int]:
+        """Run one task; returns (bytes it read, bytes it wrote). Errors name the step and tensor."""
+        try:
+            if key.kind == "reduce":
+                self._reduce(key)
+                return 0, 0
+            inputs = [self.values[s] for s in self.plan.sources[key]]
+            if key.kind == "map":
+                self._map(key, inputs)
+                counts = (0, 0)
+            elif isinstance(self.plan.ops[key.step], LoadOp):
+                counts = self._load(key)
+            else:
+                counts = self._compute(key, inputs)
+            self._release(key)
+            return counts
+        except MergeEngineError as exc:
+            exc.step = exc.step or key.step
+            exc.tensor = exc.tensor or (key.tensor if key.kind != "reduce" else None)
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise ExecutionError("out of GPU memory; run with --device cpu", step=key.step, tensor=key.tensor) from None
+        except Exception as exc:  # an op bug or a torch error: keep the context, one line
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step=key.step, tensor=key.tensor) from exc
+
+    def context(self, key: TaskKey) -> TaskContext:
+        """The task's context: the step's plan and statistics."""
+        return TaskContext(key.step, key.tensor, self.seed, self.device, self.step_stats.get(key.step, {}),
+                           self.plan.step_plans[key.step], stats_of=self.step_stats)
+
+    def _reduce(self, key: TaskKey) -> None:
+        name = key.reduction
+        red = self.plan.reductions[(key.step, name)]
+        acc = self.accs.pop((key.step, name), None)
+        self.step_stats[key.step][name] = red.finish(red.initial() if acc is None else acc, self.step_stats[key.step])
+
+    def _map(self, key: TaskKey, inputs: list[Any]) -> None:
+        op = self.plan.ops[key.step]
+        use_threads(op.is_compute_bound(self.plan.step_plans[key.step]))
+        name = key.reduction
+        red = self.plan.reductions[(key.step, name)]
+        partial = red.map(key.tensor, inputs, self.step_stats[key.step])
+        acc = self.accs.get((key.step, name))
+        self.accs[(key.step, name)] = red.fold_partial(red.initial() if acc is None else acc, key.tensor, partial)
+
+    def _load(self, key: TaskKey) -> tuple[int, int]:
+        for k in self.window.take(key):  # read ahead in the background, bounded
+            ctx = self.context(k)
+            op = self.plan.ops[k.step]
+            self.reads[k] = self.pool.submit(op.compute, [], ctx) if self.pool else _done(op.compute([], ctx))
+        out = self.reads.pop(key).result()
+        self._hold(key, out)
+        self.stats.bytes_read += out.nbytes
+        return out.nbytes, 0
+
+    def _compute(self, key: TaskKey, inputs: list[Any]) -> tuple[int, int]:
+        op = self.plan.ops[key.step]
+        ctx = self.context(key)
+        use_threads(op.is_compute_bound(ctx.plan))
+        out = op.compute(inputs, ctx)
+        if ctx.checked_finite:
+            self.checked.add(key)
+        size = self._hold(key, out)
+        if not isinstance(op, SaveOp):
+            return 0, 0
+        verified = out is inputs[0] and self.plan.sources[key][0] in self.checked
+        if not self.allow_nonfinite and out.dtype.is_floating_point and not verified:
+            _check_finite(out, op.step.input, key.tensor)
+        self.sinks[key.step].write(key.tensor, out)
+        self.stats.bytes_written += size
+        self.stats.tensors_written += 1
+        return 0, size
+
+    def _hold(self, key: TaskKey, out: Any) -> int:
+        """Count a new value as live (the peak includes what is read ahead); keep it while used."""
+        size = out.nbytes if isinstance(out, torch.Tensor) else 0
+        self.live += size
+        self.stats.peak_live_bytes = max(self.stats.peak_live_bytes, self.live + self.window.ahead)
+        if self.remaining[key] > 0:
+            self.values[key] = out
+        else:  # a save's result goes to the writer and is dropped
+            self.live -= size
+        return size
+
+    def _release(self, key: TaskKey) -> None:
+        """Free every source whose last consumer this was."""
+        for s in self.plan.sources[key]:
+            self.remaining[s] -= 1
+            if self.remaining[s] == 0:
+                v = self.values.pop(s)
+                self.checked.discard(s)
+                self.live -= v.nbytes if isinstance(v, torch.Tensor) else 0
+
+    def close(self) -> None:
+        """Stop reading ahead (also after a failure)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _done(value: torch.Tensor) -> Future[torch.Tensor]:

@@ -156,7 +156,7 @@ def test_dp_ops_read_a_plain_diff_directly_with_the_same_bytes(tmp_path, models)
                   - {{id: out, op: save, input: x, path: out_{vocab}}}
                 """)
             result = api.run_recipe(r, overwrite=True)
-            assert (result.plan.steps.ops["x"].read_from is not None) == (vocab == "error")
+            assert bool(result.plan.step_plans["x"].read_from) == (vocab == "error")
             outs[vocab] = read_folder(tmp_path / f"out_{vocab}")
         assert outs["error"].keys() == outs["truncate"].keys()
         for n, t in outs["error"].items():
@@ -167,7 +167,7 @@ def test_dpa_amplify_fused_into_task_arithmetic_gives_the_same_bytes(tmp_path, m
     """A dpa_amplify used only by a task_arithmetic merge is amplified chunk by chunk inside the
     merge (no amplified delta stored). Saving the amplified deltas too turns the fusion off: the
     merged bytes, the DPPA report and the bf16 output must not change."""
-    from mergeengine.ops import merge as merge_module
+    from mergeengine.ops import chunks as merge_module
 
     text = f"""
         name: t
@@ -187,8 +187,8 @@ def test_dpa_amplify_fused_into_task_arithmetic_gives_the_same_bytes(tmp_path, m
         """, "plain.yaml"))
     finally:
         merge_module.CHUNK_NUMEL = old
-    assert set(fused.plan.ops["m"].fused) == {"a1", "a2"} and not unfused.plan.ops["m"].fused
-    assert any("chunk by chunk" in n for n in fused.plan.ops["m"].plan_notes())
+    assert set(fused.plan.step_plans["m"].fused) == {"a1", "a2"} and not unfused.plan.step_plans["m"].fused
+    assert any("chunk by chunk" in n for n in fused.plan.ops["m"].plan_notes(fused.plan.step_plans["m"]))
     assert not [k for k in fused.plan.order if k.step in ("a1", "a2") and k.kind == "compute"]
     a, b = read_folder(tmp_path / "fused"), read_folder(tmp_path / "plain")
     assert set(a) == set(b) and all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in a)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from mergeengine import api
 from mergeengine.errors import NonFiniteError, OutputError
 from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
-from mergeengine.ops.merge import TaskArithmetic
+from mergeengine.ops.merge import MergeOp as TaskArithmetic
 from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
 
 
@@ -254,7 +254,7 @@ def test_dry_run_reads_no_tensor_data(tmp_path, models, monkeypatch, capsys):
 def test_diffs_feeding_a_merge_are_fused(tmp_path, models):
     plan = api.plan_recipe(ta_recipe(tmp_path, models))
     assert not [k for k in plan.order if k.step in ("d_math", "d_code")]  # no materialised deltas
-    assert any("fused" in n for n in plan.ops["merged"].plan_notes())
+    assert any("fused" in n for n in plan.ops["merged"].plan_notes(plan.step_plans["merged"]))
     # a diff that is also used elsewhere still runs, for that other use
     r = write_recipe(tmp_path, f"""
         steps:
@@ -283,11 +283,11 @@ def test_merge_feeding_only_a_save_emits_the_stored_dtype_with_the_same_bytes(tm
           - {{id: out, op: save, input: merged, path: a, dtype: bfloat16}}
         """
     emitting = api.run_recipe(write_recipe(tmp_path, text))
-    assert {m.dtype for m in emitting.plan.steps.ops["merged"].metas.values()} == {torch.bfloat16}
+    assert {m.dtype for m in emitting.plan.metas["merged"].values()} == {torch.bfloat16}
     a = read_folder(tmp_path / "a")
     both = api.run_recipe(write_recipe(tmp_path, text.rstrip() + "\n          - {id: out32, op: save, input: merged, path: b32, dtype: float32}\n",
                                        name="both.yaml"), overwrite=True)
-    assert {m.dtype for m in both.plan.steps.ops["merged"].metas.values()} == {torch.float32}
+    assert {m.dtype for m in both.plan.metas["merged"].values()} == {torch.float32}
     b = read_folder(tmp_path / "b32")
     assert set(a) == set(b) and all(torch.equal(a[n], t) for n, t in read_folder(tmp_path / "a").items())
     for n in a:

@@ -13,6 +13,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
+from mergeengine.cli import main_eval  # noqa: E402
 from mergeengine.errors import MergeEngineError  # noqa: E402
 from mergeengine.eval import (  # noqa: E402
     TaskFileError,
@@ -24,7 +25,6 @@ from mergeengine.eval import (  # noqa: E402
     to_json,
 )
 from mergeengine.eval.charlevel import build_char_tokenizer  # noqa: E402
-from mergeengine.eval.cli import main_eval  # noqa: E402
 from mergeengine.eval.tasks import AfterExtract, FullExtract, RegexExtract, cut_at_stop, target_of  # noqa: E402
 
 PROMPTS = ["12+34=", "reverse: abc ->", "sort: dcba ->", "7+8=", "hello", "x"]

@@ -1,18 +1,13 @@
 """``mergeengine eval MODEL --tasks TASKS.yaml``: evaluate a model folder and print a table.
 
-Two ways in: :func:`main_eval` parses its own ``argv`` (standalone), while
-:func:`mergeengine.cli.add_eval_arguments` + :func:`run_eval_command` plug into the main CLI's subparsers, which
-then maps :class:`mergeengine.errors.MergeEngineError` to a one-line message and exit code.
+The main CLI (:mod:`mergeengine.cli`) declares the arguments and maps
+:class:`mergeengine.errors.MergeEngineError` to a one-line message and exit code; this module only
+runs the command (the dependency goes one way).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
-
-from mergeengine.cli import add_eval_arguments
-from mergeengine.errors import MergeEngineError
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -40,19 +35,3 @@ def run_eval_command(args: argparse.Namespace) -> int:
         to_json(result, args.out, samples=not args.no_samples)
         print(f"wrote {args.out}")
     return 0
-
-
-def main_eval(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: parse ``argv``, run, print errors as one line.
-
-    Returns:
-        0 on success, 1 on a :class:`MergeEngineError` (message on stderr), 2 on bad arguments.
-    """
-    parser = argparse.ArgumentParser(prog="mergeengine eval", description=__doc__.splitlines()[0])
-    add_eval_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_eval_command(args)
-    except MergeEngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1

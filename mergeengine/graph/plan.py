@@ -27,7 +27,7 @@ from mergeengine.errors import MergeEngineError, RecipeError
 from mergeengine.graph.steps import StepGraph
 from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.io.resolve import open_checkpoint
-from mergeengine.ops.base import Op, Reduction, TensorMeta
+from mergeengine.ops.base import Op, PlanInputs, Reduction, StepPlan, TensorMeta
 from mergeengine.ops.load import LoadOp
 from mergeengine.ops.save import SaveOp
 
@@ -36,15 +36,32 @@ TaskKind = Literal["compute", "map", "reduce"]
 
 @dataclass(frozen=True, order=True)
 class TaskKey:
-    """One unit of work: a step's tensor in a pass, a reduction's map on a tensor, or a reduce."""
+    """One unit of work: a step's tensor in a pass, a reduction's map on a tensor, or a reduce.
+
+    Attributes:
+        step: the step.
+        tensor: the tensor name (empty for a reduce).
+        kind: ``compute`` (a step's tensor), ``map`` (a reduction's partial of one tensor) or
+            ``reduce`` (a reduction's result).
+        reduction: for map and reduce tasks, the reduction's name.
+        stats_pass: for compute tasks feeding a statistics pass, that pass (its phase + 1);
+            0 for the main pass.
+        pass_of: while the plan is built, the (step, reduction) a statistics pass's compute task
+            feeds (replaced by ``stats_pass`` once the phases are known).
+    """
 
     step: str
-    tensor: str
-    pass_: str = ""
+    tensor: str = ""
     kind: TaskKind = "compute"
+    reduction: str = ""
+    stats_pass: int = 0
+    pass_of: tuple[str, str] = ("", "")
 
     def __str__(self) -> str:
-        where = f" [{self.pass_}]" if self.pass_ else ""
+        if self.kind == "reduce":
+            return f"reduce {self.step}/{self.reduction}"
+        where = f" [{self.step}/{self.reduction}]" if self.kind == "map" else (
+            f" [pass {self.stats_pass}]" if self.stats_pass else "")
         return f"{self.kind} {self.step}:{self.tensor}{where}"
 
 
@@ -68,6 +85,7 @@ class Plan:
     Attributes:
         steps: the validated step graph.
         active: step ids that contribute to a save (recipe order).
+        step_plans: step id -> what the planner decided for it (immutable; each task gets it).
         metas: step id -> tensor name -> shape/dtype of what the step produces.
         graph: task DAG (edges from producer to consumer).
         order: the schedule.
@@ -81,6 +99,7 @@ class Plan:
 
     steps: StepGraph
     active: list[str]
+    step_plans: dict[str, StepPlan]
     metas: dict[str, dict[str, TensorMeta]]
     graph: nx.DiGraph
     order: list[TaskKey]
@@ -103,7 +122,7 @@ class Plan:
         labels: list[list[str]] = [[] for _ in range(n)]
         for key, ph in self.phase.items():
             if key.kind == "reduce":
-                red = self.reductions[(key.step, key.tensor[1:])]
+                red = self.reductions[(key.step, key.reduction)]
                 labels[ph].append(f"{key.step}/{red.label or red.name}")
         return [f"statistics {', '.join(sorted(ls))}" if ls else "merge" for ls in labels]
 
@@ -137,13 +156,36 @@ def build_plan(
         RecipeError: no save step, or ``out`` is ambiguous.
         ModelError, ShapeError: an input cannot be opened, or tensors do not line up.
     """
-    loaded = steps.loaded
     saves = steps.saves()
     if roots is None:
         roots = saves
         if not saves:
-            raise RecipeError([f"{loaded.path}: the recipe has no save step: add one "
+            raise RecipeError([f"{steps.loaded.path}: the recipe has no save step: add one "
                                "(- {id: out, op: save, input: <step>, path: ./merged})"])
+    save_paths = _save_paths(steps, saves, roots, out)
+    active = steps.needed(roots)
+    ckpts = dict(checkpoints or {})
+    plans = _plan_steps(steps, active, ckpts)
+    users = _users(steps, active)
+    for sid in active:  # merges read fine-tunes directly instead of materialised deltas
+        plans[sid] = steps.ops[sid].fuse_diffs(plans[sid], steps.ops)
+    for sid in active:  # ... and amplify them chunk by chunk instead of reading amplified deltas
+        plans[sid] = steps.ops[sid].fuse_deltas(plans[sid], steps.ops, plans, users)
+    _emit_stored_dtypes(steps, active, plans, users)
+    plan = _expand(steps, active, plans, roots)
+    plan.checkpoints = ckpts
+    plan.save_paths = save_paths
+    plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0
+    plan.estimate = simulate(plan, plan.prefetch_bytes)
+    plan.estimate.bytes_read_unique = sum(
+        m.nbytes for sid in active if isinstance(steps.ops[sid], LoadOp) for m in plan.metas[sid].values()
+    )
+    return plan
+
+
+def _save_paths(steps: StepGraph, saves: list[str], roots: list[str], out: str | Path | None) -> dict[str, Path]:
+    """Where each save step writes (``out`` overrides the single save's path)."""
+    loaded = steps.loaded
     save_paths: dict[str, Path] = {}
     for s in saves:
         p = steps.ops[s].step.path  # type: ignore[attr-defined]
@@ -156,71 +198,51 @@ def build_plan(
     for s in saves:
         if s in roots and s not in save_paths:
             raise RecipeError([f"{loaded.where(('steps',))}: step '{s}': no path: set 'path' or pass --out"])
+    return save_paths
 
-    active = steps.needed(roots)
-    ckpts = dict(checkpoints or {})
-    metas: dict[str, dict[str, TensorMeta]] = {}
+
+def _plan_steps(steps: StepGraph, active: list[str], ckpts: dict[str, Checkpoint]) -> dict[str, StepPlan]:
+    """Every active step's plan from its inputs' headers (opening the load steps' checkpoints
+    into ``ckpts``). All input problems are raised together."""
+    loaded = steps.loaded
+    plans: dict[str, StepPlan] = {}
     failures: list[MergeEngineError] = []
     for sid in active:
         op = steps.ops[sid]
         refs = [r for rs in op.references().values() for r in rs]
-        if any(r not in metas for r in refs):
+        if any(r not in plans for r in refs):
             continue  # an input already failed: its error is reported, not a consequence of it
         try:
-            if isinstance(op, LoadOp):
-                if sid not in ckpts:
-                    ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision,
-                                                 allow_pickle=op.step.allow_pickle)
-                op.checkpoint = ckpts[sid]
-            if isinstance(op, SaveOp):
-                op.set_dtype(_model_dtype(ckpts[steps.kinds[sid].origin]))
-            metas[sid] = op.plan_tensors({r: metas[r] for r in refs})
+            if isinstance(op, LoadOp) and sid not in ckpts:
+                ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision,
+                                             allow_pickle=op.step.allow_pickle)
+            dtype = _model_dtype(ckpts[steps.kinds[sid].origin]) if isinstance(op, SaveOp) else None
+            inputs = PlanInputs({r: plans[r].metas for r in refs}, steps.kinds, ckpts.get(sid), dtype)
+            plans[sid] = op.plan_step(inputs)
         except MergeEngineError as exc:
             exc.step = exc.step or sid
             failures.append(exc)
-            continue
-        op.metas = metas[sid]
     if failures:  # every input problem at once, not one per run
         cls = type(failures[0]) if len({type(f) for f in failures}) == 1 else MergeEngineError
         raise failures[0] if len(failures) == 1 else cls("; ".join(str(f) for f in failures))
-
-    for sid in active:  # merges read fine-tunes directly instead of materialised deltas
-        fuse = getattr(steps.ops[sid], "fuse_diffs", None)
-        if fuse is not None:
-            fuse(steps.ops)
-    users = _users(steps, active)
-    for sid in active:  # ... and amplify them chunk by chunk instead of reading amplified deltas
-        fuse = getattr(steps.ops[sid], "fuse_deltas", None)
-        if fuse is not None:
-            fuse(steps.ops, users)
-    _emit_stored_dtypes(steps, active, metas)
-    plan = _expand(steps, active, metas, roots)
-    plan.checkpoints = ckpts
-    plan.save_paths = save_paths
-    plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0
-    plan.estimate = simulate(plan, plan.prefetch_bytes)
-    plan.estimate.bytes_read_unique = sum(
-        m.nbytes for sid in active if isinstance(steps.ops[sid], LoadOp) for m in metas[sid].values()
-    )
-    return plan
+    return plans
 
 
-def _emit_stored_dtypes(steps: StepGraph, active: list[str], metas: dict[str, dict[str, TensorMeta]]) -> None:
+def _emit_stored_dtypes(steps: StepGraph, active: list[str], plans: dict[str, StepPlan],
+                        users: dict[str, list[str]]) -> None:
     """Let a step whose every consumer is a save of one dtype return results in that dtype.
 
     A merge feeding only ``save(dtype: bfloat16)`` then rounds each chunk once into a bfloat16
     output instead of building a float32 tensor for the save to convert (half the memory, one
     pass less, same bytes).
     """
-    users = _users(steps, active)
     for sid in active:
-        emit = getattr(steps.ops[sid], "emit_in", None)
-        consumers = [steps.ops[u] for u in users.get(sid, [])]
-        if emit is None or not consumers or not all(isinstance(c, SaveOp) for c in consumers):
+        consumers = users.get(sid, [])
+        if not consumers or not all(isinstance(steps.ops[c], SaveOp) for c in consumers):
             continue
-        dtypes = {c.out_dtype for c in consumers}  # type: ignore[attr-defined]
+        dtypes = {plans[c].emit_dtype for c in consumers}
         if len(dtypes) == 1:
-            metas[sid] = emit(dtypes.pop())
+            plans[sid] = steps.ops[sid].emit_in(plans[sid], dtypes.pop())
 
 
 def _users(steps: StepGraph, active: list[str]) -> dict[str, list[str]]:
@@ -246,86 +268,113 @@ def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(totals, key=totals.__getitem__) if totals else torch.float32
 
 
-def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, TensorMeta]], roots: list[str]) -> Plan:
-    ops = steps.ops
-    graph = nx.DiGraph()
-    sources: dict[TaskKey, list[TaskKey]] = {}
-    reductions: dict[tuple[str, str], Reduction] = {}
-    for sid in active:
-        for red in ops[sid].reductions():
-            reductions[(sid, red.name)] = red
-
-    def need(step: str, name: str, pass_: str) -> TaskKey:
-        key = TaskKey(step, name, pass_, "compute")
-        if key in graph:
-            return key
-        graph.add_node(key)
-        srcs = [need(s, n, pass_) for s, n in ops[step].sources(name)]
-        sources[key] = srcs
-        for s in srcs:
-            graph.add_edge(s, key)
-        waits_for = {step, *ops[step].stats_steps()}
-        for (rstep, rname) in reductions:
-            if rstep in waits_for:
-                graph.add_edge(reduce_node(rstep, rname), key)
-        return key
-
-    def reduce_node(step: str, rname: str) -> TaskKey:
-        key = TaskKey(step, "@" + rname, "", "reduce")
-        if key in graph:
-            return key
-        graph.add_node(key)
-        red = reductions[(step, rname)]
-        priors = [reduce_node(step, a) for a in red.after]
-        for p in priors:
-            graph.add_edge(p, key)
-        pass_ = f"{step}/{rname}"
-        for name in red.tensors:
-            m = TaskKey(step, name, pass_, "map")
-            srcs = [need(s, n, pass_) for s, n in ops[step].sources(name)]
-            sources[m] = srcs
-            for s in srcs:
-                graph.add_edge(s, m)
-            for p in priors:
-                graph.add_edge(p, m)
-            graph.add_edge(m, key)
-        return key
-
+def _expand(steps: StepGraph, active: list[str], plans: dict[str, StepPlan], roots: list[str]) -> Plan:
+    """The task DAG of ``roots``' tensors, its passes and its schedule."""
+    tasks = _TaskGraph(steps.ops, plans, active)
+    metas = {sid: dict(p.metas) for sid, p in plans.items()}
     save_roots = [r for r in roots if r in metas]
     for r in save_roots:
         for name in sorted(metas[r], key=natural_key):
-            need(r, name, "")
+            tasks.need(r, name, ("", ""))
+    phase = _phases(tasks.graph)
+    graph, sources, phase = _share_statistics_passes(tasks.graph, tasks.sources, phase)
+    order = _schedule(graph, phase, list(steps.ops))
+    save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
+    return Plan(steps, active, plans, metas, graph, order, sources, tasks.reductions, phase, save_order, {})
 
-    # Phases: a reduce node runs after every reduce node it depends on.
+
+class _TaskGraph:
+    """Builds the task DAG: each needed (step, tensor) once per pass, and each reduction's pass."""
+
+    def __init__(self, ops: dict[str, Op], plans: dict[str, StepPlan], active: list[str]) -> None:
+        self.ops, self.plans = ops, plans
+        self.graph = nx.DiGraph()
+        self.sources: dict[TaskKey, list[TaskKey]] = {}
+        self.reductions = {(sid, red.name): red for sid in active for red in ops[sid].reductions(plans[sid])}
+
+    def _inputs(self, key: TaskKey, pass_of: tuple[str, str]) -> None:
+        """Wire ``key`` to the tasks of its sources (in ``pass_of``'s pass)."""
+        srcs = [self.need(s, n, pass_of) for s, n in self.ops[key.step].sources(key.tensor, self.plans[key.step])]
+        self.sources[key] = srcs
+        for s in srcs:
+            self.graph.add_edge(s, key)
+
+    def need(self, step: str, name: str, pass_of: tuple[str, str]) -> TaskKey:
+        """The compute task of ``step``'s tensor ``name`` in the pass feeding ``pass_of`` (main: empty)."""
+        key = TaskKey(step, name, pass_of=pass_of)
+        if key in self.graph:
+            return key
+        self.graph.add_node(key)
+        self._inputs(key, pass_of)
+        waits_for = {step, *self.ops[step].stats_steps(self.plans[step])}
+        for (rstep, rname) in self.reductions:
+            if rstep in waits_for:
+                self.graph.add_edge(self.reduce_node(rstep, rname), key)
+        return key
+
+    def reduce_node(self, step: str, rname: str) -> TaskKey:
+        """The reduce task of ``step``'s reduction ``rname``, with its map tasks and their inputs."""
+        key = TaskKey(step, kind="reduce", reduction=rname)
+        if key in self.graph:
+            return key
+        self.graph.add_node(key)
+        red = self.reductions[(step, rname)]
+        priors = [self.reduce_node(step, a) for a in red.after]
+        for p in priors:
+            self.graph.add_edge(p, key)
+        for name in red.tensors:
+            m = TaskKey(step, name, "map", rname)
+            self._inputs(m, (step, rname))
+            for p in priors:
+                self.graph.add_edge(p, m)
+            self.graph.add_edge(m, key)
+        return key
+
+
+def _phases(graph: nx.DiGraph) -> dict[TaskKey, int]:
+    """Each task's pass: a reduce runs after every reduce it depends on; its pass's tasks with it."""
     rphase: dict[TaskKey, int] = {}
     for k in nx.topological_sort(graph):
         if k.kind == "reduce":
             deps = [a for a in nx.ancestors(graph, k) if a.kind == "reduce"]
             rphase[k] = 1 + max((rphase[a] for a in deps), default=-1)
     main_phase = 1 + max(rphase.values(), default=-1)
-    pass_phase = {f"{k.step}/{k.tensor[1:]}": ph for k, ph in rphase.items()}
-    phase = {k: (rphase[k] if k.kind == "reduce" else pass_phase.get(k.pass_, main_phase)) for k in graph}
+    pass_phase = {(k.step, k.reduction): ph for k, ph in rphase.items()}
 
-    # Statistics passes that run in the same phase share their upstream work: the base model's
-    # tensors are read once for both experts' DP statistics, not once per reduction.
-    merged = {k: TaskKey(k.step, k.tensor, f"#{phase[k] + 1}") for k in graph if k.kind == "compute" and k.pass_}
-    if merged:
-        graph = nx.relabel_nodes(graph, merged, copy=True)
-        sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
-        phase = {merged.get(k, k): ph for k, ph in phase.items()}
+    def phase_of(k: TaskKey) -> int:
+        if k.kind == "reduce":
+            return rphase[k]
+        return pass_phase.get((k.step, k.reduction) if k.kind == "map" else k.pass_of, main_phase)
 
+    return {k: phase_of(k) for k in graph}
+
+
+def _share_statistics_passes(graph: nx.DiGraph, sources: dict[TaskKey, list[TaskKey]], phase: dict[TaskKey, int]
+                             ) -> tuple[nx.DiGraph, dict[TaskKey, list[TaskKey]], dict[TaskKey, int]]:
+    """Statistics passes that run in the same phase share their upstream work: the base model's
+    tensors are read once for both experts' DP statistics, not once per reduction."""
+    merged = {k: TaskKey(k.step, k.tensor, stats_pass=phase[k] + 1) for k in graph
+              if k.kind == "compute" and k.pass_of != ("", "")}
+    if not merged:
+        return graph, sources, phase
+    graph = nx.relabel_nodes(graph, merged, copy=True)
+    sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
+    return graph, sources, {merged.get(k, k): ph for k, ph in phase.items()}
+
+
+def _schedule(graph: nx.DiGraph, phase: dict[TaskKey, int], steps: list[str]) -> list[TaskKey]:
+    """The lexicographic topological order keyed by (pass, tensor, step): each tensor's chain
+    finishes before the next tensor's starts."""
     names = sorted({k.tensor for k in graph if k.kind != "reduce"}, key=natural_key)
     tensor_rank = {n: i for i, n in enumerate(names)}
-    step_rank = {s: i for i, s in enumerate(ops)}
-    inf = len(names) + 1
+    step_rank = {s: i for i, s in enumerate(steps)}
+    last = len(names) + 1
 
     def sort_key(k: TaskKey) -> tuple:
-        t = inf if k.kind == "reduce" else tensor_rank[k.tensor]
+        t = last if k.kind == "reduce" else tensor_rank[k.tensor]
         return (phase[k], t, step_rank[k.step], k.kind == "map")
 
-    order = list(nx.lexicographical_topological_sort(graph, key=sort_key))
-    save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
-    return Plan(steps, active, metas, graph, order, sources, reductions, phase, save_order, {})
+    return list(nx.lexicographical_topological_sort(graph, key=sort_key))
 
 
 def uses(plan: Plan) -> dict[TaskKey, int]:
@@ -442,7 +491,7 @@ def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
     order = [k for k in plan.order if k in keep]
     graph = plan.graph.subgraph(order).copy()
     sources = {k: v for k, v in plan.sources.items() if k in keep}
-    new = Plan(plan.steps, plan.active, plan.metas, graph, order, sources, plan.reductions,
+    new = Plan(plan.steps, plan.active, plan.step_plans, plan.metas, graph, order, sources, plan.reductions,
                {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths,
                prefetch_bytes=plan.prefetch_bytes)
     new.estimate = simulate(new, new.prefetch_bytes)

@@ -26,13 +26,13 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
             {
                 "id": sid,
                 "op": op.name,
-                "method": getattr(op, "method", None),
+                "method": op.label if op.label != op.name else None,
                 "kind": kind.kind,
                 "uses": [r for refs in op.references().values() for r in refs],
                 "tensors": len(metas),
                 "bytes": sum(m.nbytes for m in metas.values()),
                 "params": op.describe(),
-                "notes": getattr(op, "plan_notes", lambda: [])(),
+                "notes": op.plan_notes(plan.step_plans[sid]),
             }
         )
     unused = [s for s in plan.ops if s not in plan.active]
@@ -87,10 +87,10 @@ def plan_dot(plan: Plan) -> str:
     lines = ["digraph recipe {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
     for sid in plan.active:
         op = plan.ops[sid]
-        label = f"{sid}\\n{op.name}" + (f":{op.method}" if getattr(op, "method", None) else "")
+        label = f"{sid}\\n{op.name}" + (f":{op.label}" if op.label != op.name else "")
         shape = "ellipse" if plan.steps.kinds[sid].kind == "delta" else "box"
         lines.append(f'  "{sid}" [label="{label}", shape={shape}];')
-    for a, b in plan.steps.graph.edges:
+    for a, b in plan.steps.edges:
         if a in plan.active and b in plan.active:
             lines.append(f'  "{a}" -> "{b}";')
     lines.append("}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mergeengine.io.meta import TensorMeta
+
 DTYPE_BYTES: dict[torch.dtype, int] = {
     torch.float64: 8,
     torch.float32: 4,
@@ -45,26 +47,6 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of a tensor, known before any data is read."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensor in memory."""
-        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Union
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ from mergeengine.kernels.selection import (
 )
 
 #: A delta, or the ``(model, base)`` pair it is the difference of (computed chunk by chunk).
-Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Delta = Union["torch.Tensor", tuple["torch.Tensor", "torch.Tensor"]]  # noqa: UP007 - a string alias: no torch at import
 
 __all__ = [
     "DEFAULT_LAMDA",

@@ -13,22 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from mergeengine.errors import ShapeError
-from mergeengine.io.checkpoint import TensorMeta
+from mergeengine.io.meta import TensorMeta
+from mergeengine.recipe.step import STEP_ID_PATTERN, StepModel
 
-STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
-
-
-class StepModel(BaseModel):
-    """Fields shared by every step. Unknown fields are errors; so are NaN and Inf in any float field
-    (``recipe.schema.out_of_range_numbers`` also refuses values beyond float32, nested ones included)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
-
-    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique name of the step; other steps refer to it.")
-    op: str
+__all__ = ["STEP_ID_PATTERN", "ChunkFill", "Op", "PlanInputs", "Reduction", "StepKind", "StepModel", "StepPlan",
+           "TaskContext", "same_tensors"]
 
 
 Kind = Literal["model", "delta"]
@@ -89,6 +80,52 @@ class Reduction:
         return acc
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What the planner decided for one step. Immutable; every task of the step gets it as ``ctx.plan``.
+
+    Attributes:
+        metas: the tensors the step produces (name -> shape/dtype).
+        kind: what the step produces (model or delta), from validation.
+        input_kinds: referenced step id -> ``model`` or ``delta`` (a fused diff's input reads a model).
+        target_rows: tensor -> rows every input is padded or truncated to (vocabulary alignment).
+        read_from: input step id -> the steps read in its place (a fused ``diff``: its model, and
+            for a delta op also its base).
+        fused: input step ids whose op this step computes chunk by chunk (fused amplification).
+        emit_dtype: the dtype floating-point results are returned in (a save: the stored dtype);
+            None: float32.
+        groups: decoder linear tensors -> (layer, module), for the ops that treat them apart.
+        details: op-specific results of planning (a load's checkpoint, a diff's row mismatches).
+    """
+
+    metas: Mapping[str, TensorMeta]
+    kind: StepKind
+    input_kinds: Mapping[str, Kind] = field(default_factory=dict)
+    target_rows: Mapping[str, int] = field(default_factory=dict)
+    read_from: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fused: tuple[str, ...] = ()
+    emit_dtype: torch.dtype | None = None
+    groups: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What :meth:`Op.plan_step` may use: headers only, no tensor data.
+
+    Attributes:
+        metas: referenced step id -> its tensors.
+        kinds: every validated step's kind, by step id.
+        checkpoint: the opened input of a load step (None for other ops).
+        model_dtype: for a save, the dtype most of the origin model's floating bytes are stored in.
+    """
+
+    metas: Mapping[str, Mapping[str, TensorMeta]]
+    kinds: Mapping[str, StepKind]
+    checkpoint: Any = None
+    model_dtype: torch.dtype | None = None
+
+
 @dataclass
 class TaskContext:
     """What a per-tensor computation may use besides its input tensors.
@@ -99,10 +136,11 @@ class TaskContext:
         seed: the recipe seed.
         device: where math runs.
         stats: results of this step's reductions, by name.
+        plan: the planner's decisions for the step (immutable).
+        stats_of: every step's reduction results, by step id (for a step that does another
+            step's work, see :meth:`Op.fuse_deltas`).
         checked_finite: set by an op that has verified its result holds no NaN/Inf (the
             executor then skips its own check of that result before saving it).
-        stats_of: every step's reduction results, by step id (for an op that does another
-            step's work, see ``TaskArithmetic.fuse_deltas``).
     """
 
     step: str
@@ -110,12 +148,23 @@ class TaskContext:
     seed: int
     device: torch.device
     stats: Mapping[str, Any]
-    checked_finite: bool = False
+    plan: StepPlan
     stats_of: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    checked_finite: bool = False
+
+
+#: ``fill(delta chunk, out)``: a fused delta op's output for one chunk of ``model - base``.
+ChunkFill = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 class Op:
-    """Base class of all ops. Subclasses set ``name`` and ``Step`` and override what they need."""
+    """Base class of all ops: the whole contract between an op, the planner and the executor.
+
+    Subclasses set ``name`` and ``Step`` and override what they need; every hook has a default
+    here. An op holds only its validated step: what the planner decides arrives as a
+    :class:`StepPlan` (``plan_step`` builds it, the ``fuse_*`` and ``emit_in`` hooks return
+    updated copies), and each task receives it in :attr:`TaskContext.plan`.
+    """
 
     name: ClassVar[str]
     Step: ClassVar[type[StepModel]]
@@ -125,8 +174,11 @@ class Op:
 
     def __init__(self, step: StepModel) -> None:
         self.step = step
-        self.kind: StepKind | None = None
-        self.metas: dict[str, TensorMeta] = {}
+
+    @property
+    def label(self) -> str:
+        """The op as plans and model cards name it (``merge`` steps: their method)."""
+        return self.name
 
     # ---- validation (no data) -------------------------------------------------------------
     def references(self) -> dict[str, list[str]]:
@@ -138,27 +190,70 @@ class Op:
         raise NotImplementedError
 
     # ---- planning (headers only) -------------------------------------------------------------
-    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
-        """Output tensors from the input steps' tensors. Raise ShapeError listing every mismatch."""
+    def plan_step(self, inputs: PlanInputs) -> StepPlan:
+        """The step's plan: its output tensors from its inputs' headers, and what else it decides.
+
+        Raises:
+            ShapeError: listing every mismatch.
+        """
         raise NotImplementedError
 
-    def sources(self, name: str) -> list[Source]:
+    def fuse_diffs(self, plan: StepPlan, ops: Mapping[str, Op]) -> StepPlan:
+        """Read fine-tuned models (and their base) in place of plain ``diff`` inputs, where the
+        op can subtract chunk by chunk itself; returns the plan with ``read_from`` set. Default: no."""
+        return plan
+
+    def fuse_deltas(self, plan: StepPlan, ops: Mapping[str, Op], plans: Mapping[str, StepPlan],
+                    users: Mapping[str, list[str]]) -> StepPlan:
+        """Compute inputs made by other delta ops chunk by chunk (see :meth:`fusable_into_merge`)
+        instead of reading their stored results; returns the plan with ``fused`` set. Default: no."""
+        return plan
+
+    def fusable_into_merge(self, plan: StepPlan) -> bool:
+        """Whether a merge may compute this step's output itself, chunk by chunk
+        (:meth:`chunk_amplifier`), given this step's plan. Default: no."""
+        return False
+
+    def chunk_amplifier(self, plan: StepPlan, model: torch.Tensor, base: torch.Tensor, tensor: str,
+                        stats: Mapping[str, Any]) -> ChunkFill:
+        """This step's output for ``tensor`` as a chunk function, for a merge that reads ``model``
+        and ``base`` itself (only called when :meth:`fusable_into_merge`)."""
+        raise NotImplementedError(f"op '{self.name}' cannot be fused into a merge")
+
+    def emit_in(self, plan: StepPlan, dtype: torch.dtype) -> StepPlan:
+        """The plan for returning floating results in ``dtype`` (the planner asks when every
+        consumer is a save of that dtype). Default: keep float32."""
+        return plan
+
+    def sources(self, name: str, plan: StepPlan) -> list[Source]:
         """The input tensors ``compute`` receives for output tensor ``name``, in order."""
         raise NotImplementedError
 
-    def stats_steps(self) -> list[str]:
+    def stats_steps(self, plan: StepPlan) -> list[str]:
         """Other steps whose reductions must finish before this step's tasks (their results
         arrive in ``TaskContext.stats_of``). Default: none."""
+        return list(plan.fused)
+
+    def reductions(self, plan: StepPlan) -> list[Reduction]:
+        """Whole-model statistics this step needs; empty for purely per-tensor ops."""
         return []
 
-    def reductions(self) -> list[Reduction]:
-        """Whole-model statistics this step needs; empty for purely per-tensor ops."""
+    def is_compute_bound(self, plan: StepPlan) -> bool:
+        """Whether this step's tasks are compute-bound (default: :attr:`compute_bound`)."""
+        return self.compute_bound
+
+    def plan_notes(self, plan: StepPlan) -> list[str]:
+        """Lines ``mergeengine plan`` shows under the step. Default: none."""
         return []
 
     # ---- execution ---------------------------------------------------------------------------
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor | None:
         """Compute output tensor ``ctx.tensor`` from its sources."""
         raise NotImplementedError
+
+    def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any] | None:
+        """This step's entry of ``dppa_report.json`` from its statistics; None: nothing to report."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Resolved parameters (defaults filled in), for plans and provenance."""
@@ -168,10 +263,8 @@ class Op:
 def same_tensors(
     step: str,
     named_inputs: list[tuple[str, dict[str, TensorMeta]]],
-    *,
-    dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, TensorMeta]:
-    """Check that all inputs have the same tensor names and shapes; return the first's (as ``dtype``).
+    """Check that all inputs have the same tensor names and shapes; return the first's, as float32.
 
     Every mismatch is listed in one error, so a user sees them all at once.
 
@@ -199,7 +292,9 @@ def same_tensors(
                 problems.append(f"tensor '{n}': dtype {other[n].dtype} in '{other_id}' vs {meta.dtype} in '{ref_id}'")
     if problems:
         raise ShapeError("; ".join(problems), step=step)
-    return {n: TensorMeta(m.shape, dtype or m.dtype) for n, m in ref.items()}
+    import torch
+
+    return {n: TensorMeta(m.shape, torch.float32) for n, m in ref.items()}
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from mergeengine.kernels.dppa import decoder_linear_groups
-from mergeengine.ops.base import Op, StepKind, StepModel, TensorMeta
+from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TensorMeta
 from mergeengine.ops.diff import chunked_diff
 
 Scope = Literal["all", "decoder_linear"]
@@ -37,53 +38,54 @@ class DeltaOp(Op):
             return None, [("input", f"'{self.step.input}' is a model; {self.name} takes a delta (add a diff step)")]
         return src, []
 
-    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
-        metas = inputs[self.step.input]
-        self.groups = decoder_linear_groups({n: m.shape for n, m in metas.items()})
-        return {n: TensorMeta(m.shape, torch.float32) for n, m in metas.items()}
+    def plan_step(self, inputs: PlanInputs) -> StepPlan:
+        """Float32 tensors named as the input's; ``groups``: the decoder linear weights."""
+        metas = inputs.metas[self.step.input]
+        groups = decoder_linear_groups({n: m.shape for n, m in metas.items()})
+        return StepPlan({n: TensorMeta(m.shape, torch.float32) for n, m in metas.items()}, inputs.kinds[self.step.id],
+                        input_kinds={self.step.input: "delta"}, groups=groups)
 
     #: Whether this op may read a plain diff's model and base itself (see :meth:`fuse_diffs`).
     fuses_diff: bool = False
-    read_from: tuple[str, str] | None = None
 
-    def fuse_diffs(self, ops: Mapping[str, Op]) -> list[str]:
+    def fuse_diffs(self, plan: StepPlan, ops: Mapping[str, Op]) -> StepPlan:
         """Read the fine-tuned model and its base directly when the input is a plain ``diff``.
 
         The statistics passes then compute ``|model - base|`` chunk by chunk in cache instead of
-        materialising a float32 delta in every pass (the same floats). Returns the fused ids.
+        materialising a float32 delta in every pass (the same floats).
         """
-        self.read_from = None
         op = ops.get(self.step.input)
         if self.fuses_diff and op is not None and op.name == "diff" and op.step.vocab == "error":
-            self.read_from = (op.step.model, op.step.base)
-            return [self.step.input]
-        return []
+            return replace(plan, read_from={self.step.input: (op.step.model, op.step.base)})
+        return plan
 
-    def sources(self, name: str) -> list[tuple[str, str]]:
-        if self.read_from is not None:
-            return [(self.read_from[0], name), (self.read_from[1], name)]
-        return [(self.step.input, name)]
+    def sources(self, name: str, plan: StepPlan) -> list[tuple[str, str]]:
+        return [(s, name) for s in plan.read_from.get(self.step.input, (self.step.input,))]
 
-    def delta_source(self, inputs: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def delta_source(inputs: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """What statistics read: the delta, or ``(model, base)`` when the diff is fused."""
-        return (inputs[0], inputs[1]) if self.read_from is not None else inputs[0]
+        return (inputs[0], inputs[1]) if len(inputs) == 2 else inputs[0]
 
-    def delta(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def delta(inputs: list[torch.Tensor]) -> torch.Tensor:
         """The input delta (computed here, as the diff step would, when the diff is fused)."""
-        return chunked_diff(inputs[0], inputs[1]) if self.read_from is not None else inputs[0]
+        return chunked_diff(inputs[0], inputs[1]) if len(inputs) == 2 else inputs[0]
 
-    def in_scope(self, name: str, scope: Scope) -> bool:
+    @staticmethod
+    def in_scope(plan: StepPlan, name: str, scope: Scope) -> bool:
         """Whether ``name`` is transformed under ``scope`` (else it passes through)."""
-        return scope == "all" or name in self.groups
+        return scope == "all" or name in plan.groups
 
-    def group_notes(self) -> list[str]:
+    @staticmethod
+    def group_notes(plan: StepPlan) -> list[str]:
         """One line on what the decoder-linear grouping found (shown by ``plan``)."""
-        layers = sorted({layer for layer, _ in self.groups.values()})
-        modules = sorted({module for _, module in self.groups.values()})
-        dense = len(self.metas) - len(self.groups) if self.metas else 0
-        if not self.groups:
+        groups = plan.groups
+        layers = sorted({layer for layer, _ in groups.values()})
+        modules = sorted({module for _, module in groups.values()})
+        if not groups:
             return ["no decoder linear weights found: every tensor passes through dense"]
         return [
-            f"decoder linear weights: {len(self.groups)} tensors in {len(layers)} layers "
-            f"(modules: {', '.join(modules)}); {dense} other tensors dense"
+            f"decoder linear weights: {len(groups)} tensors in {len(layers)} layers "
+            f"(modules: {', '.join(modules)}); {len(plan.metas) - len(groups)} other tensors dense"
         ]

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from mergeengine.errors import ShapeError
 from mergeengine.ops import register
-from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta, same_tensors
-from mergeengine.ops.merge import merge_chunk
+from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, same_tensors
+from mergeengine.ops.chunks import merge_chunk
 from mergeengine.ops.vocab import VocabPolicy, align_vocab, aligned_meta, vocab_shapes
 
 
@@ -54,27 +54,27 @@ class DiffOp(Op):
             return None, problems
         return StepKind("delta", origin=kinds[self.step.model].origin, base=self.step.base), []
 
-    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
-        model, base = inputs[self.step.model], inputs[self.step.base]
-        self.row_mismatch = vocab_shapes(self.step.id, self.step.vocab, model, base, self.step.model, self.step.base)
-        if self.row_mismatch:
+    def plan_step(self, inputs: PlanInputs) -> StepPlan:
+        """Names and shapes must agree; vocabulary rows per ``vocab`` (``details["row_mismatch"]``)."""
+        model, base = dict(inputs.metas[self.step.model]), dict(inputs.metas[self.step.base])
+        mismatch = vocab_shapes(self.step.id, self.step.vocab, model, base, self.step.model, self.step.base)
+        if mismatch:
             # Both sides take the aligned shape, so the usual name/shape check covers the rest.
-            fixed = {n: aligned_meta(self.step.vocab, model[n], base[n]) for n in self.row_mismatch}
+            fixed = {n: aligned_meta(self.step.vocab, model[n], base[n]) for n in mismatch}
             model = {**model, **fixed}
             base = {**base, **fixed}
         try:
-            return same_tensors(self.step.id, [(self.step.base, base), (self.step.model, model)])
+            metas = same_tensors(self.step.id, [(self.step.base, base), (self.step.model, model)])
         except ShapeError as exc:
             raise ShapeError(exc.message, step=self.step.id) from None
+        return StepPlan(metas, inputs.kinds[self.step.id], details={"row_mismatch": mismatch})
 
-    row_mismatch: dict[str, tuple[int, int]] = {}
-
-    def sources(self, name: str) -> list[tuple[str, str]]:
+    def sources(self, name: str, plan: StepPlan) -> list[tuple[str, str]]:
         return [(self.step.model, name), (self.step.base, name)]
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         model, base = inputs
-        if ctx.tensor in self.row_mismatch:
+        if ctx.tensor in ctx.plan.details["row_mismatch"]:
             model, base = align_vocab(self.step.vocab, model, base)
         return chunked_diff(model, base)
 

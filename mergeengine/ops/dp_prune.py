@@ -17,7 +17,7 @@ from pydantic import Field
 
 from mergeengine.kernels import dppa
 from mergeengine.ops import register
-from mergeengine.ops.base import Reduction, TaskContext
+from mergeengine.ops.base import Reduction, StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep
 from mergeengine.ops.dp_stats import (
     Lamda,
@@ -49,25 +49,25 @@ class DpPrune(DeltaOp):
     Step = DpPruneStep
     step: DpPruneStep
 
-    def reductions(self) -> list[Reduction]:
+    def reductions(self, plan: StepPlan) -> list[Reduction]:
         s = self.step
-        return dp_reductions(s.id, self.groups, [s.density], lamda=s.lamda,
+        return dp_reductions(s.id, dict(plan.groups), [s.density], lamda=s.lamda,
                              module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
                              source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        delta = self.delta(inputs)
-        if ctx.tensor not in self.groups:
+        delta, groups = self.delta(inputs), dict(ctx.plan.groups)
+        if ctx.tensor not in groups:
             return delta
         densities: dppa.DPDensities = ctx.stats["layer_outliers"][0]
-        if ctx.tensor == next(iter(self.groups)):
-            log_summary(self.step.id, densities, self.groups)
+        if ctx.tensor == next(iter(groups)):
+            log_summary(self.step.id, densities, groups)
         return dppa.dp_prune_tensor(delta, densities.module_density[ctx.tensor])
 
-    def plan_notes(self) -> list[str]:
-        return self.group_notes()
+    def plan_notes(self, plan: StepPlan) -> list[str]:
+        return self.group_notes(plan)
 
-    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any]:
         """Per-module outlier ratio, density and planned kept count (``dppa_report.json``)."""
-        numels = {n: self.metas[n].numel for n in self.groups}
-        return {"op": self.name, **density_report(stats["layer_outliers"][0], self.groups, numels)}
+        numels = {n: plan.metas[n].numel for n in plan.groups}
+        return {"op": self.name, **density_report(stats["layer_outliers"][0], dict(plan.groups), numels)}

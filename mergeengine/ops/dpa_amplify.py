@@ -15,7 +15,7 @@ density are 0; tensors DP leaves dense are multiplied by ``dense_scale``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergeengine.kernels import dppa
 from mergeengine.ops import register
-from mergeengine.ops.base import Reduction, TaskContext
+from mergeengine.ops.base import ChunkFill, Reduction, StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep
 from mergeengine.ops.dp_stats import (
     Lamda,
@@ -91,62 +91,62 @@ class DpaAmplify(DeltaOp):
     def targets(self) -> list[float]:
         return [p.density for p in self.step.partitions]
 
-    def reductions(self) -> list[Reduction]:
+    def reductions(self, plan: StepPlan) -> list[Reduction]:
         s = self.step
         if s.select != "dp":
             return []
-        return dp_reductions(s.id, self.groups, self.targets, lamda=s.lamda,
+        return dp_reductions(s.id, dict(plan.groups), self.targets, lamda=s.lamda,
                              module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
                              source=self.delta_source)
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        if ctx.tensor not in self.groups:
+        if ctx.tensor not in ctx.plan.groups:
             return self.delta(inputs) * self.dense
         delta = self.delta_source(inputs)  # a fused diff is computed chunk by chunk, never stored
         if self.step.select == "magnitude":
             return dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
-        return dppa.dpa_amplify_tensor(delta, self._densities(ctx.tensor, ctx.stats), self.scales)
+        return dppa.dpa_amplify_tensor(delta, self._densities(ctx.plan, ctx.tensor, ctx.stats), self.scales)
 
-    def _densities(self, tensor: str, stats: Mapping[str, Any]) -> list[float]:
+    def _densities(self, plan: StepPlan, tensor: str, stats: Mapping[str, Any]) -> list[float]:
         """DP's partition densities of ``tensor``."""
         per_target: list[dppa.DPDensities] = stats["layer_outliers"]
-        if tensor == next(iter(self.groups)):
-            log_summary(self.step.id, per_target[-1], self.groups)
+        if tensor == next(iter(plan.groups)):
+            log_summary(self.step.id, per_target[-1], dict(plan.groups))
         return [d.module_density[tensor] for d in per_target]
 
-    def fusable_into_merge(self) -> bool:
+    def fusable_into_merge(self, plan: StepPlan) -> bool:
         """Whether a merge may amplify this step's chunks itself (:meth:`chunk_amplifier`): DP
         selection on a fused diff."""
-        return self.step.select == "dp" and self.read_from is not None
+        return self.step.select == "dp" and bool(plan.read_from)
 
-    def chunk_amplifier(self, model: torch.Tensor, base: torch.Tensor, tensor: str,
-                        stats: Mapping[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def chunk_amplifier(self, plan: StepPlan, model: torch.Tensor, base: torch.Tensor, tensor: str,
+                        stats: Mapping[str, Any]) -> ChunkFill:
         """This step's output for ``tensor``, chunk by chunk, for a merge that reads ``model`` and
-        ``base`` itself (see ``TaskArithmetic.fuse_deltas``).
+        ``base`` itself (see :meth:`Op.fuse_deltas`).
 
         Selects the partition thresholds now (one read of the pair); the returned
         ``fill(delta, out)`` writes the amplified float32 values of a chunk of ``model - base``
         into ``out``. The floats are those of :meth:`compute`, and no amplified delta is ever
         stored.
         """
-        if tensor not in self.groups:
+        if tensor not in plan.groups:
             return lambda delta, out: torch.mul(delta, self.dense, out=out)
         with numpy_threads():  # the threshold selection is numpy: torch's second thread would only spin
-            return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales).scale
+            return dppa.PartitionScaler((model, base), self._densities(plan, tensor, stats), self.scales).scale
 
-    def plan_notes(self) -> list[str]:
-        return self.group_notes()
+    def plan_notes(self, plan: StepPlan) -> list[str]:
+        return self.group_notes(plan)
 
-    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any]:
         """Per-partition DP densities and kept counts (``dppa_report.json``)."""
         out: dict[str, Any] = {"op": self.name, "select": self.step.select, "factors": self.scales,
                                "dense_scale": self.dense}
         if self.step.select == "dp":
-            numels = {n: self.metas[n].numel for n in self.groups}
-            out["partitions"] = [density_report(d, self.groups, numels) for d in stats["layer_outliers"]]
+            numels = {n: plan.metas[n].numel for n in plan.groups}
+            out["partitions"] = [density_report(d, dict(plan.groups), numels) for d in stats["layer_outliers"]]
         else:
             out["kept"] = {
-                n: [self.metas[n].numel - dppa.prune_count(self.metas[n].numel, d) for d in self.targets]
-                for n in self.groups
+                n: [plan.metas[n].numel - dppa.prune_count(plan.metas[n].numel, d) for d in self.targets]
+                for n in plan.groups
             }
         return out

@@ -13,9 +13,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.ops import register
-from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta
+from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
 
 
 class LoadStep(StepModel):
@@ -35,20 +34,16 @@ class LoadOp(Op):
     Step = LoadStep
     step: LoadStep
 
-    def __init__(self, step: LoadStep) -> None:
-        super().__init__(step)
-        self.checkpoint: Checkpoint | None = None  # opened by the planner
-
     def infer_kind(self, kinds: Mapping[str, StepKind]) -> tuple[StepKind, list[tuple[str, str]]]:
         return StepKind("model", origin=self.step.id), []
 
-    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
-        assert self.checkpoint is not None
-        return {n: TensorMeta(i.shape, i.dtype) for n, i in self.checkpoint.tensors().items()}
+    def plan_step(self, inputs: PlanInputs) -> StepPlan:
+        """The checkpoint's tensors; the opened checkpoint travels in ``details``."""
+        metas = {n: TensorMeta(i.shape, i.dtype) for n, i in inputs.checkpoint.tensors().items()}
+        return StepPlan(metas, inputs.kinds[self.step.id], details={"checkpoint": inputs.checkpoint})
 
-    def sources(self, name: str) -> list[tuple[str, str]]:
+    def sources(self, name: str, plan: StepPlan) -> list[tuple[str, str]]:
         return []
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        assert self.checkpoint is not None
-        return self.checkpoint.read(ctx.tensor).to(ctx.device)
+        return ctx.plan.details["checkpoint"].read(ctx.tensor).to(ctx.device)

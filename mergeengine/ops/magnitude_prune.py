@@ -14,7 +14,7 @@ from pydantic import Field
 
 from mergeengine.kernels.sparsify import magnitude_prune
 from mergeengine.ops import register
-from mergeengine.ops.base import TaskContext
+from mergeengine.ops.base import StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
 
 
@@ -36,9 +36,9 @@ class MagnitudePrune(DeltaOp):
     step: MagnitudePruneStep
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        if not self.in_scope(ctx.tensor, self.step.scope):
+        if not self.in_scope(ctx.plan, ctx.tensor, self.step.scope):
             return inputs[0]
         return magnitude_prune(inputs[0], self.step.density)
 
-    def plan_notes(self) -> list[str]:
-        return self.group_notes() if self.step.scope == "decoder_linear" else []
+    def plan_notes(self, plan: StepPlan) -> list[str]:
+        return self.group_notes(plan) if self.step.scope == "decoder_linear" else []

@@ -18,12 +18,13 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeengine.ops import register
-from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta
+from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
 
 #: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
 WRITER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "README.md",
                           "mergeengine.json", "dppa_report.json", ".mergeengine-progress.json"})
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The storage dtypes a save accepts (torch attribute names).
+DTYPES = ("float32", "float16", "bfloat16")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -97,29 +98,26 @@ class SaveOp(Op):
         src = kinds.get(self.step.input)
         if src is None:
             return None, problems
-        self.input_kind = src
         return StepKind("model", origin=src.origin), problems
 
-    def set_dtype(self, default: torch.dtype) -> None:
-        """Fix the storage dtype (the planner passes the origin model's dtype as default)."""
-        self.out_dtype = DTYPES[self.step.dtype] if self.step.dtype else default
+    def plan_step(self, inputs: PlanInputs) -> StepPlan:
+        """The stored dtype (default: the origin model's) is the plan's ``emit_dtype``; a delta
+        input's base is read too (``read_from``)."""
+        dtype = getattr(torch, self.step.dtype) if self.step.dtype else inputs.model_dtype
+        metas = {n: TensorMeta(m.shape, dtype if m.dtype.is_floating_point else m.dtype)
+                 for n, m in inputs.metas[self.step.input].items()}
+        src = inputs.kinds[self.step.input]
+        read_from = {self.step.input: (self.step.input, src.base)} if src.kind == "delta" else {}
+        return StepPlan(metas, inputs.kinds[self.step.id], input_kinds={self.step.input: src.kind},
+                        read_from=read_from, emit_dtype=dtype)  # type: ignore[arg-type]
 
-    def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
-        return {
-            n: TensorMeta(m.shape, self.out_dtype if m.dtype.is_floating_point else m.dtype)
-            for n, m in inputs[self.step.input].items()
-        }
-
-    def sources(self, name: str) -> list[tuple[str, str]]:
-        src = [(self.step.input, name)]
-        if self.input_kind.kind == "delta":
-            src.append((self.input_kind.base, name))
-        return src
+    def sources(self, name: str, plan: StepPlan) -> list[tuple[str, str]]:
+        return [(s, name) for s in plan.read_from.get(self.step.input, (self.step.input,))]
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         x = inputs[0]
-        if self.input_kind.kind == "delta":
+        if len(inputs) == 2:  # a delta: written as base + delta
             x = inputs[1].float() + x
         if x.dtype.is_floating_point:
-            x = x.to(self.out_dtype)
+            x = x.to(ctx.plan.emit_dtype)
         return x.to("cpu").contiguous()
