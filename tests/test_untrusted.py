@@ -25,7 +25,7 @@ from conftest import read_folder, write_recipe
 
 from mergeengine import api, cli
 from mergeengine.errors import ModelError, OutputError, RecipeError
-from mergeengine.ops.merge import TaskArithmetic
+from mergeengine.ops.merge import MergeOp as TaskArithmetic
 
 
 def project(tmp_path: Path, models: dict[str, Path]) -> Path:
@@ -154,7 +154,7 @@ def test_finding_1_overwrite_replaces_only_own_or_empty_folders(tmp_path, models
 _BLOCKING_RUN = textwrap.dedent("""
     import pathlib, sys, time
     from mergeengine import api
-    from mergeengine.ops.merge import TaskArithmetic
+    from mergeengine.ops.merge import MergeOp as TaskArithmetic
 
     recipe, ready, gate = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
     original, calls = TaskArithmetic.compute, [0]

@@ -219,11 +219,28 @@ def _save_path_problems(recipe: Recipe, positions: Positions, path: str) -> list
     return problems
 
 
+def _union_label(part: Any) -> bool:
+    """True for the parts of an error location that name a union member (``float``, ``list[float]``)."""
+    return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part or part.startswith("function-"))
+
+
+def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """The errors with union-member labels dropped from their locations; where a union's members
+    disagree about one field (a scalar-or-list ``PerInput``), the type mismatches of the members
+    that do not apply are left out, so each field gets the message of the member that fits."""
+    errors = [{**e, "loc": tuple(p for p in e["loc"] if not _union_label(p))} for e in exc.errors()]
+    kinds: dict[tuple[Any, ...], set[str]] = {}
+    for e in errors:
+        kinds.setdefault(e["loc"], set()).add(e["type"])
+    return [e for e in errors
+            if not (e["type"].endswith("_type") and any(not k.endswith("_type") for k in kinds[e["loc"]]))]
+
+
 def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positions, path: str) -> list[str]:
     lines: list[str] = []
     seen: set[str] = set()
-    for err in exc.errors():
-        loc = tuple(err["loc"])
+    for err in _field_errors(exc):
+        loc = err["loc"]
         kind = err["type"]
         prefix = ""
         step: dict[str, Any] = {}
@@ -268,3 +285,4 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
 
 
 _TAGS = {*OPS, *METHODS}
+_TYPE_LABELS = {"float", "int", "str", "bool", "list", "dict"}
