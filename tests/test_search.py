@@ -12,6 +12,7 @@ from conftest import write_recipe
 from mergeengine import api, search
 from mergeengine.cli import main
 from mergeengine.errors import RecipeError
+from mergeengine.search.trial import CandidateEvaluator
 
 pytest.importorskip("transformers")
 
@@ -60,7 +61,7 @@ def test_coordinate_ascent_semantics(tmp_path, char_models, monkeypatch):
         s0, s1 = scales
         return {"add": 0.5 * math.exp(-((s0 - 1.3) ** 2) - (s1 - 1.2) ** 2)}
 
-    monkeypatch.setattr(search._Evaluator, "__call__", fake_eval)
+    monkeypatch.setattr(CandidateEvaluator, "__call__", fake_eval)
     r = write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}, {step: a, partition: 1}]"))
     result = search.run_search(r)
     # factor 0 climbs 1.0 -> 1.3 (1.4 is worse); factor 1 starts below 0.1, so at 1.0, climbs to 1.2
@@ -79,7 +80,7 @@ def test_real_search_writes_a_resolved_recipe_that_reruns(tmp_path, char_models)
     assert main(["search", str(r), "--quiet"]) == 0
     resolved = tmp_path / "recipe.resolved.yaml"
     log = [json.loads(line) for line in (tmp_path / "recipe.search.jsonl").read_text().splitlines()]
-    assert log and {"factors", "task_scores", "score"} <= set(log[0])
+    assert log and {"trial", "params", "task_scores", "score", "wall_s", "worker"} <= set(log[0])
     data = yaml.safe_load(resolved.read_text())
     assert "search" not in data
     api.run_recipe(resolved)
@@ -91,7 +92,8 @@ def test_search_on_disk_gives_the_same_trials(tmp_path, char_models):
                                                               "max_steps: 1"), "m.yaml"))
     disk = search.run_search(write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}]",
                                                                "max_steps: 1\n          in_memory: never"), "d.yaml"))
-    assert [t.__dict__ for t in mem.trials] == [t.__dict__ for t in disk.trials]
+    assert [(t.params, t.task_scores, t.score) for t in mem.trials] == [
+        (t.params, t.task_scores, t.score) for t in disk.trials]
 
 
 def test_search_block_is_validated(tmp_path, char_models):

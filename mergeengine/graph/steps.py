@@ -111,11 +111,13 @@ def build_step_graph(loaded: LoadedRecipe) -> StepGraph:
 
 
 def _check_search(loaded: LoadedRecipe, ops: dict[str, Op]) -> list[str]:
-    """The search block may only tune existing dpa_amplify partitions and evaluate a save step."""
+    """The search block may only tune existing numeric fields (see search/space.py) and evaluate a save step."""
+    from mergeengine.search.space import check_space
+
     search = loaded.recipe.search
     if search is None:
         return []
-    problems = []
+    problems = check_space(loaded, ops)
     for i, f in enumerate(search.factors):
         where = loaded.where(("search", "factors", i, "step"))
         op = ops.get(f.step)
