@@ -1,0 +1,158 @@
+"""Trial throughput of the miniature search: in process, a 2-worker pool, Ray with 2 CPUs.
+
+The miniature: a random tiny Llama (2 layers, hidden 32, built and saved by transformers) and two
+experts (base + random deltas), merged by task_arithmetic; CMA-ES over ``merged.lambda`` and
+``merged.weights[1]``, scored by a local lm-eval multiple-choice task over local JSONL data.
+The tests build the same miniature (tests/test_search_parallel.py).
+
+    .venv/bin/python benchmarks/search_throughput.py --trials 32
+
+Prints, per mode: wall time of the search (start-up included), trials per minute, and the
+per-trial time without start-up (wall time minus the first batch's completion of its worker's
+first trial); then Ray's per-trial overhead over the pool at 2 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TASK_YAML = """
+task: tiny_next
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: data/next.jsonl
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def build_miniature(root: Path) -> Path:
+    """base and two experts (base + small random deltas), saved by transformers; a local lm-eval task."""
+    import torch
+    import transformers
+
+    from mergeengine.eval.charlevel import build_char_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    for name, seed in [("base", None), ("expert_a", 1), ("expert_b", 2)]:
+        model = transformers.LlamaForCausalLM(cfg)
+        model.load_state_dict(base.state_dict())
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2 * p.std().clamp(min=1e-3))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    lm_tasks = root / "lm_tasks"
+    (lm_tasks / "data").mkdir(parents=True)
+    (lm_tasks / "next.yaml").write_text(TASK_YAML)
+    records = [{"prompt": f"{w} ", "choices": [w[::-1], w], "label": i % 2}
+               for i, w in enumerate(["abc", "dog", "cat", "sun", "tree", "moon", "ab", "xyz", "red", "blue"] * 2)]
+    (lm_tasks / "data" / "next.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def write_search_recipe(folder: Path, models: Path, name: str = "recipe.yaml", trials: int = 8) -> Path:
+    recipe = {
+        "steps": [
+            {"id": "base", "op": "load", "model": str(models / "base")},
+            {"id": "a", "op": "load", "model": str(models / "expert_a")},
+            {"id": "b", "op": "load", "model": str(models / "expert_b")},
+            {"id": "merged", "op": "merge", "method": "task_arithmetic", "base": "base", "inputs": ["a", "b"],
+             "weights": [1.0, 1.0], "lambda": 1.0},
+            {"id": "out", "op": "save", "input": "merged", "path": "out", "dtype": "float32"},
+        ],
+        "search": {
+            "tasks": {"lm_eval": ["tiny_next"], "include_path": str(models / "lm_tasks")},
+            "references": {"tiny_next": 0.5},
+            "strategy": "cma",
+            "trials": trials,
+            "population": 4,
+            "seed": 3,
+            "space": [
+                {"param": "merged.lambda", "range": [0.0, 2.0]},
+                {"param": "merged.weights[1]", "range": [0.0, 1.0], "step": 0.05},
+            ],
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+
+def measure(recipe: Path, log: Path, **kwargs: object) -> dict[str, float]:
+    """Run the search once; wall time, trials per minute, and the steady per-trial time."""
+    from mergeengine.search import run_search
+
+    t0 = time.perf_counter()
+    result = run_search(recipe, log=log, **kwargs)  # type: ignore[arg-type]
+    wall = time.perf_counter() - t0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    per_worker: dict[str, list[float]] = {}
+    for r in lines:
+        per_worker.setdefault(r["worker"], []).append(r["wall_s"])
+    steady = [w for ws in per_worker.values() for w in ws[1:]]  # a worker's first trial sets it up
+    return {"wall_s": wall, "trials": len(result.trials), "trials_per_min": 60 * len(result.trials) / wall,
+            "trial_s_median": statistics.median(steady) if steady else float("nan"),
+            "workers": len(per_worker), "best": result.best_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the miniature, run the three modes, print a table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=32)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    import ray
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_miniature(Path(tmp) / "models")
+        recipe = write_search_recipe(Path(tmp) / "search", models, trials=args.trials)
+        rows["1 worker (in process)"] = measure(recipe, Path(tmp) / "seq.jsonl")
+        rows["2 pool workers"] = measure(recipe, Path(tmp) / "pool.jsonl", workers=2)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - t0
+        rows["Ray, 2 CPUs"] = measure(recipe, Path(tmp) / "ray.jsonl", ray="local")
+        ray.shutdown()
+    print(f"{'mode':<24} {'trials':>6} {'wall s':>8} {'trials/min':>10} {'s/trial (steady, median)':>25}")
+    for name, r in rows.items():
+        print(f"{name:<24} {r['trials']:>6} {r['wall_s']:>8.1f} {r['trials_per_min']:>10.1f} "
+              f"{r['trial_s_median']:>25.3f}")
+    pool, ray_row = rows["2 pool workers"], rows["Ray, 2 CPUs"]
+    overhead = (ray_row["wall_s"] - pool["wall_s"]) / pool["wall_s"]
+    print(f"ray.init (not in the table): {ray_start:.1f} s; Ray over the pool at 2 workers: "
+          f"{100 * overhead:+.1f}% wall per trial")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "ray_init_s": ray_start}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
