@@ -87,7 +87,7 @@ def write_search_recipe(folder: Path, models: Path, name: str = "recipe.yaml", t
         ],
         "search": {
             "tasks": {"lm_eval": ["tiny_next"], "include_path": str(models / "lm_tasks")},
-            "references": {"tiny_next": 0.5},
+            "references": {"tiny_next": "a"},  # expert_a, the dense expert, evaluated once
             "strategy": "cma",
             "trials": trials,
             "population": 4,

@@ -87,13 +87,31 @@ def test_real_search_writes_a_resolved_recipe_that_reruns(tmp_path, char_models)
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_search_on_disk_gives_the_same_trials(tmp_path, char_models):
+def test_search_on_disk_gives_the_same_trials(tmp_path, char_models, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # each trial's folder goes here, then is removed
+    during = []
+    load = CandidateEvaluator._load
+
+    def mine():  # torch may put its own caches there too
+        return sorted(p.name for p in scratch.iterdir() if p.name.startswith("mergeengine-"))
+
+    def spy(self, tensors):
+        during.append(mine())
+        return load(self, tensors)
+
+    monkeypatch.setattr(CandidateEvaluator, "_load", spy)
     mem = search.run_search(write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}]",
                                                               "max_steps: 1"), "m.yaml"))
     disk = search.run_search(write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}]",
                                                                "max_steps: 1\n          in_memory: never"), "d.yaml"))
     assert [(t.params, t.task_scores, t.score) for t in mem.trials] == [
         (t.params, t.task_scores, t.score) for t in disk.trials]
+    assert len(disk.trials) == 2 and mine() == []
+    assert during[:2] == [[], []] and all(len(d) == 1 and d[0].startswith("mergeengine-trial-") for d in during[2:])
 
 
 def test_search_block_is_validated(tmp_path, char_models):

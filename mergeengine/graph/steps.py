@@ -112,12 +112,12 @@ def build_step_graph(loaded: LoadedRecipe) -> StepGraph:
 
 def _check_search(loaded: LoadedRecipe, ops: dict[str, Op]) -> list[str]:
     """The search block may only tune existing numeric fields (see search/space.py) and evaluate a save step."""
-    from mergeengine.search.space import check_space
+    from mergeengine.search.space import check_references, check_space
 
     search = loaded.recipe.search
     if search is None:
         return []
-    problems = check_space(loaded, ops)
+    problems = check_space(loaded, ops) + check_references(loaded, ops)
     for i, f in enumerate(search.factors):
         where = loaded.where(("search", "factors", i, "step"))
         op = ops.get(f.step)

@@ -73,8 +73,10 @@ class SearchSpec(BaseModel):
     tasks: str | LmEvalTasks = Field(
         description="Evaluation task file (validation split), relative to the recipe, or `{lm_eval: [...]}`."
     )
-    references: dict[str, float] = Field(
-        default_factory=dict, description="Dense fine-tuned scores per task (default: the task file's `reference`)."
+    references: dict[str, float | str] = Field(
+        default_factory=dict,
+        description="Per task: the dense fine-tuned score, or the load step of the dense expert to evaluate for it "
+        "(default: the task file's `reference`).",
     )
     target: str | None = Field(None, description="Save step whose model is evaluated (default: the only one).")
     strategy: Literal["coordinate", "grid", "random", "cma", "tpe"] = Field(

@@ -5,9 +5,10 @@ any order; the runner puts them back in trial order). Workers keep their evaluat
 so the model skeleton and the tasks are set up once per worker, not once per trial.
 
 - :class:`InProcess`: one trial after another, here.
-- :class:`Pool`: ``concurrent.futures.ProcessPoolExecutor`` with spawned workers (no fork after
-  torch has started its threads), each running ``cores // workers`` torch threads; with CUDA,
-  worker ``k`` uses GPU ``k % device_count``.
+- :class:`Pool`: ``concurrent.futures.ProcessPoolExecutor`` whose workers fork from a forkserver
+  that imported torch, transformers and lm-eval once (never from this process, whose torch threads
+  may be running), each running ``cores // workers`` torch threads; with CUDA, worker ``k`` uses
+  GPU ``k % device_count``.
 - :class:`RayTasks`: one Ray task per trial (``num_cpus=1``, ``num_gpus=1`` when the cluster has
   GPUs); a local Ray started here (``--ray``) is shut down at the end, an existing one
   (``--ray ADDRESS``, or ``ray.init`` done by the caller) is left running. The cluster's nodes need
@@ -27,6 +28,9 @@ from mergeengine.search import trial as trial_mod
 from mergeengine.search.trial import TrialJob, TrialOutcome, run_trial
 
 RAY_HINT = "--ray needs Ray: pip install 'mergeengine[ray]'"
+#: what pool workers import before their first trial (a missing optional one is skipped)
+PRELOAD = ["mergeengine.search.trial", "mergeengine.api", "transformers", "lm_eval.evaluator",
+           "lm_eval.models.huggingface"]
 
 
 class InProcess:
@@ -53,13 +57,14 @@ def _init_worker(threads: int, devices: Any) -> None:
 
 
 class Pool:
-    """A local pool of ``workers`` spawned processes."""
+    """A local pool of ``workers`` processes, forked from a forkserver."""
 
     kind = "pool"
 
     def __init__(self, workers: int, device: str) -> None:
         self.workers = workers
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)  # imported once in the server, then each worker forks from it
         devices = None
         if device.startswith("cuda"):
             import torch

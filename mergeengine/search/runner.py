@@ -68,6 +68,7 @@ class SearchResult:
     trials: list[Trial] = field(default_factory=list)
     best: Trial | None = None
     resolved: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, float] = field(default_factory=dict)
 
     @property
     def best_params(self) -> dict[str, float]:
@@ -154,7 +155,7 @@ class _Driver:
         self.loaded, self.dims, self.log, self.executor, self.bar = loaded, dims, log, executor, bar
         self.device = getattr(executor, "device", device)
         self.spec_json = spec.model_dump_json(by_alias=True)
-        self.references = _references(loaded)
+        self.references = _references(loaded, executor, self.device, self.spec_json)
         self.trials: list[Trial] = []
         self.by_key: dict[str, Trial] = {}
         self.raws: dict[int, dict[str, Any]] = {}
@@ -211,11 +212,27 @@ class _Driver:
             self.bar.set_postfix(best=f"{self.best_seen:.4f}")
 
 
-def _references(loaded: LoadedRecipe) -> dict[str, float]:
-    """Dense scores per task: the search block's ``references``, else the JSONL task file's ``reference``."""
+def _references(loaded: LoadedRecipe, executor: Any, device: str, spec_json: str) -> dict[str, float]:
+    """Dense scores per task: numbers from ``references``, the named experts' scores (each evaluated
+    once, in parallel), else the JSONL task file's ``reference``.
+
+    Raises:
+        MergeEngineError: a JSONL task has no reference at all.
+    """
     spec = loaded.recipe.search
     assert spec is not None
-    refs = dict(spec.references)
+    refs = {t: float(r) for t, r in spec.references.items() if not isinstance(r, str)}
+    experts = sorted({r for r in spec.references.values() if isinstance(r, str)})
+    jobs = [TrialJob(-1 - i, {}, yaml.safe_dump(reference_recipe(loaded, sid), sort_keys=False), loaded.path,
+                     spec_json, device) for i, sid in enumerate(experts)]
+    scores = {experts[-1 - o.index]: o.task_scores for o in executor.run(jobs)}
+    for task, ref in spec.references.items():
+        if isinstance(ref, str):
+            if task not in scores[ref]:
+                raise MergeEngineError(f"search: references: the tasks have no '{task}' (they have "
+                                       f"{', '.join(scores[ref])})")
+            refs[task] = scores[ref][task]
+            LOG.info("search reference: %s on %s = %.4f", ref, task, refs[task])
     if isinstance(spec.tasks, str):
         from mergeengine.eval import load_tasks
 
@@ -227,6 +244,16 @@ def _references(loaded: LoadedRecipe) -> dict[str, float]:
         if missing:
             geometric_score(dict.fromkeys(missing, 0.0), refs)  # raises the usual message
     return refs
+
+
+def reference_recipe(loaded: LoadedRecipe, step: str) -> dict[str, Any]:
+    """A recipe that saves the load step ``step`` as it is (the dense expert), under the target's name."""
+    spec = loaded.recipe.search
+    assert spec is not None
+    target = spec.target or next(s.id for s in loaded.recipe.steps if s.op == "save")
+    load = next(s for s in loaded.raw["steps"] if s.get("id") == step)
+    return {"seed": loaded.raw.get("seed", 0),
+            "steps": [dict(load), {"id": target, "op": "save", "input": step, "path": "reference"}]}
 
 
 def run_search(
@@ -268,17 +295,11 @@ def run_search(
 
     validate(loaded)
     dims = dimensions(loaded)
-    current = current_values(loaded, dims)
-    strategy = make_strategy(spec.strategy, dims, current, trials=spec.trials, seed=spec.seed,
-                             population=spec.population, max_steps=spec.max_steps, step_size=spec.step_size,
-                             release_start=bool(spec.factors))
+    strategy = make_strategy(spec.strategy, dims, current_values(loaded, dims), trials=spec.trials,
+                             seed=spec.seed, population=spec.population, max_steps=spec.max_steps,
+                             step_size=spec.step_size, release_start=bool(spec.factors))
     trial_log = TrialLog(Path(log) if log is not None else None, resume)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        planned = planned_trials(spec.strategy, dims, spec.trials, spec.max_steps)
-        bar = tqdm(total=planned, desc="search", unit="trial", initial=len(trial_log.finished))
+    bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
     executor = make_executor(workers, ray, device)
     try:
         driver = _Driver(loaded, dims, trial_log, executor, device, bar)
@@ -288,6 +309,14 @@ def run_search(
         if bar is not None:
             bar.close()
     return _result(loaded, dims, driver, last)
+
+
+def _progress_bar(spec: Any, dims: Sequence[Dimension], done: int) -> Any:
+    """Trials done / planned (coordinate ascent: at most planned), the best score in the postfix."""
+    from tqdm.auto import tqdm
+
+    planned = planned_trials(spec.strategy, dims, spec.trials, spec.max_steps)
+    return tqdm(total=planned, desc="search", unit="trial", initial=done)
 
 
 def _drive(strategy: Any, driver: _Driver) -> list[Point]:
@@ -310,7 +339,7 @@ def _result(loaded: LoadedRecipe, dims: Sequence[Dimension], driver: _Driver, la
         best = driver.by_key[point_key(last[-1])]
     else:  # the highest score, the earliest trial on ties
         best = max(trials, key=lambda t: (t.score, -t.index))
-    return SearchResult(trials, best, apply_point(loaded, dims, best.params))
+    return SearchResult(trials, best, apply_point(loaded, dims, best.params), driver.references)
 
 
 def default_paths(loaded: LoadedRecipe, out: Path | None = None) -> tuple[Path, Path]:

@@ -232,6 +232,22 @@ def check_space(loaded: LoadedRecipe, ops: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def check_references(loaded: LoadedRecipe, ops: Mapping[str, Any]) -> list[str]:
+    """A reference given as a step id must name a load step (the dense expert evaluated for it)."""
+    spec = loaded.recipe.search
+    if spec is None:
+        return []
+    problems = []
+    for task, ref in spec.references.items():
+        if isinstance(ref, str) and (ref not in ops or ops[ref].name != "load"):
+            problems.append(f"{loaded.where(('search', 'references', task))}: search: the reference of task "
+                            f"'{task}' names '{ref}', which is not a load step (the dense expert to evaluate)")
+        elif not isinstance(ref, str) and ref <= 0:
+            problems.append(f"{loaded.where(('search', 'references', task))}: search: the reference of task "
+                            f"'{task}' must be above 0, got {ref}")
+    return problems
+
+
 def _check_values(loaded: LoadedRecipe, spec: SearchSpec, i: int, name: str, addr: Address) -> list[str]:
     p = spec.space[i]
     if spec.strategy == "grid" and p.choices is None and p.step is None:
