@@ -11,7 +11,7 @@ from conftest import write_recipe
 
 from mergeengine import api, search
 from mergeengine.cli import main
-from mergeengine.errors import RecipeError
+from mergeengine.errors import MergeEngineError, RecipeError
 from mergeengine.search.trial import CandidateEvaluator
 
 pytest.importorskip("transformers")
@@ -233,3 +233,24 @@ def test_a_field_left_at_its_default_is_written_in(tmp_path, char_models):
     assert current_values(loaded, dims) == {"m.lambda": 1.0}
     raw = apply_point(loaded, dims, {"m.lambda": 0.75})
     assert raw["steps"][2]["lambda"] == 0.75 and "search" not in raw and "lambda" not in loaded.raw["steps"][2]
+
+
+def test_cli_shows_progress_and_the_best_so_far(tmp_path, char_models, monkeypatch, capsys):
+    monkeypatch.setattr(CandidateEvaluator, "__call__", peaked_eval)
+    space = "[{param: 'a.partitions[0].scale', choices: [1.0, 1.3, 1.6]}]"
+    r = write_recipe(tmp_path, space_recipe(char_models, "grid", space))
+    assert main(["search", str(r)]) == 0
+    captured = capsys.readouterr()
+    assert "3/3" in captured.err and f"best={math.exp(-0.16):.4f}" in captured.err  # trials done / planned
+    assert "best {'a.partitions[0].scale': 1.3}" in captured.out
+    resolved = yaml.safe_load((tmp_path / "recipe.resolved.yaml").read_text())
+    assert resolved["steps"][3]["partitions"][0]["scale"] == 1.3
+
+
+def test_a_log_from_another_search_is_refused_on_resume(tmp_path, char_models, monkeypatch):
+    monkeypatch.setattr(CandidateEvaluator, "__call__", peaked_eval)
+    r = write_recipe(tmp_path, space_recipe(char_models, "grid", "[{param: 'a.partitions[0].scale', choices: [1.0, 1.3]}]"))
+    assert main(["search", str(r), "--quiet"]) == 0
+    r = write_recipe(tmp_path, space_recipe(char_models, "grid", "[{param: 'a.partitions[0].scale', choices: [0.5, 1.3]}]"))
+    with pytest.raises(MergeEngineError, match="trial 0 in .* has other parameters"):
+        search.run_search(r, log=tmp_path / "recipe.search.jsonl", resume=True)

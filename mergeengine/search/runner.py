@@ -265,6 +265,7 @@ def run_search(
     ray: str | None = None,
     log: str | Path | None = None,
     resume: bool = False,
+    executor: Any = None,
 ) -> SearchResult:
     """Run the recipe's ``search`` block.
 
@@ -276,6 +277,8 @@ def run_search(
         ray: ``"local"`` (start a local Ray) or a Ray address; Ray tasks instead of the pool.
         log: the ``search.jsonl`` to append each finished trial to (``None``: no log).
         resume: reuse the trials already in ``log``.
+        executor: an executor from :func:`mergeengine.search.executors.make_executor` to reuse (its
+            workers stay warm between searches; the caller closes it); ``workers`` and ``ray`` are then ignored.
 
     Returns:
         All trials, the best one, and the resolved recipe (no search block).
@@ -300,12 +303,14 @@ def run_search(
                              step_size=spec.step_size, release_start=bool(spec.factors))
     trial_log = TrialLog(Path(log) if log is not None else None, resume)
     bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
-    executor = make_executor(workers, ray, device)
+    owned = executor is None
+    executor = make_executor(workers, ray, device) if owned else executor
     try:
         driver = _Driver(loaded, dims, trial_log, executor, device, bar)
         last = _drive(strategy, driver)
     finally:  # also on a failed or interrupted trial
-        executor.close()
+        if owned:
+            executor.close()
         if bar is not None:
             bar.close()
     return _result(loaded, dims, driver, last)

@@ -55,7 +55,7 @@ class TrialOutcome:
     worker: str
 
 
-_EVALUATORS: dict[tuple[str, str, str], CandidateEvaluator] = {}
+_EVALUATORS: dict[tuple[str, ...], CandidateEvaluator] = {}
 #: the GPU a pool worker was given (``cuda:k``); ``None``: the job's device
 WORKER_DEVICE: str | None = None
 
@@ -64,16 +64,27 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     """Build and score one candidate (the entry point of every executor)."""
     t0 = time.perf_counter()
     device = WORKER_DEVICE or job.device
-    key = (job.recipe_path, job.spec, device)
+    spec = SearchSpec.model_validate_json(job.spec)
+    candidate = parse_recipe(job.recipe_text, job.recipe_path)
+    key = _evaluator_key(job, spec, candidate, device)
     evaluator = _EVALUATORS.get(key)
     if evaluator is None:
-        _EVALUATORS.clear()  # one search per worker at a time: free the previous model
-        spec = SearchSpec.model_validate_json(job.spec)
+        _EVALUATORS.clear()  # one evaluator per worker: free the previous model
         evaluator = _EVALUATORS[key] = CandidateEvaluator(spec, Path(job.recipe_path).resolve().parent, device)
-    candidate = parse_recipe(job.recipe_text, job.recipe_path)
     scores = evaluator(candidate)
     return TrialOutcome(job.index, job.params, scores, round(time.perf_counter() - t0, 4),
                         f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _evaluator_key(job: TrialJob, spec: SearchSpec, candidate: LoadedRecipe, device: str) -> tuple[str, ...]:
+    """What a worker's evaluator depends on: the tasks and how they are run, the input models, the device.
+
+    Not the strategy, space or budget, so searches in a row over the same models and tasks (on
+    warm Ray workers, or a reused pool) set up once.
+    """
+    fields = spec.model_dump_json(include={"tasks", "target", "limit", "in_memory", "batch_size"})
+    models = json.dumps(sorted(str(getattr(s, "model", "")) for s in candidate.recipe.steps if s.op == "load"))
+    return (str(Path(job.recipe_path).resolve().parent), fields, models, device)
 
 
 class CandidateEvaluator:
