@@ -135,3 +135,15 @@ def test_report_draws_the_landscape(sequential, tmp_path):
     assert main(["search", str(recipe), "--report", "--quiet"]) == 0
     png = tmp_path / "recipe.search.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_failing_trial_in_a_worker_is_one_line(hf_models, tmp_path):
+    from mergeengine.errors import MergeEngineError
+
+    recipe = write_search_recipe(tmp_path, hf_models, trials=2)
+    data = yaml.safe_load(recipe.read_text())
+    data["search"]["tasks"]["include_path"] = str(tmp_path / "no_tasks")
+    data["search"]["references"] = {"tiny_next": 0.5}
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(MergeEngineError, match=r"^.*no_tasks: lm-eval include_path is not a folder$"):
+        run_search(recipe, workers=2)

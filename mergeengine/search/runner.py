@@ -189,6 +189,7 @@ class _Driver:
             if point_key(rec["params"]) != point_key(job.params):
                 raise MergeEngineError(f"search: trial {job.index} in {self.log.path} has other parameters than "
                                        "this search asks for (the recipe changed?): remove the log to start afresh")
+            self.best_seen = max(self.best_seen, float(rec["score"]))
             yield TrialOutcome(job.index, job.params, rec["task_scores"], rec["wall_s"], rec["worker"])
         for outcome in self.executor.run(todo):
             trial = self._trial(outcome)
