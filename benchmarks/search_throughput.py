@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=48)
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--order", default="seq,pool,ray", help="the modes, in the order they run")
     args = p.parse_args(argv)
     import ray
 
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         models = build_miniature(root / "models")
         recipe = write_search_recipe(root / "search", models, trials=args.trials)
         warm = write_search_recipe(root / "search", models, name="warm.yaml", trials=4)
-        modes = {"1 worker (in process)": InProcess, "2 pool workers": lambda: Pool(2, "cpu"),
-                 "Ray, 2 CPUs": lambda: RayTasks(None, 2)}
-        for name, make in modes.items():
+        modes = {"seq": ("1 worker (in process)", InProcess), "pool": ("2 pool workers", lambda: Pool(2, "cpu")),
+                 "ray": ("Ray, 2 CPUs", lambda: RayTasks(None, 2))}
+        for name, make in (modes[m] for m in args.order.split(",")):
             executor = make()
             try:
                 rows[name] = measure(recipe, warm, root / name.split()[0], executor)
