@@ -62,6 +62,7 @@ def draw_report(log: Path, png: Path) -> Path:
         ax.scatter(xs, scores, s=14, c=idx, cmap="viridis")
         ax.scatter([xs[best]], [scores[best]], s=80, facecolors="none", edgecolors="red", label="best")
         ax.set_xlabel(name)
+        ax.set_title("colour: trial number (dark = early)", fontsize=8)
         ax.legend(fontsize=8)
     fig.suptitle(f"{log.name}: {len(records)} trials, best {scores[best]:.4f} (trial {idx[best]})", fontsize=9)
     fig.tight_layout()

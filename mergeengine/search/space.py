@@ -1,8 +1,8 @@
 """The search space: numeric recipe fields addressed by step id and field path, and their ranges.
 
-An address is a step id followed by fields and list indices, in the recipe's YAML spelling:
-``merged.lambda``, ``merged.weights[1]``, ``a_math.partitions[0].scale``, ``merged.t[2]`` (a
-gradient's anchor) or ``merged.density[0].value`` (a filter's value). Applying a point of the
+An address is a step id followed by fields, list indices and keys to any depth, in the recipe's
+YAML spelling: ``merged.lambda``, ``merged.weights[1]``, ``a_math.partitions[0].scale``; any
+numeric value inside a list- or mapping-valued field is addressed the same way. Applying a point of the
 space to a recipe writes each value at its address in a copy of the recipe's YAML data; a field the
 recipe leaves at its default is filled in from the validated step first.
 
