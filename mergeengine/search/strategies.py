@@ -7,6 +7,7 @@ seeded numpy ``Generator``; grid is ``itertools.product``. Coordinate ascent is 
 rule (see :func:`coordinate`).
 
 Example:
+    >>> from mergeengine.search.space import Address
     >>> dims = [Dimension("m.lambda", Address("m", ("lambda",)), choices=(0.5, 1.0))]
     >>> gen = grid(dims)
     >>> next(gen)
@@ -20,12 +21,12 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 from mergeengine.errors import MergeEngineError
-from mergeengine.search.space import Address, Dimension
+from mergeengine.search.space import Dimension
 
 Point = dict[str, float]
 Strategy = Generator[list[Point], list[float], None]
 
-__all__ = ["Address", "Point", "Strategy", "cma_es", "coordinate", "grid", "random_points", "tpe"]
+__all__ = ["Point", "Strategy", "cma_es", "coordinate", "grid", "random_points", "tpe"]
 
 
 def coordinate(dims: Sequence[Dimension], current: Mapping[str, float], max_steps: int, step_size: float,
