@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 from mergeengine import __version__
 from mergeengine.errors import MergeEngineError, RecipeError
@@ -54,10 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
     common(pl)
 
-    se = sub.add_parser("search", help="tune DPA factors (the recipe's search block) on validation tasks")
-    se.add_argument("recipe")
-    se.add_argument("--out", help="where to write the resolved recipe (default: RECIPE.resolved.yaml)")
-    se.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    from mergeengine.search.cli import add_search_arguments
+
+    se = sub.add_parser("search", help="tune recipe fields (the recipe's search block) on validation tasks")
+    add_search_arguments(se)
     common(se)
 
     ev = sub.add_parser("eval", help="evaluate a model on JSONL tasks (needs mergeengine[eval])")
@@ -194,15 +193,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_eval_command(args)
 
     if args.command == "search":
-        from mergeengine.search import run_search, write_search_outputs
+        from mergeengine.search.cli import run_search_command
 
-        loaded = api.load_recipe(args.recipe)
-        result = run_search(loaded, device=str(api.resolve_device(args.device)), progress=True)
-        resolved, log = write_search_outputs(loaded, result, Path(args.out) if args.out else None)
-        if not args.quiet:
-            print(f"best factors {result.best_factors} (score {result.best_score:.4f}, {len(result.trials)} trials); "
-                  f"wrote {resolved} and {log}")
-        return 0
+        return run_search_command(args)
     if args.command == "plan" or (args.command == "run" and args.dry_run):
         from mergeengine.graph.report import plan_dot, plan_json, plan_text
 
@@ -216,11 +209,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     recipe = api.load_recipe(args.recipe)
     if recipe.recipe.search is not None:  # search first, then run what it resolved
-        from mergeengine.search import run_search, write_search_outputs
+        from mergeengine.search.runner import default_paths, run_search, write_search_outputs
 
-        result = run_search(recipe, device=str(api.resolve_device(args.device)), progress=True)
-        resolved, _ = write_search_outputs(recipe, result)
-        LOG.warning("search chose %s (score %.4f); running %s", result.best_factors, result.best_score, resolved)
+        resolved, log = default_paths(recipe)
+        result = run_search(recipe, device=str(api.resolve_device(args.device)), progress=not args.quiet, log=log)
+        resolved, _ = write_search_outputs(recipe, result, log_written=True)
+        LOG.warning("search chose %s (score %.4f); running %s", result.best_params, result.best_score, resolved)
         recipe = api.load_recipe(resolved)
     result = api.run_recipe(
         recipe,

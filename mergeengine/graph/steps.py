@@ -131,11 +131,13 @@ def _order_problems(loaded: LoadedRecipe, index: dict[str, int], uses: dict[str,
 
 
 def _check_search(loaded: LoadedRecipe, ops: dict[str, Op]) -> list[str]:
-    """The search block may only tune existing dpa_amplify partitions and evaluate a save step."""
+    """The search block may only tune existing numeric fields (see search/space.py) and evaluate a save step."""
+    from mergeengine.search.space import check_references, check_space
+
     search = loaded.recipe.search
     if search is None:
         return []
-    problems = []
+    problems = check_space(loaded, ops) + check_references(loaded, ops)
     for i, f in enumerate(search.factors):
         where = loaded.where(("search", "factors", i, "step"))
         op = ops.get(f.step)

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS, _load_all
@@ -28,7 +28,7 @@ AnyStep = Annotated[
 
 
 class SearchFactor(BaseModel):
-    """One DPA partition factor to tune."""
+    """One DPA partition factor to tune (shorthand for the parameter ``STEP.partitions[i].scale``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,17 +37,59 @@ class SearchFactor(BaseModel):
     start: float | None = Field(None, ge=0, description="Start value (default: the recipe's scale).")
 
 
-class SearchSpec(BaseModel):
-    """The DPA factor search (DPPA.md): coordinate ascent on a validation score."""
+class SearchParam(BaseModel):
+    """One numeric recipe field to tune, addressed as ``STEP.FIELD``, ``STEP.FIELD[i]`` or deeper."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    param: str = Field(description="Address: step id, then fields and list indices, e.g. `merged.weights[1]`.")
+    bounds: tuple[float, float] | None = Field(None, alias="range", description="Lowest and highest value.")
+    choices: list[float] | None = Field(None, min_length=1, description="The values to try (instead of a range).")
+    step: float | None = Field(None, gt=0, description="Grid spacing of a range (grid: required; others: snap to it).")
+    start: float | None = Field(None, description="Where coordinate ascent and CMA-ES start (default: the recipe's value).")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchParam:
+        if (self.bounds is None) == (self.choices is None):
+            raise ValueError("give either 'range: [low, high]' or 'choices: [...]'")
+        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"range [{self.bounds[0]}, {self.bounds[1]}]: low must be below high")
+        return self
+
+
+class LmEvalTasks(BaseModel):
+    """lm-evaluation-harness tasks as the search objective (needs ``mergeengine[lmeval]``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tasks: str = Field(description="Evaluation task file (validation split), relative to the recipe.")
-    references: dict[str, float] = Field(
-        default_factory=dict, description="Dense fine-tuned scores per task (default: the task file's `reference`)."
+    lm_eval: list[str] = Field(min_length=1, description="lm-eval task names.")
+    include_path: str | None = Field(None, description="Folder of local task YAMLs, relative to the recipe.")
+    metric: str | None = Field(None, description="Metric to score (default: each task's first metric).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: the task's).")
+
+
+class SearchSpec(BaseModel):
+    """The parameter search: a strategy over a space of recipe fields, scored on validation tasks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: str | LmEvalTasks = Field(
+        description="Evaluation task file (validation split), relative to the recipe, or `{lm_eval: [...]}`."
+    )
+    references: dict[str, float | str] = Field(
+        default_factory=dict,
+        description="Per task: the dense fine-tuned score, or the load step of the dense expert to evaluate for it "
+        "(default: the task file's `reference`).",
     )
     target: str | None = Field(None, description="Save step whose model is evaluated (default: the only one).")
-    factors: list[SearchFactor] = Field(min_length=1, description="Factors to tune, in order.")
+    strategy: Literal["coordinate", "grid", "random", "cma", "tpe"] = Field(
+        "coordinate", description="How candidates are chosen."
+    )
+    space: list[SearchParam] = Field(default_factory=list, description="Fields to tune, in order.")
+    factors: list[SearchFactor] = Field(default_factory=list, description="DPA partition factors to tune, in order.")
+    trials: int | None = Field(None, ge=1, description="Trial budget (random, cma, tpe).")
+    population: int | None = Field(None, ge=2, description="Candidates asked at once (cma: its popsize; tpe).")
+    seed: int = Field(0, ge=0, description="Seed of the random, cma and tpe strategies.")
     step_size: float = Field(0.1, gt=0, description="Increment of a factor.")
     max_steps: int = Field(30, ge=1, description="Most increments per factor.")
     limit: int | None = Field(None, ge=1, description="At most this many records per task.")
@@ -55,6 +97,16 @@ class SearchSpec(BaseModel):
         "auto", description="Build candidates in memory (auto: when the model fits in a third of free RAM)."
     )
     batch_size: int = Field(32, ge=1, description="Evaluation batch size.")
+
+    @model_validator(mode="after")
+    def _space_and_budget(self) -> SearchSpec:
+        if not self.space and not self.factors:
+            raise ValueError("name the fields to tune in 'space' (or the DPA 'factors')")
+        if self.factors and self.strategy != "coordinate":
+            raise ValueError("'factors' is the coordinate ascent's shorthand; with another strategy use 'space'")
+        if self.strategy in ("random", "cma", "tpe") and self.trials is None:
+            raise ValueError(f"strategy '{self.strategy}' needs a trial budget: 'trials: N'")
+        return self
 
 
 class Recipe(BaseModel):
@@ -66,7 +118,7 @@ class Recipe(BaseModel):
     description: str = Field("", description="Free text for humans.")
     seed: int = Field(0, ge=0, description="Seed of every random choice (DARE drops), per step and tensor.")
     steps: list[AnyStep] = Field(min_length=1, description="The steps, in order; a step may only use earlier ones.")  # type: ignore[valid-type]
-    search: SearchSpec | None = Field(None, description="Optional DPA factor search (see docs/recipes.md).")
+    search: SearchSpec | None = Field(None, description="Optional parameter search (see docs/recipes.md).")
     provenance: dict[str, Any] | None = Field(
         None, description="Written by mergeengine into mergeengine.json; ignored when running."
     )
