@@ -85,9 +85,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _attach_optional_values(argv: list[str]) -> list[str]:
-    """A bare ``--resume`` means ``--resume=verify``: its value is only ever attached with ``=``,
-    so ``run --resume RECIPE`` does not read the recipe as the mode."""
+    """A bare ``--resume`` of ``run`` means ``--resume=verify``: its value is only ever attached
+    with ``=``, so ``run --resume RECIPE`` does not read the recipe as the mode (``search``'s
+    ``--resume`` is a plain flag)."""
     out = list(argv)
+    if next((a for a in out if not a.startswith("-")), None) != "run":
+        return out
     end = out.index("--") if "--" in out else len(out)
     return [("--resume=verify" if a == "--resume" else a) if i < end else a for i, a in enumerate(out)]
 
