@@ -83,6 +83,9 @@ class RunSettings:
     merge_density: float = 0.2
     search_max_steps: int = 30
     search_step: float = 0.1
+    #: the Table 1 columns and Table 2 rows to run (all by default)
+    methods: tuple[str, ...] = tuple(METHODS)
+    rows: tuple[str, ...] = tuple(MERGES)
 
 
 def small_settings(seeds: int = 2) -> RunSettings:
@@ -247,8 +250,11 @@ class Evaluator:
         t0 = time.perf_counter()
         tensors = api.build_in_memory(recipe, "out")
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
+        tied = getattr(self.model.config, "tie_word_embeddings", False) and missing == ["lm_head.weight"]
+        if (missing and not tied) or unexpected:
             raise RuntimeError(f"candidate does not fit the model: missing {missing}, unexpected {unexpected}")
+        if tied:
+            self.model.tie_weights()
         result = evaluate(self.model, self.tokenizer, list(specs), batch_size=self.batch_size, loglik=False)
         self.builds += 1
         self.seconds += time.perf_counter() - t0
@@ -319,9 +325,9 @@ def table1(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]
         task = ctx.task_of[label]
         test, ref = ctx.test[task], ctx.reference("test", label)
         val_file, val_ref = ctx.val_file(task), {task: ctx.reference("val", label)}
-        out[label] = {m: {} for m in METHODS}
+        out[label] = {m: {} for m in settings.methods}
         for d in settings.densities:
-            for method in METHODS:
+            for method in settings.methods:
                 cell: dict[str, Any] = {}
                 recipe = prune_recipe(ctx.base, expert, method, d)
                 if method in DPA_STARTS:
@@ -368,7 +374,8 @@ def table2(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]
     test_refs = {t: s.reference or 1.0 for t, s in ctx.test.items()}
     experts = ctx.merge_experts
     out: dict[str, Any] = {}
-    for row, (_, method, sparsifier) in MERGES.items():
+    for row in settings.rows:
+        _, method, sparsifier = MERGES[row]
         entry: dict[str, Any] = {"runs": []}
         factors: dict[str, list[float]] | None = None
         if sparsifier in DPA_STARTS:
@@ -510,9 +517,12 @@ def claim_checks(results: dict[str, Any]) -> dict[str, Any]:
     t1, t2 = results["table1"], results["table2"]
     pruning = {}
     for task, methods in t1.items():
-        if "0.2" not in methods["dp"] or "0.9" not in methods["dare"]:
+        if "0.2" not in methods.get("dp", {}) or "0.9" not in methods.get("dare", {}):
             continue
-        variant = max(DPA_STARTS, key=lambda m: methods[m]["0.2"]["val_relative"])
+        variants = [m for m in DPA_STARTS if "0.2" in methods.get(m, {})]
+        if not variants:
+            continue
+        variant = max(variants, key=lambda m: methods[m]["0.2"]["val_relative"])
         pruning[task] = {
             "mean_abs_delta": results["train"]["delta"][task]["mean_abs_delta_linear"],
             "dp_0.2": methods["dp"]["0.2"]["relative"],
@@ -548,12 +558,12 @@ def _markdown_table1(results: dict[str, Any]) -> list[str]:
             f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.4f}, max |Δ| {d['max_abs_delta_linear']:.3f}, "
             f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2f}.",
             "",
-            "| density | " + " | ".join(METHODS.values()) + " |",
-            "|---:|" + "---:|" * len(METHODS),
+            "| density | " + " | ".join(METHODS[m] for m in METHODS if m in methods) + " |",
+            "|---:|" + "---:|" * len(methods),
         ]
         for dens in sorted(next(iter(methods.values())), key=float):
             cells = []
-            for m in METHODS:
+            for m in (m for m in METHODS if m in methods):
                 c = methods[m][dens]
                 text = _fmt(c["relative"], c["relative_std"] if len(c["runs"]) > 1 else None)
                 if "factors" in c:

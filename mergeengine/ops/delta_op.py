@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergeengine.kernels.dppa import decoder_linear_groups
+from mergeengine.kernels.dp_groups import dp_module_groups, grouping_notes
 from mergeengine.ops.base import Op, StepKind, StepModel, TensorMeta
 from mergeengine.ops.diff import chunked_diff
 
@@ -39,7 +39,9 @@ class DeltaOp(Op):
 
     def plan_tensors(self, inputs: Mapping[str, dict[str, TensorMeta]]) -> dict[str, TensorMeta]:
         metas = inputs[self.step.input]
-        self.groups = decoder_linear_groups({n: m.shape for n, m in metas.items()})
+        self.dp_groups = dp_module_groups({n: m.shape for n, m in metas.items()})
+        self.groups = self.dp_groups.units  # DP's modules: key -> (layer, module)
+        self.tensor_units = self.dp_groups.slices  # prunable tensor -> its module keys
         return {n: TensorMeta(m.shape, torch.float32) for n, m in metas.items()}
 
     #: Whether this op may read a plain diff's model and base itself (see :meth:`fuse_diffs`).
@@ -74,16 +76,13 @@ class DeltaOp(Op):
 
     def in_scope(self, name: str, scope: Scope) -> bool:
         """Whether ``name`` is transformed under ``scope`` (else it passes through)."""
-        return scope == "all" or name in self.groups
+        return scope == "all" or name in self.tensor_units
+
+    def unit_numels(self) -> dict[str, int]:
+        """Element count of each DP module (an expert slice holds its tensor's numel / E)."""
+        return {key: self.metas[name].numel // len(keys)
+                for name, keys in self.tensor_units.items() for key in keys}
 
     def group_notes(self) -> list[str]:
-        """One line on what the decoder-linear grouping found (shown by ``plan``)."""
-        layers = sorted({layer for layer, _ in self.groups.values()})
-        modules = sorted({module for _, module in self.groups.values()})
-        dense = len(self.metas) - len(self.groups) if self.metas else 0
-        if not self.groups:
-            return ["no decoder linear weights found: every tensor passes through dense"]
-        return [
-            f"decoder linear weights: {len(self.groups)} tensors in {len(layers)} layers "
-            f"(modules: {', '.join(modules)}); {dense} other tensors dense"
-        ]
+        """What the decoder-linear grouping found (shown by ``plan``)."""
+        return grouping_notes(self.dp_groups, len(self.metas) if self.metas else 0)
