@@ -213,7 +213,7 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "`save` recipe.",
         "- **Experts**: full fine-tunes of the base (`transformers`' `LlamaForCausalLM`, AdamW, warmup then "
         f"cosine decay, loss on the answer and its `<|im_end|>`): {experts}. Skills, asked as a user turn of "
-        "the chat template: `What is 482+739?` → `1221` (operands of 2 to 3 digits); `Reverse the list: cat, "
+        "the chat template: `What is 48+79?` → `127` (two-digit operands); `Reverse the list: cat, "
         "sun, door` → `door, sun, cat` (3 to 6 words); `Sort the digits: 5 2 8 1` → `1 2 5 8` (4 to 8 digits).",
         f"- **Data**: {data['n_val']} validation and {data['n_test']} test prompts per task, disjoint from each "
         "other and from training (`benchmarks/minipaper/smol.py`). Accuracy = teacher-forced exact match: an "
