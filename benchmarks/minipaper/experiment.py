@@ -46,6 +46,8 @@ from mergeengine.recipe.loader import parse_recipe  # noqa: E402
 from mergeengine.search import SearchResult, geometric_score, run_search  # noqa: E402
 
 LOG = logging.getLogger("minipaper.experiment")
+#: where the second miniature's section (written by smol_experiment.py) starts; a rewrite keeps it
+SECOND_MINIATURE = "<!-- smol-miniature: begin"
 REPO = Path(__file__).resolve().parents[2]
 
 #: DP parameters of the paper's release
@@ -741,7 +743,9 @@ def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: st
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    old = path.read_text() if path.is_file() else ""
+    second = old[old.index(SECOND_MINIATURE):] if SECOND_MINIATURE in old else ""  # smol_experiment.py's
+    path.write_text("\n".join(lines) + second)
     return path
 
 

@@ -33,7 +33,7 @@ import train as train_mod  # noqa: E402
 
 LOG = logging.getLogger("minipaper.smol_experiment")
 REPO = Path(__file__).resolve().parents[2]
-BEGIN = "<!-- smol-miniature: begin (written by benchmarks/minipaper/smol_experiment.py) -->"
+BEGIN = f"{exp.SECOND_MINIATURE} (written by benchmarks/minipaper/smol_experiment.py) -->"
 END_MARK = "<!-- smol-miniature: end -->"
 Z95 = 1.959963984540054
 

@@ -57,7 +57,7 @@ class DPGroups:
 
 def is_dense_by_name(name: str, module: str) -> bool:
     """Biases and MoE routers, which DP leaves dense whatever their shape."""
-    if name.endswith(("bias", ".bias")):
+    if name.endswith("bias"):  # .bias, and GPT-OSS's 2-D experts.*_proj_bias
         return True
     last = module.rsplit(".", 1)[-1]
     return last in ("gate", "router") or last.endswith("_gate")
