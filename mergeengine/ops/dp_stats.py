@@ -46,9 +46,8 @@ def dp_reductions(
     """The two reductions; the result ``stats["densities"]`` is a list of DPDensities, one per target.
 
     ``source`` picks what the statistics read from a task's inputs: the delta, or the
-    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`). ``units`` maps each
-    tensor to its DP modules (``groups``' keys; a fused expert tensor has one per expert, see
-    :mod:`~mergeengine.kernels.dp_groups`); by default each group is a whole tensor.
+    ``(model, base)`` pair of a fused diff (see :meth:`DeltaOp.fuse_diffs`). ``units``: tensor ->
+    its DP modules (``groups``' keys, one per expert of a fused expert tensor); default: one each.
     """
     units = units if units is not None else {name: [name] for name in groups}
     names = list(units)
@@ -65,12 +64,11 @@ def dp_reductions(
         return [unit_outliers(key, sub, stats) for key, sub in unit_deltas(source(inputs), units[name])]
 
     def unit_outliers(key: str, delta: Any, stats: Mapping[str, Any]) -> tuple[int, int]:
-        # both outlier counts in one read: the module's (own mean) and the layer's (layer mean)
         sum_abs, numel = stats["module_stats"]["sums"][key]
         mean = stats["module_stats"]["layer_means"][groups[key][0]]
         if not numel:
             return 0, 0
-        with numpy_threads():  # numpy's compare and count: torch's second thread would only spin
+        with numpy_threads():  # both counts in one read; numpy's count: torch's second thread would spin
             module, layer = dppa.count_above(delta, [module_threshold * sum_abs / numel, layer_threshold * mean])
         return module, layer
 
