@@ -201,6 +201,35 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _claims(results: dict[str, Any]) -> list[str]:
+    """The paper's two headline claims as :func:`experiment.claim_checks` measures them (when both tables ran)."""
+    t2 = results["table2"]
+    if not any(r.startswith("dppa") for r in t2) or not any(r in t2 for r in exp.PAPER_BASELINES):
+        return []
+    checks = exp.claim_checks(results)
+    lines = ["### The paper's claims, measured (second miniature)", ""]
+    if checks["pruning"]:
+        lines += ["\"DP/DPA keeping 20% perform like DARE keeping 90%\" (relative test accuracy):", "",
+                  "| expert | DP 0.2 | DP+DPA 0.2 (variant chosen on validation) | DARE 0.2 | DARE 0.9 |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, c in checks["pruning"].items():
+            start = "release start" if c["dpa_variant"] == "dpa_release" else "start at DP"
+            lines.append(f"| {label} | {c['dp_0.2']:.2f} | {c['dpa_0.2']:.2f} ({start}) | {c['dare_0.2']:.2f} | "
+                         f"{c['dare_0.9']:.2f} |")
+        lines.append("")
+    m = checks["merge"]
+
+    def pct(g: float | None) -> str:
+        return f"{g * 100:+.0f}%" if g is not None else "undefined (it scores 0)"
+
+    lines += [f"\"DPPA merging improves ~20% over other methods\": the DPPA row with the better validation score "
+              f"({exp.MERGES[m['best_dppa']][0]}) averages {t2[m['best_dppa']]['average']:.3f} on test; the strongest "
+              f"of the paper's baselines on test ({exp.MERGES[m['best_baseline']][0]}) {t2[m['best_baseline']]['average']:.3f}: "
+              f"**{pct(m['gain'])}**" + (f"; vs. DP + TA: {pct(m['gain_over_dp_ta'])}" if "gain_over_dp_ta" in m else "")
+              + f". Binomial standard error of a row's average: at most {m['average_se']:.3f}.", ""]
+    return lines
+
+
 def _setup(results: dict[str, Any]) -> list[str]:
     train, cfg, settings = results["train"], results["train"]["config"], results["settings"]
     data = cfg["data"]
@@ -233,6 +262,7 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
     import os
 
     sec, done = results["seconds"], results["complete"]
+    n_test = results["train"]["config"]["data"]["n_test"]
     lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
              "The same two experiments on a real pretrained base. Produced by", "", "```", command, "```", "",
              f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch threads): "
@@ -252,9 +282,10 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
         pruning_png = exp.plot_pruning(results, img_dir / "minipaper_smol_pruning.png")
         lines += ["### Table 1 (second miniature): pruning one expert's delta", "",
                   "Test accuracy relative to the dense expert (DARE: mean ± std over seeds; DP+DPA: searched "
-                  "factors in brackets).", "", *exp._markdown_table1(results),
+                  f"factors in brackets). Each accuracy rests on {n_test} test prompts: its 95% interval is about "
+                  f"±{Z95 * math.sqrt(0.25 / n_test):.2f} at 0.5.", "", *exp._markdown_table1(results),
                   f"![pruning curves]({os.path.relpath(pruning_png, doc_dir)})", ""]
-    lines += ["### Reading (second miniature)", "", *reading, "", END_MARK, ""]
+    lines += [*_claims(results), "### Reading (second miniature)", "", *reading, "", END_MARK, ""]
     return "\n".join(lines)
 
 
