@@ -148,6 +148,40 @@ def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path,
     return results
 
 
+def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str]) -> None:
+    """Table 1 for ``labels`` only, each written to ``experiment/table1-<label>.json`` (a second
+    process can so run Table 1 while the first runs Table 2; :func:`load_results` merges them)."""
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    for label in labels:
+        one = dataclasses.replace(ctx, summary=ctx.summary)
+        one.experts = {label: ctx.experts[label]}
+        t0 = time.perf_counter()
+        part = exp.table1(one, ev, settings)
+        (work / f"table1-{label}.json").write_text(json.dumps({"table1": part, "seconds": time.perf_counter() - t0}))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """``results.json`` plus the Table 1 parts written beside it by :func:`run_table1_parts`."""
+    results = json.loads(path.read_text())
+    for part_file in sorted(path.parent.glob("table1-*.json")):
+        label = part_file.stem.removeprefix("table1-")
+        if label in results["complete"]["table1"]:
+            continue
+        part = json.loads(part_file.read_text())
+        results["table1"] |= part["table1"]
+        results["complete"]["table1"].append(label)
+        results["seconds"].setdefault("table1_parallel", 0.0)
+        results["seconds"]["table1_parallel"] += part["seconds"]
+    order = list(results["train"]["paths"]["experts"])
+    results["table1"] = {k: results["table1"][k] for k in order if k in results["table1"]}
+    results["complete"]["table1"] = [k for k in order if k in results["complete"]["table1"]]
+    return results
+
+
 # --- report -------------------------------------------------------------------------------------------
 
 
@@ -315,14 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None,
                         help="Markdown file whose section is written (default: docs/minipaper.md; --small: the run's folder)")
     parser.add_argument("--from-results", type=Path, default=None, help="only rewrite the section from this results.json")
+    parser.add_argument("--table1", default=None, help="only run Table 1 for these experts (comma-separated), "
+                        "into experiment/table1-<expert>.json, e.g. in a second process while Table 2 runs")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("mergeengine").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     cfg, settings = (smol.small_config(), small_settings()) if args.small else (smol.SmolConfig(), full_settings())
+    if args.table1:
+        run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","))
+        return 0
     if args.from_results:
-        results = json.loads(args.from_results.read_text())
+        results = load_results(args.from_results)
     else:
         results = run_experiment(cfg, settings, args.cache_dir, args.threads, ("sort",) if args.small else None)
     work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
