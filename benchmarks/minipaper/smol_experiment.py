@@ -297,12 +297,18 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
 
     sec, done = results["seconds"], results["complete"]
     n_test = results["train"]["config"]["data"]["n_test"]
+    parallel = "table1_parallel" in sec
+    commands = [command] + ([f"{command} --table1 {','.join(done['table1'])}   # meanwhile, in a second process"]
+                            if parallel else [])
+    times = [f"training and dense evaluation {sec['training'] / 60:.0f} min"
+             + ("" if sec["trained_here"] else " (models from the cache)")]
+    times += [f"Table 2 {sec['table2'] / 60:.0f} min"] if "table2" in sec else []
+    times += [f"Table 1 {sec['table1'] / 60:.0f} min"] if "table1" in sec else []
+    times += [f"Table 1 {sec['table1_parallel'] / 60:.0f} min in the second process"] if parallel else []
     lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
-             "The same two experiments on a real pretrained base. Produced by", "", "```", command, "```", "",
-             f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch threads): "
-             + (f"{sec['total'] / 60:.0f} minutes in all" if "total" in sec else "not finished")
-             + f", of which training and dense evaluation {sec['training'] / 60:.0f} min"
-             + ("" if sec["trained_here"] else " (models from the cache)") + ".", "", *_setup(results), ""]
+             "The same two experiments on a real pretrained base. Produced by", "", "```", *commands, "```", "",
+             f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch thread per process): "
+             + ", ".join(times) + ".", "", *_setup(results), ""]
     missing = [label for label in results["train"]["paths"]["experts"] if label not in done["table1"]]
     if missing or not done["table2"]:
         lines += [f"**Incomplete run**: Table 2 {'complete' if done['table2'] else 'missing'}; Table 1 missing for "
