@@ -44,6 +44,12 @@ def full_settings() -> exp.RunSettings:
                            search_max_steps=2)
 
 
+def parallel_table2_settings() -> exp.RunSettings:
+    """Table 2 when run row by row in parallel processes (``--table2``): a 3-value λ grid and one
+    step per factor, what fits the 90-minute budget on a loaded machine."""
+    return dataclasses.replace(full_settings(), lambdas=(0.6, 1.0, 1.4), search_max_steps=1)
+
+
 def small_settings() -> exp.RunSettings:
     """The smoke run: one density, one λ, one search step, two columns and two rows (Table 1: sort only)."""
     return exp.RunSettings(densities=(0.2,), seeds=1, lambdas=(1.0,), search_max_steps=1,
@@ -164,9 +170,49 @@ def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Pat
         (work / f"table1-{label}.json").write_text(json.dumps({"table1": part, "seconds": time.perf_counter() - t0}))
 
 
+def run_table2_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, rows: list[str]) -> None:
+    """Table 2 rows ``rows`` only, each written to ``experiment/table2-<row>.json`` (one process per
+    group of rows; :func:`load_results` merges them)."""
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    for row in rows:
+        t0 = time.perf_counter()
+        part = exp.table2(ctx, ev, dataclasses.replace(settings, rows=(row,)))
+        (work / f"table2-{row}.json").write_text(json.dumps(
+            {"table2": part, "seconds": time.perf_counter() - t0, "settings": dataclasses.asdict(settings)}))
+
+
+def write_skeleton(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int) -> Path:
+    """``results.json`` without tables (training summary, diagnostics), for parts run separately."""
+    t0 = time.perf_counter()
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    results = {"settings": dataclasses.asdict(settings), "threads": threads, "train": summary,
+               "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
+               "seconds": {"training": summary["eval_seconds"] + sum(summary["train_seconds"].values()),
+                           "trained_here": False},
+               "diagnostics": delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)}
+    results["seconds"]["diagnostics"] = time.perf_counter() - t0
+    _save(results, work)
+    return work / "results.json"
+
+
 def load_results(path: Path) -> dict[str, Any]:
-    """``results.json`` plus the Table 1 parts written beside it by :func:`run_table1_parts`."""
+    """``results.json`` plus the Table 1 and Table 2 parts written beside it by
+    :func:`run_table1_parts` and :func:`run_table2_parts`."""
     results = json.loads(path.read_text())
+    parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in path.parent.glob("table2-*.json")}
+    if parts2 and not results["complete"]["table2"]:
+        results["table2"] = {row: parts2[row]["table2"][row] for row in exp.MERGES if row in parts2}
+        results["complete"]["table2"] = len(results["table2"]) == len(exp.MERGES)
+        results["complete"]["table2_rows"] = list(results["table2"])
+        results["settings_table2"] = next(iter(parts2.values()))["settings"]
+        results["seconds"]["table2_parallel"] = max(p["seconds"] for p in parts2.values())
     for part_file in sorted(path.parent.glob("table1-*.json")):
         label = part_file.stem.removeprefix("table1-")
         if label in results["complete"]["table1"]:
@@ -357,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-results", type=Path, default=None, help="only rewrite the section from this results.json")
     parser.add_argument("--table1", default=None, help="only run Table 1 for these experts (comma-separated), "
                         "into experiment/table1-<expert>.json, e.g. in a second process while Table 2 runs")
+    parser.add_argument("--table2", default=None, help="only run these Table 2 rows (comma-separated) with "
+                        "parallel_table2_settings(), into experiment/table2-<row>.json: one process per group of rows")
+    parser.add_argument("--skeleton", action="store_true", help="only write results.json without tables (for --table1/2 parts)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -365,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, settings = (smol.small_config(), small_settings()) if args.small else (smol.SmolConfig(), full_settings())
     if args.table1:
         run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","))
+        return 0
+    if args.table2:
+        run_table2_parts(cfg, parallel_table2_settings(), args.cache_dir, args.table2.split(","))
+        return 0
+    if args.skeleton:
+        print(write_skeleton(cfg, settings, args.cache_dir, args.threads))
         return 0
     if args.from_results:
         results = load_results(args.from_results)
