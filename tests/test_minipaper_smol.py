@@ -86,3 +86,22 @@ def test_report_section_replaces_itself(smoke) -> None:
     assert report.read_text() == text
     lo, hi = se.wilson(0.5, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+
+
+def test_parts_from_parallel_processes_are_merged(tmp_path: Path) -> None:
+    sys.path.insert(0, str(MINIPAPER))
+    try:
+        se = importlib.import_module("smol_experiment")
+    finally:
+        sys.path.remove(str(MINIPAPER))
+    results = {"settings": {}, "train": {"paths": {"experts": {"addition": "a", "reverse": "r", "sort": "s"}}},
+               "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []}, "seconds": {}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    for row in ("dppa_unit", "task_arithmetic"):
+        (tmp_path / f"table2-{row}.json").write_text(json.dumps(
+            {"table2": {row: {"average": 0.5}}, "seconds": 60.0, "settings": {"lambdas": [1.0]}}))
+    (tmp_path / "table1-sort.json").write_text(json.dumps({"table1": {"sort": {"dp": {}}}, "seconds": 30.0}))
+    merged = se.load_results(tmp_path / "results.json")
+    assert list(merged["table2"]) == ["task_arithmetic", "dppa_unit"]  # Table 2's row order
+    assert merged["complete"] == {"table2": False, "table2_rows": ["task_arithmetic", "dppa_unit"], "table1": ["sort"]}
+    assert merged["settings_table2"] == {"lambdas": [1.0]} and merged["seconds"]["table1_parallel"] == 30.0

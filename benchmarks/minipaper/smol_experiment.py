@@ -330,11 +330,18 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "and its `<|im_end|>` (one forward pass per batch, `scoring: teacher_forced`; the verdict of greedy "
         "decoding). Intervals are 95% Wilson intervals over the test prompts.",
         f"- **Protocol** (as in the first miniature): λ and DPA factors chosen on validation, test reported; "
-        f"DARE over {settings['seeds']} seeds; densities {', '.join(f'{x:g}' for x in settings['densities'])}; "
-        f"λ grid {', '.join(f'{x:g}' for x in settings['lambdas'])}; merges keep {settings['merge_density']:g} "
-        f"of each delta; the DPA search climbs each factor by {settings['search_step']:g} for at most "
-        f"{settings['search_max_steps']} steps (the budget's limit; the first miniature allows 30).",
+        f"DARE over {settings['seeds']} seeds; the DPA search climbs each factor by {settings['search_step']:g}. "
+        + _budget(results) + " (the first miniature allows 30 steps and 11 λ values; these limits are the budget's).",
     ]
+
+
+def _budget(results: dict[str, Any]) -> str:
+    """The grid sizes each table ran with."""
+    t1 = results["settings"]
+    t2 = results.get("settings_table2", t1)
+    return (f"Table 1: densities {', '.join(f'{x:g}' for x in t1['densities'])}, at most {t1['search_max_steps']} "
+            f"search steps per factor. Table 2: merges keep {t2['merge_density']:g} of each delta; λ grid "
+            f"{', '.join(f'{x:g}' for x in t2['lambdas'])}; at most {t2['search_max_steps']} search step(s) per factor")
 
 
 def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str, reading: list[str]) -> str:
@@ -346,9 +353,16 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
     parallel = "table1_parallel" in sec
     commands = [command] + ([f"{command} --table1 {','.join(done['table1'])}   # meanwhile, in a second process"]
                             if parallel else [])
+    if "table2_parallel" in sec:  # the layout the documented run used: skeleton, then parts in parallel
+        commands = [f"{command} --skeleton", *(f"{command} --table2 {rows} &" for rows in (
+            "task_arithmetic,ties", "dare_ties,dp_ta", "dppa_release", "dppa_unit")),
+            *[f"{command} --table1 {label} &" for label in done["table1"]],
+            f"{command} --from-results {RESULTS_HINT}"]
     times = [f"training and dense evaluation {sec['training'] / 60:.0f} min"
              + ("" if sec["trained_here"] else " (models from the cache)")]
     times += [f"Table 2 {sec['table2'] / 60:.0f} min"] if "table2" in sec else []
+    times += [f"Table 2 {sec['table2_parallel'] / 60:.0f} min (its rows in 4 parallel processes)"] \
+        if "table2_parallel" in sec else []
     times += [f"Table 1 {sec['table1'] / 60:.0f} min"] if "table1" in sec else []
     times += [f"Table 1 {sec['table1_parallel'] / 60:.0f} min in the second process"] if parallel else []
     lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
@@ -356,11 +370,13 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
              f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch thread per process): "
              + ", ".join(times) + ".", "", *_setup(results), ""]
     missing = [label for label in results["train"]["paths"]["experts"] if label not in done["table1"]]
-    if missing or not done["table2"]:
-        lines += [f"**Incomplete run**: Table 2 {'complete' if done['table2'] else 'missing'}; Table 1 missing for "
-                  + (", ".join(missing) or "none") + ".", ""]
+    rows_missing = [exp.MERGES[r][0] for r in exp.MERGES if r not in results["table2"]]
+    if missing or rows_missing:
+        lines += ["**Incomplete run**: Table 2 " + (f"misses {', '.join(rows_missing)}" if rows_missing else "complete")
+                  + "; Table 1 " + (f"misses {', '.join(missing)}" if missing else "complete")
+                  + " (not run: see the run's settings and budget).", ""]
     lines += ["Test accuracy of the base and the dense experts:", "", *_dense_table(results), ""]
-    if done["table2"]:
+    if results["table2"]:
         merge_png = exp.plot_merges(results, img_dir / "minipaper_smol_merge.png")
         lines += ["### Table 2 (second miniature): merging the three experts", "", *_merge_table(results), "",
                   f"![merges]({os.path.relpath(merge_png, doc_dir)})", "", *_diagnostics(results), ""]
@@ -387,6 +403,8 @@ def write_section(doc: Path, text: str) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new)
 
+
+RESULTS_HINT = "benchmarks/minipaper/_cache/smol-run-<hash>/experiment/results.json"
 
 #: the hand-written reading of the full run's numbers (revisit whenever the setup changes)
 READING: list[str] = []
