@@ -557,8 +557,8 @@ def _markdown_table1(results: dict[str, Any]) -> list[str]:
         d = delta[label]
         lines += [
             f"**{label} expert**: dense test accuracy {test_acc[label][task_of[label]]:.3f}; delta of the decoder "
-            f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.4f}, max |Δ| {d['max_abs_delta_linear']:.3f}, "
-            f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2f}.",
+            f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.2g}, max |Δ| {d['max_abs_delta_linear']:.2g}, "
+            f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2g}.",
             "",
             "| density | " + " | ".join(METHODS[m] for m in METHODS if m in methods) + " |",
             "|---:|" + "---:|" * len(methods),

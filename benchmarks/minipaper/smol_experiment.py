@@ -195,7 +195,7 @@ def write_skeleton(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path,
     results = {"settings": dataclasses.asdict(settings), "threads": threads, "train": summary,
                "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
                "seconds": {"training": summary["eval_seconds"] + sum(summary["train_seconds"].values()),
-                           "trained_here": False},
+                           "trained_here": True},  # the summary's own training and evaluation times
                "diagnostics": delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)}
     results["seconds"]["diagnostics"] = time.perf_counter() - t0
     _save(results, work)
