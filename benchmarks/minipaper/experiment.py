@@ -46,6 +46,8 @@ from mergeengine.recipe.loader import parse_recipe  # noqa: E402
 from mergeengine.search import SearchResult, geometric_score, run_search  # noqa: E402
 
 LOG = logging.getLogger("minipaper.experiment")
+#: where the second miniature's section (written by smol_experiment.py) starts; a rewrite keeps it
+SECOND_MINIATURE = "<!-- smol-miniature: begin"
 REPO = Path(__file__).resolve().parents[2]
 
 #: DP parameters of the paper's release
@@ -83,6 +85,9 @@ class RunSettings:
     merge_density: float = 0.2
     search_max_steps: int = 30
     search_step: float = 0.1
+    #: the Table 1 columns and Table 2 rows to run (all by default)
+    methods: tuple[str, ...] = tuple(METHODS)
+    rows: tuple[str, ...] = tuple(MERGES)
 
 
 def small_settings(seeds: int = 2) -> RunSettings:
@@ -247,8 +252,11 @@ class Evaluator:
         t0 = time.perf_counter()
         tensors = api.build_in_memory(recipe, "out")
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
+        tied = getattr(self.model.config, "tie_word_embeddings", False) and missing == ["lm_head.weight"]
+        if (missing and not tied) or unexpected:
             raise RuntimeError(f"candidate does not fit the model: missing {missing}, unexpected {unexpected}")
+        if tied:
+            self.model.tie_weights()
         result = evaluate(self.model, self.tokenizer, list(specs), batch_size=self.batch_size, loglik=False)
         self.builds += 1
         self.seconds += time.perf_counter() - t0
@@ -319,9 +327,9 @@ def table1(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]
         task = ctx.task_of[label]
         test, ref = ctx.test[task], ctx.reference("test", label)
         val_file, val_ref = ctx.val_file(task), {task: ctx.reference("val", label)}
-        out[label] = {m: {} for m in METHODS}
+        out[label] = {m: {} for m in settings.methods}
         for d in settings.densities:
-            for method in METHODS:
+            for method in settings.methods:
                 cell: dict[str, Any] = {}
                 recipe = prune_recipe(ctx.base, expert, method, d)
                 if method in DPA_STARTS:
@@ -368,7 +376,8 @@ def table2(ctx: Context, ev: Evaluator, settings: RunSettings) -> dict[str, Any]
     test_refs = {t: s.reference or 1.0 for t, s in ctx.test.items()}
     experts = ctx.merge_experts
     out: dict[str, Any] = {}
-    for row, (_, method, sparsifier) in MERGES.items():
+    for row in settings.rows:
+        _, method, sparsifier = MERGES[row]
         entry: dict[str, Any] = {"runs": []}
         factors: dict[str, list[float]] | None = None
         if sparsifier in DPA_STARTS:
@@ -510,9 +519,12 @@ def claim_checks(results: dict[str, Any]) -> dict[str, Any]:
     t1, t2 = results["table1"], results["table2"]
     pruning = {}
     for task, methods in t1.items():
-        if "0.2" not in methods["dp"] or "0.9" not in methods["dare"]:
+        if "0.2" not in methods.get("dp", {}) or "0.9" not in methods.get("dare", {}):
             continue
-        variant = max(DPA_STARTS, key=lambda m: methods[m]["0.2"]["val_relative"])
+        variants = [m for m in DPA_STARTS if "0.2" in methods.get(m, {})]
+        if not variants:
+            continue
+        variant = max(variants, key=lambda m: methods[m]["0.2"]["val_relative"])
         pruning[task] = {
             "mean_abs_delta": results["train"]["delta"][task]["mean_abs_delta_linear"],
             "dp_0.2": methods["dp"]["0.2"]["relative"],
@@ -545,15 +557,15 @@ def _markdown_table1(results: dict[str, Any]) -> list[str]:
         d = delta[label]
         lines += [
             f"**{label} expert**: dense test accuracy {test_acc[label][task_of[label]]:.3f}; delta of the decoder "
-            f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.4f}, max |Δ| {d['max_abs_delta_linear']:.3f}, "
-            f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2f}.",
+            f"linear weights: mean |Δ| {d['mean_abs_delta_linear']:.2g}, max |Δ| {d['max_abs_delta_linear']:.2g}, "
+            f"‖Δ‖/‖W_base‖ {d['relative_norm_linear']:.2g}.",
             "",
-            "| density | " + " | ".join(METHODS.values()) + " |",
-            "|---:|" + "---:|" * len(METHODS),
+            "| density | " + " | ".join(METHODS[m] for m in METHODS if m in methods) + " |",
+            "|---:|" + "---:|" * len(methods),
         ]
         for dens in sorted(next(iter(methods.values())), key=float):
             cells = []
-            for m in METHODS:
+            for m in (m for m in METHODS if m in methods):
                 c = methods[m][dens]
                 text = _fmt(c["relative"], c["relative_std"] if len(c["runs"]) > 1 else None)
                 if "factors" in c:
@@ -731,7 +743,9 @@ def write_report(results: dict[str, Any], path: Path, img_dir: Path, command: st
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    old = path.read_text() if path.is_file() else ""
+    second = old[old.index(SECOND_MINIATURE):] if SECOND_MINIATURE in old else ""  # smol_experiment.py's
+    path.write_text("\n".join(lines) + second)
     return path
 
 

@@ -337,8 +337,8 @@ def _generate(
 @torch.inference_mode()
 def _logliks(
     model: PreTrainedModel, pairs: list[tuple[list[int], list[int]]], pad: int, device: torch.device
-) -> list[float]:
-    """Sum of log-probabilities of each answer given its prompt."""
+) -> tuple[list[float], list[list[int]]]:
+    """Sum of log-probabilities of each answer given its prompt, and the most likely token at each answer position."""
     seqs = [ctx + ans for ctx, ans in pairs]
     ids, mask = _pad_left(seqs, pad, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -352,10 +352,52 @@ def _logliks(
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts the last n_max tokens
     targets = ids[:, -n_max:]
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    sums = []
+    greedy = logprobs.argmax(-1)
+    sums, tokens = [], []
     for i, (_, ans) in enumerate(pairs):
         sums.append(float(picked[i, n_max - len(ans) :].sum()))
-    return sums
+        tokens.append(greedy[i, n_max - len(ans) :].tolist())
+    return sums, tokens
+
+
+def _score_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    records: list[Record],
+    loglik: bool,
+) -> list[SampleResult]:
+    """Score one batch of a task: greedy generation, or one teacher-forced pass (``scoring: teacher_forced``)."""
+    dev = next(model.parameters()).device
+    pad = _pad_id(tokenizer, model)
+    forced = spec.scoring == "teacher_forced"
+    ending = spec.stop[0] if forced else ""
+    pairs = [_encode_pair(tokenizer, r.prompt, r.answer + ending) for r in records]
+    if forced:
+        sums, greedy = _logliks(model, pairs, pad, dev)
+        texts = tokenizer.batch_decode(greedy, skip_special_tokens=False)
+        generations = [cut_at_stop(t, spec.stop) for t in texts]
+        matched = [g == ans for g, (_, ans) in zip(greedy, pairs, strict=True)]
+    else:
+        generations = _generate(model, tokenizer, [ctx for ctx, _ in pairs], spec, dev)
+        sums = _logliks(model, pairs, pad, dev)[0] if loglik else [math.nan] * len(pairs)
+        matched = [True] * len(pairs)
+    samples = []
+    for record, (_, ans), gen, total, ok in zip(records, pairs, generations, sums, matched, strict=True):
+        target = target_of(record, spec)
+        prediction = extract_answer(spec.extract, gen)
+        samples.append(
+            SampleResult(
+                prompt=record.prompt,
+                target=target,
+                generation=gen,
+                prediction=prediction,
+                correct=ok and prediction is not None and prediction == target,
+                loglik=total / len(ans) if ans else 0.0,
+                answer_tokens=len(ans),
+            )
+        )
+    return samples
 
 
 def _describe(model: Any) -> str:
@@ -417,14 +459,12 @@ def evaluate(
         loaded, folder_tokenizer = load_model(model, device=device, dtype=dtype)
         tokenizer = folder_tokenizer if tokenizer is None else tokenizer
         model = loaded
-        dev = next(model.parameters()).device
     else:
         model_name = _describe(model)
         if tokenizer is None:
             raise MergeEngineError("an in-memory model needs its tokenizer: pass tokenizer=")
         if device is not None:
             model.to(_resolve_device(device))
-        dev = next(model.parameters()).device
     if isinstance(tokenizer, (str, Path)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
     was_training = model.training
@@ -443,27 +483,10 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches), desc="eval", unit="batch")
-    pad = _pad_id(tokenizer, model)
     samples: dict[str, list[SampleResult]] = {spec.name: [] for spec in specs}
     try:
         for spec, records in batches:
-            pairs = [_encode_pair(tokenizer, r.prompt, r.answer) for r in records]
-            generations = _generate(model, tokenizer, [ctx for ctx, _ in pairs], spec, dev)
-            sums = _logliks(model, pairs, pad, dev) if loglik else [math.nan] * len(pairs)
-            for record, (_, ans), gen, total in zip(records, pairs, generations, sums, strict=True):
-                target = target_of(record, spec)
-                prediction = extract_answer(spec.extract, gen)
-                samples[spec.name].append(
-                    SampleResult(
-                        prompt=record.prompt,
-                        target=target,
-                        generation=gen,
-                        prediction=prediction,
-                        correct=prediction is not None and prediction == target,
-                        loglik=total / len(ans) if ans else 0.0,
-                        answer_tokens=len(ans),
-                    )
-                )
+            samples[spec.name].extend(_score_batch(model, tokenizer, spec, records, loglik))
             if bar is not None:
                 bar.update(1)
     finally:

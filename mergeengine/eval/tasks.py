@@ -22,6 +22,10 @@ A task file is YAML; each task points at a JSONL file of ``{"prompt": ..., "answ
         max_new_tokens: 16
 
 Scoring: a record is right when the extracted prediction equals its target exactly (both stripped).
+``scoring: teacher_forced`` (with ``extract: full``) scores a task in one forward pass per batch
+instead of generating: a record is right when, at every position of ``answer`` followed by the
+first stop string, the model's most likely next token is that token, which is the verdict greedy
+generation reaches whenever the answer is tokenized as the model would generate it.
 The target is the record's optional ``target`` field; without one it is the same extraction rule
 applied to ``answer`` (falling back to the stripped ``answer`` when the rule finds nothing), so a
 GSM8K-style answer ``"...reasoning... #### 72"`` is scored against ``72``. The log-likelihood is that
@@ -95,6 +99,7 @@ class TaskSpec(_Strict):
     max_new_tokens: int = Field(ge=1)
     limit: int | None = Field(default=None, ge=1)
     reference: float | None = Field(default=None, gt=0)
+    scoring: Literal["generate", "teacher_forced"] = "generate"
 
     @field_validator("stop")
     @classmethod
@@ -102,6 +107,12 @@ class TaskSpec(_Strict):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @model_validator(mode="after")
+    def _teacher_forced_scores_the_whole_answer(self) -> TaskSpec:
+        if self.scoring == "teacher_forced" and not isinstance(self.extract, FullExtract):
+            raise ValueError(f"task '{self.name}': scoring: teacher_forced needs extract: {{type: full}}")
+        return self
 
 
 class TaskFile(_Strict):

@@ -48,7 +48,6 @@ Where DPPA.md needs a guard it does not state (each is tested):
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from mergeengine.kernels.dp_groups import dp_module_groups
+from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.kernels.selection import (
     HIGH_BINS,
     bits_to_float,
@@ -100,10 +101,6 @@ DEFAULT_LAMDA = 0.08
 DEFAULT_MODULE_THRESHOLD = 5.0  # M: the release's module-level outlier threshold
 DEFAULT_LAYER_THRESHOLD = 3.0  # L: hard-coded to 3 at layer level in the release
 
-# Absorbs the float rounding of numel * (1 - d) when it is mathematically an integer.
-_RANK_TOLERANCE = 1e-6
-# First all-digit dotted segment: model.layers.3.mlp..., transformer.h.3.attn..., blocks.3...
-_LAYER_INDEX = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
 
 Groups = Mapping[str, tuple[str, str]]
 
@@ -166,14 +163,14 @@ class DPDensities:
 
 
 def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tuple[str, str]]:
-    """Select the tensors DP prunes and group them by decoder layer.
+    """The 2-D weights DP prunes, grouped by decoder layer (the modules that are whole tensors).
 
-    A tensor is prunable when it is 2-D, is not a bias, and its name contains a layer index: a
-    dotted segment made only of digits (``model.layers.3.``, ``transformer.h.3.``, ``blocks.3.``,
-    ``encoder.layer.3.``). The first such segment is the layer; later ones (MoE experts, T5
-    sub-layers) stay inside the module key. Llama/Mistral/Qwen names
-    (``model.layers.N.(self_attn|mlp).X_proj.weight``) are the common case of this rule.
-    Embeddings, lm_head (no layer index), norms and biases (1-D) are not prunable.
+    A 2-D tensor is prunable when its name contains a layer index (a dotted segment made only of
+    digits: ``model.layers.3.``, ``transformer.h.3.``, ``blocks.3.``) and it is neither a bias
+    (``.bias``, GPT-OSS's ``_proj_bias``) nor a MoE router (``mlp.gate``, ``mlp.router``). The first
+    such segment is the layer; later ones (per-expert MoE weights) stay inside the module key.
+    Fused 3-D expert tensors, whose expert slices are modules too, are listed by
+    :func:`~mergeengine.kernels.dp_groups.dp_module_groups`, which the ops use.
 
     Args:
         tensors: tensor name -> shape, e.g. from checkpoint headers.
@@ -188,18 +185,8 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
         >>> decoder_linear_groups({"model.layers.0.mlp.up_proj.weight": (8, 4), "lm_head.weight": (9, 4)})
         {'model.layers.0.mlp.up_proj.weight': ('model.layers.0', 'mlp.up_proj')}
     """
-    found: list[tuple[str, int, int, str, str]] = []
-    for position, (name, shape) in enumerate(tensors.items()):
-        if len(tuple(shape)) != 2 or name.endswith(".bias"):
-            continue
-        match = _LAYER_INDEX.match(name)
-        if match is None:
-            continue
-        prefix, index, rest = match.group("prefix"), match.group("index"), match.group("rest")
-        module = rest[: -len(".weight")] if rest.endswith(".weight") else rest
-        found.append((prefix, int(index), position, name, module))
-    found.sort(key=lambda item: (item[0], item[1], item[2]))
-    return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
+    two_d = {name: shape for name, shape in tensors.items() if len(tuple(shape)) == 2}
+    return dp_module_groups(two_d).units
 
 
 def module_partial(
@@ -470,20 +457,20 @@ def prune_count(numel: int, density: float) -> int:
     Raises:
         ValueError: ``density`` is outside [0, 1].
     """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    return min(numel, max(0, math.floor(numel * (1.0 - density) + _RANK_TOLERANCE)))
+    return pruned_count(numel, density)
 
 
-def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def dp_keep_mask(delta: torch.Tensor, density: float, rule: PruneRule = "exact") -> torch.Tensor:
     """Step 6's mask: entries whose magnitude is strictly above the k-th smallest magnitude.
 
-    ``k = prune_count(numel, density)``; ``k = 0`` keeps everything. Magnitudes are ranked in
+    ``k = pruned_count(numel, density, rule)`` (``exact``: :func:`prune_count`; ``release``: the
+    release's count, see :mod:`~mergeengine.kernels.prune_rule`); ``k = 0`` keeps everything. Magnitudes are ranked in
     float32. Masks at increasing density are nested, ties included. NaN entries are kept.
 
     Args:
         delta: any float tensor.
         density: keep fraction in [0, 1].
+        rule: how many magnitudes the density drops (``exact`` or ``release``).
 
     Returns:
         A bool tensor of ``delta``'s shape.
@@ -491,7 +478,7 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     Raises:
         ValueError: ``density`` is outside [0, 1].
     """
-    k = prune_count(delta.numel(), density)
+    k = pruned_count(delta.numel(), density, rule)
     if k == 0:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     threshold = kth_smallest_abs(delta, k)
@@ -500,12 +487,13 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.le(delta.detach().abs().float(), threshold.to(delta.device)).logical_not_()
 
 
-def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
+def dp_prune_tensor(delta: torch.Tensor, density: float, rule: PruneRule = "exact") -> torch.Tensor:
     """Pass 3 (DPPA.md step 6): magnitude-prune one delta at its DP module density, no rescale.
 
     Args:
         delta: the tensor's delta.
         density: its ``d_lj`` from :func:`dp_densities` (``DPDensities.module_density[name]``).
+        rule: how many magnitudes the density drops (``exact`` or ``release``).
 
     Returns:
         ``delta`` where :func:`dp_keep_mask` holds, 0 elsewhere; same shape and dtype.
@@ -518,12 +506,16 @@ def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
         tensor([ 0., -3.,  2.,  0.])
     """
     return torch.where(
-        dp_keep_mask(delta, density), delta, torch.zeros((), dtype=delta.dtype, device=delta.device)
+        dp_keep_mask(delta, density, rule), delta, torch.zeros((), dtype=delta.dtype, device=delta.device)
     )
 
 
 def dpa_amplify_tensor(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
+    delta: Delta,
+    densities: Sequence[float],
+    scales: Sequence[float],
+    high_histogram: torch.Tensor | None = None,
+    rule: PruneRule = "exact",
 ) -> torch.Tensor:
     """DPA with DP selection: rescale each partition of one delta by its own factor.
 
@@ -547,11 +539,11 @@ def dpa_amplify_tensor(
         ValueError: lengths differ, no partition, a density outside [0, 1] or decreasing.
     """
     _check_partitions(densities, scales, strictly_increasing=False)
-    return _scale_partitions(delta, densities, scales, high_histogram)
+    return _scale_partitions(delta, densities, scales, high_histogram, rule)
 
 
 def dpa_amplify_magnitude_tensor(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float]
+    delta: Delta, densities: Sequence[float], scales: Sequence[float], rule: PruneRule = "exact"
 ) -> torch.Tensor:
     """DPA with plain per-tensor magnitude selection.
 
@@ -574,7 +566,7 @@ def dpa_amplify_magnitude_tensor(
         tensor([8.0000, 0.0000, 1.5000, 0.0000])
     """
     _check_partitions(densities, scales, strictly_increasing=True)
-    return _scale_partitions(delta, densities, scales)
+    return _scale_partitions(delta, densities, scales, rule=rule)
 
 
 def release_factors(scales: Sequence[float]) -> tuple[list[float], float]:
@@ -776,9 +768,9 @@ class PartitionScaler:
     """
 
     def __init__(self, delta: Delta, densities: Sequence[float], scales: Sequence[float],
-                 high_histogram: torch.Tensor | None = None) -> None:
+                 high_histogram: torch.Tensor | None = None, rule: PruneRule = "exact") -> None:
         numel = _numel(delta)
-        ks = [prune_count(numel, d) for d in densities]
+        ks = [pruned_count(numel, d, rule) for d in densities]
         wanted = sorted({k for k in ks if k > 0})
 
         def chunks() -> Iterator[torch.Tensor]:
@@ -829,12 +821,16 @@ def _sample(delta: Delta) -> np.ndarray | None:
 
 
 def _scale_partitions(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
+    delta: Delta,
+    densities: Sequence[float],
+    scales: Sequence[float],
+    high_histogram: torch.Tensor | None = None,
+    rule: PruneRule = "exact",
 ) -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
     partition selected in the same streamed pass(es) (see :class:`PartitionScaler`), the result
     written once."""
-    scaler = PartitionScaler(delta, densities, scales, high_histogram)
+    scaler = PartitionScaler(delta, densities, scales, high_histogram, rule)
     like = delta[0] if isinstance(delta, tuple) else delta
     result = torch.empty(_numel(delta), dtype=torch.float32, device=like.device)
     for start, chunk in _value_chunks(delta):

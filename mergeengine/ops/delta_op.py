@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergeengine.kernels.dppa import decoder_linear_groups
+from mergeengine.kernels.dp_groups import DPGroups, dp_module_groups, grouping_notes
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TensorMeta
 from mergeengine.ops.diff import chunked_diff
 
@@ -39,11 +39,23 @@ class DeltaOp(Op):
         return src, []
 
     def plan_step(self, inputs: PlanInputs) -> StepPlan:
-        """Float32 tensors named as the input's; ``groups``: the decoder linear weights."""
+        """Float32 tensors named as the input's; ``groups``: DP's modules (key -> (layer, module)),
+        ``details["dp_groups"]``: the modules and the tensors they live in (kernels/dp_groups.py)."""
         metas = inputs.metas[self.step.input]
-        groups = decoder_linear_groups({n: m.shape for n, m in metas.items()})
+        dp_groups = dp_module_groups({n: m.shape for n, m in metas.items()})
         return StepPlan({n: TensorMeta(m.shape, torch.float32) for n, m in metas.items()}, inputs.kinds[self.step.id],
-                        input_kinds={self.step.input: "delta"}, groups=groups)
+                        input_kinds={self.step.input: "delta"}, groups=dp_groups.units,
+                        details={"dp_groups": dp_groups})
+
+    @staticmethod
+    def dp_groups(plan: StepPlan) -> DPGroups:
+        """DP's modules and the tensors they live in, as planned for this step."""
+        return plan.details["dp_groups"]
+
+    @staticmethod
+    def tensor_units(plan: StepPlan) -> dict[str, list[str]]:
+        """Prunable tensor -> its DP module keys (one per expert of a fused expert tensor)."""
+        return plan.details["dp_groups"].slices
 
     #: Whether this op may read a plain diff's model and base itself (see :meth:`fuse_diffs`).
     fuses_diff: bool = False
@@ -75,17 +87,15 @@ class DeltaOp(Op):
     @staticmethod
     def in_scope(plan: StepPlan, name: str, scope: Scope) -> bool:
         """Whether ``name`` is transformed under ``scope`` (else it passes through)."""
-        return scope == "all" or name in plan.groups
+        return scope == "all" or name in DeltaOp.tensor_units(plan)
+
+    @staticmethod
+    def unit_numels(plan: StepPlan) -> dict[str, int]:
+        """Element count of each DP module (an expert slice holds its tensor's numel / E)."""
+        return {key: plan.metas[name].numel // len(keys)
+                for name, keys in DeltaOp.tensor_units(plan).items() for key in keys}
 
     @staticmethod
     def group_notes(plan: StepPlan) -> list[str]:
-        """One line on what the decoder-linear grouping found (shown by ``plan``)."""
-        groups = plan.groups
-        layers = sorted({layer for layer, _ in groups.values()})
-        modules = sorted({module for _, module in groups.values()})
-        if not groups:
-            return ["no decoder linear weights found: every tensor passes through dense"]
-        return [
-            f"decoder linear weights: {len(groups)} tensors in {len(layers)} layers "
-            f"(modules: {', '.join(modules)}); {len(plan.metas) - len(groups)} other tensors dense"
-        ]
+        """What the decoder-linear grouping found (shown by ``plan``)."""
+        return grouping_notes(DeltaOp.dp_groups(plan), len(plan.metas))

@@ -2,7 +2,8 @@
 
 Partition k holds the entries kept at density d_k but not at d_(k-1) (DP ranking by default, so
 masks are nested); each partition is multiplied by its own factor; entries outside the last
-density are 0; tensors DP leaves dense are multiplied by ``dense_scale``.
+density are 0; tensors DP leaves dense are multiplied by ``dense_scale``. ``prune_rule`` sets the
+count each partition's density drops (``exact``, or the release's; :mod:`mergeengine.kernels.prune_rule`).
 
 ```yaml
 - id: a_math
@@ -22,6 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergeengine.kernels import dppa
+from mergeengine.kernels.dp_groups import apply_units
+from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.ops import register
 from mergeengine.ops.base import ChunkFill, Reduction, StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep
@@ -29,6 +32,7 @@ from mergeengine.ops.dp_stats import (
     Lamda,
     LayerThreshold,
     ModuleThreshold,
+    PruneRuleField,
     density_report,
     dp_reductions,
     log_summary,
@@ -52,6 +56,7 @@ class DpaAmplifyStep(DeltaStep):
     lamda: float = Lamda
     module_threshold: float = ModuleThreshold
     layer_threshold: float = LayerThreshold
+    prune_rule: PruneRule = PruneRuleField
     partitions: list[Partition] = Field(min_length=1, description="Ascending densities, each with its factor.")
     factors: Literal["own", "release"] = Field(
         "own",
@@ -97,27 +102,35 @@ class DpaAmplify(DeltaOp):
             return []
         return dp_reductions(s.id, dict(plan.groups), self.targets, lamda=s.lamda,
                              module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
-                             source=self.delta_source)
+                             source=self.delta_source, units=self.tensor_units(plan))
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
-        if ctx.tensor not in ctx.plan.groups:
+        units = self.tensor_units(ctx.plan)
+        if ctx.tensor not in units:
             return self.delta(inputs) * self.dense
         delta = self.delta_source(inputs)  # a fused diff is computed chunk by chunk, never stored
+        rule = self.step.prune_rule
         if self.step.select == "magnitude":
-            return dppa.dpa_amplify_magnitude_tensor(delta, self.targets, self.scales)
-        return dppa.dpa_amplify_tensor(delta, self._densities(ctx.plan, ctx.tensor, ctx.stats), self.scales)
+            return apply_units(delta, units[ctx.tensor], lambda sub, key:
+                               dppa.dpa_amplify_magnitude_tensor(sub, self.targets, self.scales, rule))
+        self._log_first(ctx.plan, ctx.tensor, ctx.stats)
+        return apply_units(delta, units[ctx.tensor], lambda sub, key: dppa.dpa_amplify_tensor(
+            sub, self._densities(key, ctx.stats), self.scales, rule=rule))
 
-    def _densities(self, plan: StepPlan, tensor: str, stats: Mapping[str, Any]) -> list[float]:
-        """DP's partition densities of ``tensor``."""
+    def _log_first(self, plan: StepPlan, tensor: str, stats: Mapping[str, Any]) -> None:
+        """Log the step's density summary once, at its first prunable tensor."""
+        if tensor == next(iter(self.tensor_units(plan))):
+            log_summary(self.step.id, stats["layer_outliers"][-1], dict(plan.groups))
+
+    def _densities(self, key: str, stats: Mapping[str, Any]) -> list[float]:
+        """DP's partition densities of module ``key``."""
         per_target: list[dppa.DPDensities] = stats["layer_outliers"]
-        if tensor == next(iter(plan.groups)):
-            log_summary(self.step.id, per_target[-1], dict(plan.groups))
-        return [d.module_density[tensor] for d in per_target]
+        return [d.module_density[key] for d in per_target]
 
     def fusable_into_merge(self, plan: StepPlan) -> bool:
         """Whether a merge may amplify this step's chunks itself (:meth:`chunk_amplifier`): DP
-        selection on a fused diff."""
-        return self.step.select == "dp" and bool(plan.read_from)
+        selection on a fused diff, and no fused expert tensor (each expert has its own thresholds)."""
+        return self.step.select == "dp" and bool(plan.read_from) and not self.dp_groups(plan).fused
 
     def chunk_amplifier(self, plan: StepPlan, model: torch.Tensor, base: torch.Tensor, tensor: str,
                         stats: Mapping[str, Any]) -> ChunkFill:
@@ -129,24 +142,25 @@ class DpaAmplify(DeltaOp):
         into ``out``. The floats are those of :meth:`compute`, and no amplified delta is ever
         stored.
         """
-        if tensor not in plan.groups:
+        if tensor not in self.tensor_units(plan):
             return lambda delta, out: torch.mul(delta, self.dense, out=out)
+        self._log_first(plan, tensor, stats)
         with numpy_threads():  # the threshold selection is numpy: torch's second thread would only spin
-            return dppa.PartitionScaler((model, base), self._densities(plan, tensor, stats), self.scales).scale
+            return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales,
+                                        rule=self.step.prune_rule).scale
 
     def plan_notes(self, plan: StepPlan) -> list[str]:
         return self.group_notes(plan)
 
     def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any]:
         """Per-partition DP densities and kept counts (``dppa_report.json``)."""
+        rule = self.step.prune_rule
         out: dict[str, Any] = {"op": self.name, "select": self.step.select, "factors": self.scales,
-                               "dense_scale": self.dense}
+                               "dense_scale": self.dense, "prune_rule": rule}
         if self.step.select == "dp":
-            numels = {n: plan.metas[n].numel for n in plan.groups}
-            out["partitions"] = [density_report(d, dict(plan.groups), numels) for d in stats["layer_outliers"]]
+            numels = self.unit_numels(plan)
+            out["partitions"] = [density_report(d, dict(plan.groups), numels, rule) for d in stats["layer_outliers"]]
         else:
-            out["kept"] = {
-                n: [plan.metas[n].numel - dppa.prune_count(plan.metas[n].numel, d) for d in self.targets]
-                for n in plan.groups
-            }
+            out["kept"] = {n: [numel - pruned_count(numel, d, rule) for d in self.targets]
+                           for n, numel in self.unit_numels(plan).items()}
         return out

@@ -3,6 +3,8 @@
 ```yaml
 - {id: m_math, op: magnitude_prune, input: d_math, density: 0.2}
 ```
+
+``prune_rule: release`` uses the DPPA release's threshold instead (:mod:`mergeengine.kernels.prune_rule`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from mergeengine.kernels.dppa import dp_prune_tensor
 from mergeengine.kernels.sparsify import magnitude_prune
 from mergeengine.ops import register
 from mergeengine.ops.base import StepPlan, TaskContext
@@ -24,6 +27,9 @@ class MagnitudePruneStep(DeltaStep):
     op: Literal["magnitude_prune"]
     density: float = Field(gt=0, le=1, description="Keep fraction per tensor (k = round(density * numel)).")
     scope: Scope = Field("all", description="all tensors (as mergekit), or decoder_linear (the tensors DP prunes).")
+    prune_rule: Literal["exact", "release"] = Field(
+        "exact", description="exact: top round(density * numel), ties by index; release: the DPPA release's "
+        "threshold sort(|W|)[int(numel * (1 - d))], pruning every |W| <= it.")
 
 
 @register
@@ -38,6 +44,8 @@ class MagnitudePrune(DeltaOp):
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         if not self.in_scope(ctx.plan, ctx.tensor, self.step.scope):
             return inputs[0]
+        if self.step.prune_rule == "release":
+            return dp_prune_tensor(inputs[0].float(), self.step.density, "release")
         return magnitude_prune(inputs[0], self.step.density)
 
     def plan_notes(self, plan: StepPlan) -> list[str]:

