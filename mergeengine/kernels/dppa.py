@@ -349,6 +349,72 @@ def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> di
     return counts
 
 
+def _check_dp_inputs(partials: Mapping[str, ModulePartial], layer_counts: Mapping[str, int], groups: Groups,
+                     density: float, lamda: float) -> dict[str, int]:
+    """:func:`dp_densities`'s argument checks; returns each layer's element count."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not (math.isfinite(lamda) and lamda >= 0.0):
+        raise ValueError(f"lamda must be a finite number >= 0, got {lamda}")
+    _check_same_names(partials, groups, "partials")
+    layer_numel: dict[str, int] = {}
+    for name, (layer, _) in groups.items():
+        layer_numel[layer] = layer_numel.get(layer, 0) + partials[name].numel
+    missing = [layer for layer in layer_numel if layer not in layer_counts]
+    extra = [layer for layer in layer_counts if layer not in layer_numel]
+    if missing or extra:
+        raise ValueError(f"layer_counts does not match groups: missing {missing}, unexpected {extra}")
+    for layer, numel in layer_numel.items():
+        if not 0 <= layer_counts[layer] <= numel:
+            raise ValueError(f"layer '{layer}': outlier count {layer_counts[layer]} not in [0, {numel}]")
+    for name in groups:
+        part = partials[name]
+        if not 0 <= part.outlier_count <= part.numel:
+            raise ValueError(f"'{name}': outlier count {part.outlier_count} not in [0, {part.numel}]")
+    return layer_numel
+
+
+def _clamp(raw: dict[str, float], density: float, lamda: float) -> tuple[dict[str, float], list[str]]:
+    """Module densities clamped to [0, 1] (with a :class:`DensityClampedWarning`) and the clamped names."""
+    module_density = {name: min(1.0, max(0.0, value)) for name, value in raw.items()}
+    clamped = [name for name in raw if module_density[name] != raw[name]]
+    if clamped:
+        shown = ", ".join(f"{name} ({raw[name]:.4g})" for name in clamped[:10])
+        more = f" and {len(clamped) - 10} more" if len(clamped) > 10 else ""
+        warnings.warn(
+            f"DP module density outside [0, 1] clamped for {len(clamped)} module(s) at density={density}, "
+            f"lamda={lamda}: {shown}{more}. Lower lamda or move density away from 0 and 1 to avoid it.",
+            DensityClampedWarning,
+            stacklevel=3,
+        )
+    return module_density, clamped
+
+
+def _offsets(partials: Mapping[str, ModulePartial], layer_counts: Mapping[str, int], layer_numel: dict[str, int],
+             groups: Groups) -> tuple[dict[str, Fraction], dict[str, Fraction], dict[str, Fraction],
+                                      dict[str, Fraction]]:
+    """DP's steps 1-4, exactly: (layer ratios, layer offsets, module ratios, module offsets).
+
+    1. ``o_l = 100 * layer_counts[l] / numel_l``.
+    2. ``c = o - mean_l(o)`` (unweighted over layers); ``D_l = d + lamda * c_l / max_l |c_l|``,
+       or ``D_l = d`` when all ``c`` are 0 (the offset here is ``c_l / max_l |c_l|``).
+    3. ``r_lj = 100 * outlier_count / numel``.
+    4. ``r = r / mean(r)`` (unweighted over all modules of all layers); ``r = r - sum(n * r) /
+       sum(n)`` with ``n`` the element counts; ``r = r / max |r|`` (times lamda in step 5).
+       Offsets are 0 when ``mean(r) = 0`` or when all ``r`` are equal. (The first division
+       cancels in the last one; it is kept to follow the paper literally.)
+    """
+    layer_ratio = {layer: _percent(layer_counts[layer], numel) for layer, numel in layer_numel.items()}
+    layer_offset = _normalised(_centred(layer_ratio, {layer: 1 for layer in layer_ratio}))
+    module_ratio = {name: _percent(partials[name].outlier_count, partials[name].numel) for name in groups}
+    module_offset = {name: Fraction(0) for name in groups}
+    ratio_mean = sum(module_ratio.values(), Fraction(0)) / len(module_ratio) if module_ratio else Fraction(0)
+    if ratio_mean != 0:
+        scaled = {name: ratio / ratio_mean for name, ratio in module_ratio.items()}
+        module_offset = _normalised(_centred(scaled, {name: partials[name].numel for name in groups}))
+    return layer_ratio, layer_offset, module_ratio, module_offset
+
+
 def dp_densities(
     partials: Mapping[str, ModulePartial],
     layer_counts: Mapping[str, int],
@@ -358,15 +424,8 @@ def dp_densities(
 ) -> DPDensities:
     """After pass 2: DP's per-layer and per-module keep fractions (DPPA.md steps 1-5).
 
-    1. ``o_l = 100 * layer_counts[l] / numel_l``.
-    2. ``c = o - mean_l(o)`` (unweighted over layers); ``D_l = d + lamda * c_l / max_l |c_l|``,
-       or ``D_l = d`` when all ``c`` are 0.
-    3. ``r_lj = 100 * outlier_count / numel``.
-    4. ``r = r / mean(r)`` (unweighted over all modules of all layers); ``r = r - sum(n * r) /
-       sum(n)`` with ``n`` the element counts; ``r = lamda * r / max |r|``. Offsets are 0 when
-       ``mean(r) = 0`` or when all ``r`` are equal. (The first division cancels in the last one;
-       it is kept to follow the paper literally.)
-    5. ``d_lj = D_l + r_lj``, clamped to [0, 1] with a :class:`DensityClampedWarning`.
+    Steps 1-4 are the offsets of :func:`_offsets`; step 5 is ``d_lj = D_l + r_lj``, clamped to
+    [0, 1] with a :class:`DensityClampedWarning`.
 
     Steps 1-4 are exact (rational arithmetic); see the module docstring. No offset depends on
     ``d``, so calling this for several ``d`` gives module densities that are non-decreasing in
@@ -392,55 +451,16 @@ def dp_densities(
         >>> dens = dp_densities(partials, layer_outlier_counts(counts, groups), groups, 0.2, lamda=0.08)
         >>> dens.module_density[name]  # 0.2 + layer offset + module offset, each within +-0.08
     """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    if not (math.isfinite(lamda) and lamda >= 0.0):
-        raise ValueError(f"lamda must be a finite number >= 0, got {lamda}")
-    _check_same_names(partials, groups, "partials")
+    layer_numel = _check_dp_inputs(partials, layer_counts, groups, density, lamda)
 
-    layer_numel: dict[str, int] = {}
-    for name, (layer, _) in groups.items():
-        layer_numel[layer] = layer_numel.get(layer, 0) + partials[name].numel
-    missing = [layer for layer in layer_numel if layer not in layer_counts]
-    extra = [layer for layer in layer_counts if layer not in layer_numel]
-    if missing or extra:
-        raise ValueError(f"layer_counts does not match groups: missing {missing}, unexpected {extra}")
-    for layer, numel in layer_numel.items():
-        if not 0 <= layer_counts[layer] <= numel:
-            raise ValueError(f"layer '{layer}': outlier count {layer_counts[layer]} not in [0, {numel}]")
-    for name in groups:
-        part = partials[name]
-        if not 0 <= part.outlier_count <= part.numel:
-            raise ValueError(f"'{name}': outlier count {part.outlier_count} not in [0, {part.numel}]")
-
-    # Steps 1-2: layer ratios and layer offsets.
-    layer_ratio = {layer: _percent(layer_counts[layer], numel) for layer, numel in layer_numel.items()}
-    layer_offset = _normalised(_centred(layer_ratio, {layer: 1 for layer in layer_ratio}))
+    layer_ratio, layer_offset, module_ratio, module_offset = _offsets(partials, layer_counts, layer_numel, groups)
     layer_density = {layer: density + lamda * float(offset) for layer, offset in layer_offset.items()}
-
-    # Steps 3-4: module ratios and module offsets.
-    module_ratio = {name: _percent(partials[name].outlier_count, partials[name].numel) for name in groups}
-    module_offset = {name: Fraction(0) for name in groups}
-    ratio_mean = sum(module_ratio.values(), Fraction(0)) / len(module_ratio) if module_ratio else Fraction(0)
-    if ratio_mean != 0:
-        scaled = {name: ratio / ratio_mean for name, ratio in module_ratio.items()}
-        module_offset = _normalised(_centred(scaled, {name: partials[name].numel for name in groups}))
 
     # Step 5: module densities.
     raw = {
         name: layer_density[layer] + lamda * float(module_offset[name]) for name, (layer, _) in groups.items()
     }
-    module_density = {name: min(1.0, max(0.0, value)) for name, value in raw.items()}
-    clamped = [name for name in groups if module_density[name] != raw[name]]
-    if clamped:
-        shown = ", ".join(f"{name} ({raw[name]:.4g})" for name in clamped[:10])
-        more = f" and {len(clamped) - 10} more" if len(clamped) > 10 else ""
-        warnings.warn(
-            f"DP module density outside [0, 1] clamped for {len(clamped)} module(s) at density={density}, "
-            f"lamda={lamda}: {shown}{more}. Lower lamda or move density away from 0 and 1 to avoid it.",
-            DensityClampedWarning,
-            stacklevel=2,
-        )
+    module_density, clamped = _clamp(raw, density, lamda)
     return DPDensities(
         density=density,
         lamda=lamda,
