@@ -155,19 +155,7 @@ def run_recipe(
     folders = {s: OutputFolder(full_plan.save_paths[s], overwrite=overwrite, step=s) for s in full_plan.save_order}
     for f in folders.values():
         f.check()
-    writers: dict[str, ShardedWriter] = {}
-    plan_id = _plan_id(full_plan, loaded)
-    skip: dict[str, set[str]] = {}
-    for s, folder in folders.items():
-        tmp = folder.create(resume=resume)
-        op = full_plan.ops[s]
-        writers[s] = ShardedWriter(tmp, full_plan.save_order[s], full_plan.metas[s], op.step.max_shard_bytes,
-                                   step=s, plan_id=plan_id)
-        if resume:
-            skip[s] = set(writers[s].resume())
-            if skip[s]:
-                LOG.warning("step '%s': resuming: %d of %d tensors already written", s, len(skip[s]),
-                            len(full_plan.save_order[s]))
+    writers, skip = _open_writers(full_plan, folders, _plan_id(full_plan, loaded), resume)
     plan = restrict(full_plan, skip)
     hashes = _InputHashes(full_plan)
     bar = _Progress(plan, progress)
@@ -185,21 +173,43 @@ def run_recipe(
             outputs[s] = folder.commit()
     except BaseException as exc:
         bar.close()
-        for w in writers.values():
-            w.abort()
-        kept = [f for f in folders.values() if f.has_progress()]
-        for f in folders.values():
-            if f not in kept:
-                f.discard()
-        if kept and isinstance(exc, MergeEngineError):
-            exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
-        elif kept:
-            LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
+        _abandon(exc, writers, folders)
         raise
     finally:
         for c in full_plan.checkpoints.values():
             c.close()
     return RunResult(plan, stats, outputs)
+
+
+def _open_writers(plan: Plan, folders: dict[str, OutputFolder], plan_id: str,
+                  resume: bool) -> tuple[dict[str, ShardedWriter], dict[str, set[str]]]:
+    """A writer per save step in its temporary folder; with ``resume``, the tensors already written."""
+    writers: dict[str, ShardedWriter] = {}
+    skip: dict[str, set[str]] = {}
+    for s, folder in folders.items():
+        tmp = folder.create(resume=resume)
+        writers[s] = ShardedWriter(tmp, plan.save_order[s], plan.metas[s], plan.ops[s].step.max_shard_bytes,
+                                   step=s, plan_id=plan_id)
+        if resume:
+            skip[s] = set(writers[s].resume())
+            if skip[s]:
+                LOG.warning("step '%s': resuming: %d of %d tensors already written", s, len(skip[s]),
+                            len(plan.save_order[s]))
+    return writers, skip
+
+
+def _abandon(exc: BaseException, writers: dict[str, ShardedWriter], folders: dict[str, OutputFolder]) -> None:
+    """After a failure: stop the writers, discard folders without finished shards, say where the rest are."""
+    for w in writers.values():
+        w.abort()
+    kept = [f for f in folders.values() if f.has_progress()]
+    for f in folders.values():
+        if f not in kept:
+            f.discard()
+    if kept and isinstance(exc, MergeEngineError):
+        exc.message += f" (finished shards kept in {kept[0].tmp}: rerun with --resume to continue)"
+    elif kept:
+        LOG.warning("finished shards kept in %s: rerun with --resume to continue", kept[0].tmp)
 
 
 def _plan_id(plan: Plan, loaded: LoadedRecipe) -> str:
