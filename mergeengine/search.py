@@ -1,4 +1,4 @@
-"""The DPA factor search (DPPA.md, "what makes DPA dynamic"): coordinate ascent on a validation score.
+"""The DPA factor search (docs/recipes.md, "what makes DPA dynamic"): coordinate ascent on a validation score.
 
 score = geometric mean over tasks of (accuracy / accuracy of the dense fine-tuned model).
 For each factor in order: start at its value (1.0 if below 0.1), add ``step_size`` while the score
@@ -224,7 +224,7 @@ def _climb(loaded: LoadedRecipe, evaluator: _Evaluator, progress: bool) -> Searc
 
     for f in spec.factors:
         value = f.start if f.start is not None else current[f.step][f.partition]
-        if value < 0.1:  # DPPA.md: a factor starting below 0.1 starts its search at 1.0
+        if value < 0.1:  # docs/recipes.md: a factor starting below 0.1 starts its search at 1.0
             value = 1.0
         current[f.step][f.partition] = value
         best = score(current)

@@ -1,5 +1,5 @@
-"""DPPA kernels: hand-worked examples of every DPPA.md step, and a direct (non-streaming)
-implementation of DPPA.md that concatenates whole layers, against which the streaming passes
+"""DPPA kernels: hand-worked examples of every docs/recipes.md step, and a direct (non-streaming)
+implementation of docs/recipes.md that concatenates whole layers, against which the streaming passes
 are compared."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def streaming_dp(
 
 
 # ---------------------------------------------------------------------------------------------
-# Direct implementation of DPPA.md: whole layers concatenated, float64, no streaming.
+# Direct implementation of docs/recipes.md: whole layers concatenated, float64, no streaming.
 
 
 def _ref_layer(name: str) -> int:

@@ -1,6 +1,6 @@
 """DPPA kernels: Dynamic Pruning (DP) statistics and masks, Dynamic Partition Amplification (DPA).
 
-Pure tensor math for arXiv 2403.02799, as specified in ``shared/DPPA.md`` (steps 1-6 below refer
+Pure tensor math for arXiv 2403.02799, as specified in docs/recipes.md (the paper's formulas, restated) (steps 1-6 below refer
 to that file). Nothing here reads files or recipes. DP needs statistics over the whole model
 before any module is pruned, so the engine streams over the deltas in three passes and never
 holds more than one delta at a time; between passes only scalars are kept::
@@ -20,7 +20,7 @@ once per ``d_k`` (cheap: scalars only) and passes this module's densities to
 :func:`dpa_amplify_tensor`. The layer and module offsets do not depend on ``d``, and clamping is
 monotone, so a module's densities are non-decreasing in ``d_k`` and the masks are nested.
 
-Where DPPA.md needs a guard it does not state (each is tested):
+Where docs/recipes.md needs a guard it does not state (each is tested):
 
 * Steps 1-4 are computed exactly, in rational arithmetic from the integer outlier counts and
   element counts, and only converted to float at the end. "All ``c`` are 0" and "all ``r`` are
@@ -28,7 +28,7 @@ Where DPPA.md needs a guard it does not state (each is tested):
   division by ``max |c|`` or ``max |r|`` would blow up to ``+-lamda``. It also makes the result
   independent of the order in which tensors were streamed.
 * Step 2: ``max_l |c_l| = 0`` (one layer, or all layers with the same ratio): layer offsets 0
-  (stated in DPPA.md).
+  (stated in docs/recipes.md).
 * Step 4: ``mean(r) = 0`` (no module has an outlier): module offsets 0. After centring,
   ``max |r| = 0`` (all modules have the same ratio): module offsets 0.
 * A tensor (or layer) with no elements has outlier ratio 0.
@@ -119,7 +119,7 @@ class ModulePartial:
     Attributes:
         sum_abs: sum of ``|D|`` (accumulated in float64).
         numel: number of elements.
-        outlier_count: ``count(|D| > M * mean(|D|))``, mean over this tensor (DPPA.md step 3).
+        outlier_count: ``count(|D| > M * mean(|D|))``, mean over this tensor (docs/recipes.md step 3).
     """
 
     sum_abs: float
@@ -139,7 +139,7 @@ class ModulePartial:
 
 @dataclass(frozen=True)
 class DPDensities:
-    """DP keep fractions for one target density (DPPA.md steps 1-5).
+    """DP keep fractions for one target density (docs/recipes.md steps 1-5).
 
     Layer dicts are keyed by layer key and module dicts by tensor name, both in the order of
     ``groups`` (layers numerically).
@@ -422,7 +422,7 @@ def dp_densities(
     density: float,
     lamda: float = DEFAULT_LAMDA,
 ) -> DPDensities:
-    """After pass 2: DP's per-layer and per-module keep fractions (DPPA.md steps 1-5).
+    """After pass 2: DP's per-layer and per-module keep fractions (docs/recipes.md steps 1-5).
 
     Steps 1-4 are the offsets of :func:`_offsets`; step 5 is ``d_lj = D_l + r_lj``, clamped to
     [0, 1] with a :class:`DensityClampedWarning`.
@@ -521,7 +521,7 @@ def dp_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Pass 3 (DPPA.md step 6): magnitude-prune one delta at its DP module density, no rescale.
+    """Pass 3 (docs/recipes.md step 6): magnitude-prune one delta at its DP module density, no rescale.
 
     Args:
         delta: the tensor's delta.

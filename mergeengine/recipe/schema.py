@@ -36,7 +36,7 @@ class SearchFactor(BaseModel):
 
 
 class SearchSpec(BaseModel):
-    """The DPA factor search (DPPA.md): coordinate ascent on a validation score."""
+    """The DPA factor search (docs/recipes.md): coordinate ascent on a validation score."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
