@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from mergeengine.errors import RecipeError
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS
-from mergeengine.recipe.schema import Recipe, step_fields
+from mergeengine.recipe.schema import Recipe, recipe_model, step_fields
 
 
 @dataclass
@@ -103,7 +103,7 @@ def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
     if not isinstance(data, dict):
         raise RecipeError([f"{path}:1:1: a recipe is a mapping with a 'steps' list, got {type(data).__name__}"])
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
     return LoadedRecipe(recipe, path, positions, data, text)
@@ -122,7 +122,7 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
             step = steps[loc[1]] if loc[1] < len(steps) and isinstance(steps[loc[1]], dict) else {}
             sid = step.get("id")
             prefix = f"step '{sid}': " if sid else f"step #{loc[1] + 1}: "
-        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in _TAGS), None)
+        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in {*OPS, *METHODS}), None)
         if kind == "extra_forbidden":
             allowed = step_fields(step) if step else list(Recipe.model_fields)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -156,5 +156,3 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
             lines.append(line)
     return lines
 
-
-_TAGS = {*OPS, *METHODS}
