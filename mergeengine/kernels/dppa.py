@@ -59,14 +59,11 @@ import numpy as np
 import torch
 
 from mergeengine.kernels.selection import (
-    HIGH_BINS,
     bits_to_float,
-    high_keys,
     kth_smallest_abs,
     sample_float32,
     samples_help,
     select_abs_ranks_sampled,
-    select_abs_ranks_streamed,
 )
 
 #: A delta, or the ``(model, base)`` pair it is the difference of (computed chunk by chunk).
@@ -202,18 +199,13 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return {name: (f"{prefix}{index}", module) for prefix, index, _, name, module in found}
 
 
-def module_partial(
-    delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD, high_histogram: torch.Tensor | None = None
-) -> ModulePartial:
+def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
     """Pass 1: the statistics DP needs from one prunable tensor.
 
     Args:
         delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast), or the
             pair ``(F, B)`` (the delta is then computed chunk by chunk, never stored).
         module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
-        high_histogram: optional int64 tensor of :data:`HIGH_BINS` counts; the pass adds the
-            histogram of the high 16 bits of ``|D|`` to it (pass 1 of an exact selection, so
-            ``dpa_amplify`` need not read the tensor once more for it).
 
     Returns:
         ``ModulePartial(sum_abs, numel, outlier_count)``.
@@ -222,30 +214,27 @@ def module_partial(
         >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
         ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
     """
-    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64 and high_histogram is None:
+    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
         magnitudes = delta.detach().reshape(-1).abs()
         numel = magnitudes.numel()
         sum_abs = _sum_float64(magnitudes)
         outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
         return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-    sum_abs, numel = magnitude_sum(delta, high_histogram)
+    sum_abs, numel = magnitude_sum(delta)
     outliers = count_above(delta, [module_threshold * sum_abs / numel])[0] if numel else 0
     return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
 
 
-def magnitude_sum(delta: Delta, high_histogram: torch.Tensor | None = None) -> tuple[float, int]:
+def magnitude_sum(delta: Delta) -> tuple[float, int]:
     """``(sum |D|, numel)`` in one read (the first half of :func:`module_partial`).
 
-    The sum is that of :func:`_sum_float64` (float32 block sums added in float64). With
-    ``high_histogram``, the histogram of the high 16 bits of ``|D|`` is added to it as well.
+    The sum is that of :func:`_sum_float64` (float32 block sums added in float64).
     """
     numel = _numel(delta)
     block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
     block_sums: list[torch.Tensor] = []
     tail = 0.0
     for chunk in _abs_chunks(delta):
-        if high_histogram is not None:
-            high_histogram += torch.bincount(high_keys(chunk), minlength=HIGH_BINS).to(high_histogram.device)
         full = chunk.numel() // block * block
         if full:
             block_sums.append(chunk[:full].view(-1, block).sum(dim=1))
@@ -542,9 +531,7 @@ def dp_prune_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
     )
 
 
-def dpa_amplify_tensor(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
-) -> torch.Tensor:
+def dpa_amplify_tensor(delta: Delta, densities: Sequence[float], scales: Sequence[float]) -> torch.Tensor:
     """DPA with DP selection: rescale each partition of one delta by its own factor.
 
     Partition k holds the entries kept at ``densities[k]`` but not at ``densities[k-1]`` (by
@@ -567,7 +554,7 @@ def dpa_amplify_tensor(
         ValueError: lengths differ, no partition, a density outside [0, 1] or decreasing.
     """
     _check_partitions(densities, scales, strictly_increasing=False)
-    return _scale_partitions(delta, densities, scales, high_histogram)
+    return _scale_partitions(delta, densities, scales)
 
 
 def dpa_amplify_magnitude_tensor(
@@ -788,15 +775,13 @@ class PartitionScaler:
     ``PartitionScaler(delta, densities, scales)`` selects the thresholds of every partition in
     the same streamed pass: on the CPU a sample of the delta predicts a window around each
     threshold (:func:`~mergeengine.kernels.selection.select_abs_ranks_sampled`; two histogram
-    passes when one falls outside its window). With ``high``, the magnitude histogram already
-    counted, the second histogram pass alone. :meth:`scale` then turns any chunk of the delta
+    passes when one falls outside its window). :meth:`scale` then turns any chunk of the delta
     into the amplified chunk. The result
     of a tensor is the concatenation of its scaled chunks, in any chunking: a merge can so
     amplify each chunk it reads instead of reading a materialised amplified delta.
     """
 
-    def __init__(self, delta: Delta, densities: Sequence[float], scales: Sequence[float],
-                 high_histogram: torch.Tensor | None = None) -> None:
+    def __init__(self, delta: Delta, densities: Sequence[float], scales: Sequence[float]) -> None:
         numel = _numel(delta)
         ks = [prune_count(numel, d) for d in densities]
         wanted = sorted({k for k in ks if k > 0})
@@ -804,8 +789,8 @@ class PartitionScaler:
         def chunks() -> Iterator[torch.Tensor]:
             return (c for _, c in _value_chunks(delta))
 
-        if high_histogram is not None or not wanted:  # the histogram pass is done: one more read
-            selected = select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram)
+        if not wanted:
+            selected = []
         else:  # a sample predicts a window around each threshold: usually one read
             selected = select_abs_ranks_sampled(chunks, numel, wanted, _sample(delta) if samples_help(numel) else None)
         picked = dict(zip(wanted, selected, strict=True))
@@ -848,13 +833,11 @@ def _sample(delta: Delta) -> np.ndarray | None:
     return sample_float32(delta) if delta.device.type == "cpu" else None
 
 
-def _scale_partitions(
-    delta: Delta, densities: Sequence[float], scales: Sequence[float], high_histogram: torch.Tensor | None = None
-) -> torch.Tensor:
+def _scale_partitions(delta: Delta, densities: Sequence[float], scales: Sequence[float]) -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
     partition selected in the same streamed pass(es) (see :class:`PartitionScaler`), the result
     written once."""
-    scaler = PartitionScaler(delta, densities, scales, high_histogram)
+    scaler = PartitionScaler(delta, densities, scales)
     like = delta[0] if isinstance(delta, tuple) else delta
     result = torch.empty(_numel(delta), dtype=torch.float32, device=like.device)
     for start, chunk in _value_chunks(delta):

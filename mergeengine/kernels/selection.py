@@ -107,18 +107,6 @@ def check_fraction(value: float, name: str) -> float:
     return float(value)
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """Bit patterns of ``|x|`` as a flat int32 tensor (monotone in the magnitude).
-
-    Args:
-        x: any float tensor; non-float32 inputs are converted to float32 first.
-
-    Returns:
-        A new 1-D int32 tensor of ``x.numel()`` non-negative values on ``x``'s device.
-    """
-    return _flat_float32(x).view(torch.int32) & _ABS_MASK
-
-
 def abs_high_histogram(x: torch.Tensor) -> torch.Tensor:
     """Counts of the high 16 bits of the bit patterns of ``|x|``: pass 1 of the radix select.
 
@@ -284,21 +272,18 @@ def select_abs_rank_streamed(
 
 
 def select_abs_ranks_streamed(
-    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int], high: torch.Tensor | None = None
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int]
 ) -> list[RankSelection]:
     """Several ranks of one chunked tensor with the same two passes (see :func:`select_abs_rank_streamed`).
 
     The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
-    distinct high bin the ranks fall in. ``high``: that histogram when already counted (see
-    :func:`high_keys`); pass 1 is then skipped.
+    distinct high bin the ranks fall in.
     """
-    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks],
-                                          highs=None if high is None else [high])[0]
+    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks])[0]
 
 
 def select_abs_ranks_streamed_many(
     chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
-    highs: Sequence[torch.Tensor] | None = None,
 ) -> list[list[RankSelection]]:
     """Ranks of several chunked tensors of one size, selected in the same two passes.
 
@@ -316,7 +301,7 @@ def select_abs_ranks_streamed_many(
             for i in streams:
                 parts[i].append(group[i].reshape(-1).clone())  # chunks may share a buffer
         return [[select_abs_rank(torch.cat(parts[i]), k) for k in ks[i]] for i in streams]
-    high = list(highs) if highs is not None else _high_histograms(chunks, ks)
+    high = _high_histograms(chunks, ks)
     located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]
     lows = _low_histograms(chunks, [sorted({b for b, _, _ in located[i]}) for i in streams])
     out: list[list[RankSelection]] = []
@@ -594,25 +579,6 @@ def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     selected = select_abs_rank(x, k)
     return torch.tensor(selected.bits, dtype=torch.int32, device=x.device).view(torch.float32)
-
-
-def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of ``|x|`` (1-based), exactly: ``kth_smallest_abs(x, numel - k + 1)``.
-
-    Args:
-        x: any float tensor.
-        k: rank from the largest, 1 <= k <= x.numel().
-
-    Returns:
-        A 0-d float32 tensor on ``x``'s device.
-
-    Raises:
-        ValueError: when ``k`` is out of range.
-    """
-    numel = x.numel()
-    if isinstance(k, bool) or not 1 <= k <= numel:
-        raise ValueError(f"k={k} out of range for {numel} elements")
-    return kth_smallest_abs(x, numel - k + 1)
 
 
 def topk_abs_mask(x: torch.Tensor, k: int) -> torch.Tensor:
