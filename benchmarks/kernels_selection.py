@@ -3,7 +3,7 @@
 Compares, on a float32 tensor of a Llama MLP shape (5632x2048 by default):
 
 * the k-th largest magnitude: full ``argsort`` (what mergekit does), ``torch.kthvalue``,
-  ``torch.topk`` and :func:`mergeengine.kernels.selection.kth_largest_abs` (radix select);
+  ``torch.topk`` and :func:`mergeengine.kernels.selection.kth_smallest_abs` from the other end (radix select);
 * the keep mask of the top-k magnitudes: argsort + scatter (mergekit's ``magnitude``),
   kthvalue + compare (not exactly k on ties), topk + scatter, and
   :func:`mergeengine.kernels.selection.topk_abs_mask`;
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import keep_count, kth_largest_abs, topk_abs_mask
+from mergeengine.kernels.selection import keep_count, kth_smallest_abs, topk_abs_mask
 
 
 def best_ms(function: Callable[[], object], repeats: int) -> float:
@@ -51,7 +51,7 @@ def run(x: torch.Tensor, k: int, repeats: int) -> list[tuple[str, float]]:
     flat_abs = x.abs().reshape(-1)
     numel = flat_abs.numel()
     reference = flat_abs.sort().values[numel - k]
-    assert kth_largest_abs(x, k) == reference
+    assert kth_smallest_abs(x, x.numel() - k + 1) == reference
     assert torch.kthvalue(flat_abs, numel - k + 1).values == reference
     assert torch.topk(flat_abs, k).values[-1] == reference
     mask = topk_abs_mask(x, k)
@@ -64,7 +64,7 @@ def run(x: torch.Tensor, k: int, repeats: int) -> list[tuple[str, float]]:
         ("k-th value: argsort (mergekit)", lambda: flat_abs[torch.argsort(flat_abs)[numel - k]]),
         ("k-th value: torch.kthvalue", lambda: torch.kthvalue(x.abs().reshape(-1), numel - k + 1)),
         ("k-th value: torch.topk", lambda: torch.topk(x.abs().reshape(-1), k).values[-1]),
-        ("k-th value: kth_largest_abs (radix)", lambda: kth_largest_abs(x, k)),
+        ("k-th value: kth_largest_abs (radix)", lambda: kth_smallest_abs(x, x.numel() - k + 1)),
         (
             "mask: argsort + scatter (mergekit)",
             lambda: scatter_mask(x, torch.argsort(x.abs().reshape(-1), descending=True)[:k]),

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from mergeengine.errors import ExecutionError, MergeEngineError, NonFiniteError
-from mergeengine.graph.plan import Plan, PrefetchWindow, TaskKey, uses
+from mergeengine.graph.plan import LiveBytes, Plan, PrefetchWindow, TaskKey
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.load import LoadOp
 from mergeengine.ops.save import SaveOp
@@ -111,15 +111,14 @@ class _Run:
         self.plan, self.sinks, self.device, self.seed = plan, sinks, device, seed
         self.allow_nonfinite = allow_nonfinite
         self.stats = RunStats()
-        self.remaining = uses(plan)
         self.window = PrefetchWindow(plan, plan.prefetch_bytes)
+        self.live = LiveBytes(plan, self.window)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if plan.prefetch_bytes else None
         self.reads: dict[TaskKey, Future[torch.Tensor]] = {}
         self.values: dict[TaskKey, Any] = {}
         self.checked: set[TaskKey] = set()  # results their op verified free of NaN/Inf
         self.step_stats: dict[str, dict[str, Any]] = {s: {} for s in plan.active}
         self.accs: dict[tuple[str, str], Any] = {}
-        self.live = 0
 
     def task(self, key: TaskKey) -> tuple[int, int]:
         """Run one task; returns (bytes it read, bytes it wrote). Errors name the step and tensor."""
@@ -195,29 +194,27 @@ class _Run:
         return 0, size
 
     def _hold(self, key: TaskKey, out: Any) -> int:
-        """Count a new value as live (the peak includes what is read ahead); keep it while used."""
-        size = out.nbytes if isinstance(out, torch.Tensor) else 0
-        self.live += size
-        self.stats.peak_live_bytes = max(self.stats.peak_live_bytes, self.live + self.window.ahead)
-        if self.remaining[key] > 0:
+        """Count a new value as live (:class:`LiveBytes`); keep it while it is used."""
+        size = _nbytes(out)
+        if self.live.produced(key, size):
             self.values[key] = out
-        else:  # a save's result goes to the writer and is dropped
-            self.live -= size
+        self.stats.peak_live_bytes = self.live.peak
         return size
 
     def _release(self, key: TaskKey) -> None:
         """Free every source whose last consumer this was."""
-        for s in self.plan.sources[key]:
-            self.remaining[s] -= 1
-            if self.remaining[s] == 0:
-                v = self.values.pop(s)
-                self.checked.discard(s)
-                self.live -= v.nbytes if isinstance(v, torch.Tensor) else 0
+        for s in self.live.consumed(self.plan.sources[key], lambda k: _nbytes(self.values[k])):
+            self.values.pop(s)
+            self.checked.discard(s)
 
     def close(self) -> None:
         """Stop reading ahead (also after a failure)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _nbytes(value: Any) -> int:
+    return value.nbytes if isinstance(value, torch.Tensor) else 0
 
 
 def _done(value: torch.Tensor) -> Future[torch.Tensor]:

@@ -1,5 +1,5 @@
-"""DPPA kernels: hand-worked examples of every DPPA.md step, and a direct (non-streaming)
-implementation of DPPA.md that concatenates whole layers, against which the streaming passes
+"""DPPA kernels: hand-worked examples of every docs/recipes.md step, and a direct (non-streaming)
+implementation of docs/recipes.md that concatenates whole layers, against which the streaming passes
 are compared."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def streaming_dp(
 
 
 # ---------------------------------------------------------------------------------------------
-# Direct implementation of DPPA.md: whole layers concatenated, float64, no streaming.
+# Direct implementation of docs/recipes.md: whole layers concatenated, float64, no streaming.
 
 
 def _ref_layer(name: str) -> int:
@@ -584,20 +584,6 @@ def test_statistics_and_amplify_on_a_model_base_pair_equal_the_materialised_delt
         assert torch.equal(fn((model, base), [0.1, 0.2], [1.8, 1.0]), fn(delta, [0.1, 0.2], [1.8, 1.0]))
 
 
-def test_module_pass_histogram_replaces_the_first_selection_pass():
-    """The magnitude histogram counted during the module statistics gives the same amplified delta."""
-    from mergeengine.kernels import dppa as k
-
-    g = torch.Generator().manual_seed(7)
-    delta = torch.randn(2 * k._CHUNK + 999, generator=g) * 1e-3
-    delta[::13] = 3e-4  # ties at the thresholds
-    high = torch.zeros(k.HIGH_BINS, dtype=torch.int64)
-    assert k.module_partial(delta, 3.0, high_histogram=high) == k.module_partial(delta, 3.0)
-    assert int(high.sum()) == delta.numel()
-    with_high = k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0], high_histogram=high)
-    assert torch.equal(with_high, k.dpa_amplify_tensor(delta, [0.1, 0.25], [1.8, 1.0]))
-
-
 def test_sampled_partition_thresholds_equal_the_histogram_passes(monkeypatch):
     """DPA's thresholds from sample-predicted windows (one read; forced here on a small tensor)
     give the bytes of the two histogram passes, for a delta and for a bf16 (model, base) pair,
@@ -610,10 +596,8 @@ def test_sampled_partition_thresholds_equal_the_histogram_passes(monkeypatch):
     model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
     delta = model.float() - base.float()
     expected = {}
-    for name, d in (("delta", delta), ("pair", (model, base))):
-        high = torch.zeros(k.HIGH_BINS, dtype=torch.int64)
-        k.magnitude_sum(d, high)
-        expected[name] = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0], high_histogram=high)
+    for name, d in (("delta", delta), ("pair", (model, base))):  # small: the two histogram passes
+        expected[name] = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
     monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
     monkeypatch.setattr(selection, "SAMPLE_RUNS", 128)
     monkeypatch.setattr(selection, "SAMPLE_RUN", 16)

@@ -15,12 +15,16 @@ from mergeengine.kernels import selection
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import (
     keep_count,
-    kth_largest_abs,
     kth_smallest_abs,
     select_abs_rank,
     topk_abs_mask,
 )
 from mergeengine.kernels.sparsify import threshold_prune
+
+
+def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest ``|x|``: the k-th smallest from the other end."""
+    return kth_smallest_abs(x, x.numel() - k + 1)
 
 
 @pytest.fixture(params=["sort_path", "histogram_path"])

@@ -60,7 +60,7 @@ METHODS: dict[str, str] = {
     "dpa_release": "DP+DPA (release start)",
     "dpa_unit": "DP+DPA (start at DP)",
 }
-#: where the DPA search starts (s1, s2) for each DP+DPA variant; s2 = 0 starts at 1.0 (DPPA.md)
+#: where the DPA search starts (s1, s2) for each DP+DPA variant; s2 = 0 starts at 1.0 (docs/recipes.md)
 DPA_STARTS: dict[str, tuple[float, float]] = {"dpa_release": (1.8, 0.0), "dpa_unit": (1.0, 1.0)}
 #: the Table 2 rows the paper compares DPPA with (DP + TA is our ablation: DPPA without DPA)
 PAPER_BASELINES = ("task_arithmetic", "ties", "dare_ties")

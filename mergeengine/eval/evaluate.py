@@ -453,31 +453,32 @@ def evaluate(
     if isinstance(tasks, (str, Path)):
         tasks = load_tasks(tasks)
     specs = list(tasks.tasks if isinstance(tasks, TaskFile) else tasks)
-
-    if isinstance(model, (str, Path)):
-        model_name = str(model)
-        loaded, folder_tokenizer = load_model(model, device=device, dtype=dtype)
-        tokenizer = folder_tokenizer if tokenizer is None else tokenizer
-        model = loaded
-    else:
-        model_name = _describe(model)
-        if tokenizer is None:
-            raise MergeEngineError("an in-memory model needs its tokenizer: pass tokenizer=")
-        if device is not None:
-            model.to(_resolve_device(device))
+    model_name, model, tokenizer, dev = _model_and_tokenizer(model, tokenizer, device, dtype)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+    samples = _score_all(model, tokenizer, specs, _batches(specs, batch_size, limit), dev, loglik, progress)
+    results = [_task_result(spec, samples[spec.name]) for spec in specs]
+    return EvalResult(model=model_name, tasks=results, seconds=time.perf_counter() - start)
+
+
+def _model_and_tokenizer(model: Any, tokenizer: Any, device: str | torch.device | None,
+                         dtype: str | torch.dtype | None) -> tuple[str, Any, Any, torch.device]:
+    """(name, model, tokenizer or its folder, device): a folder is loaded, an in-memory model moved."""
+    if isinstance(model, (str, Path)):
+        loaded, folder_tokenizer = load_model(model, device=device, dtype=dtype)
+        return str(model), loaded, folder_tokenizer if tokenizer is None else tokenizer, next(loaded.parameters()).device
+    if tokenizer is None:
+        raise MergeEngineError("an in-memory model needs its tokenizer: pass tokenizer=")
+    if device is not None:
+        model.to(_resolve_device(device))
+    return _describe(model), model, tokenizer, next(model.parameters()).device
+
+
+def _score_all(model: Any, tokenizer: Any, specs: list[TaskSpec], batches: list[tuple[TaskSpec, list[Record]]],
+               dev: torch.device, loglik: bool, progress: bool) -> dict[str, list[SampleResult]]:
+    """Every batch scored in eval mode (the model's mode restored after), with an optional bar."""
     was_training = model.training
     model.eval()
-
-    batches: list[tuple[TaskSpec, list[Record]]] = []
-    for spec in specs:
-        if limit is not None:
-            spec = spec.model_copy(update={"limit": min(limit, spec.limit or limit)})
-        records = load_records(spec)
-        for i in range(0, len(records), batch_size):
-            batches.append((spec, records[i : i + batch_size]))
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -486,7 +487,7 @@ def evaluate(
     samples: dict[str, list[SampleResult]] = {spec.name: [] for spec in specs}
     try:
         for spec, records in batches:
-            samples[spec.name].extend(_score_batch(model, tokenizer, spec, records, loglik))
+            samples[spec.name] += _score_batch(model, tokenizer, spec, records, loglik)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -494,20 +495,26 @@ def evaluate(
             bar.close()
         if was_training:
             model.train()
+    return samples
 
-    results = []
+
+def _batches(specs: list[TaskSpec], batch_size: int, limit: int | None) -> list[tuple[TaskSpec, list[Record]]]:
+    """Every task's records (at most ``limit`` each) in batches of ``batch_size``."""
+    batches: list[tuple[TaskSpec, list[Record]]] = []
     for spec in specs:
-        ss = samples[spec.name]
-        n_tokens = sum(s.answer_tokens for s in ss)
-        results.append(
-            TaskResult(
-                name=spec.name,
-                num_samples=len(ss),
-                accuracy=sum(s.correct for s in ss) / len(ss),
-                mean_loglik=sum(s.loglik * s.answer_tokens for s in ss) / max(1, n_tokens),
-                reference=spec.reference,
-                samples=ss,
-            )
-        )
-        LOG.info("%s: accuracy %.4f over %d records", spec.name, results[-1].accuracy, len(ss))
-    return EvalResult(model=model_name, tasks=results, seconds=time.perf_counter() - start)
+        if limit is not None:
+            spec = spec.model_copy(update={"limit": min(limit, spec.limit or limit)})
+        records = load_records(spec)
+        for i in range(0, len(records), batch_size):
+            batches.append((spec, records[i : i + batch_size]))
+    return batches
+
+
+def _task_result(spec: TaskSpec, samples: list[SampleResult]) -> TaskResult:
+    """Accuracy and token-weighted mean log-likelihood of one task."""
+    n_tokens = sum(s.answer_tokens for s in samples)
+    result = TaskResult(name=spec.name, num_samples=len(samples), accuracy=sum(s.correct for s in samples) / len(samples),
+                        mean_loglik=sum(s.loglik * s.answer_tokens for s in samples) / max(1, n_tokens),
+                        reference=spec.reference, samples=samples)
+    LOG.info("%s: accuracy %.4f over %d records", spec.name, result.accuracy, len(samples))
+    return result

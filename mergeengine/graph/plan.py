@@ -16,6 +16,7 @@ next tensor is loaded. Values are freed after their last consumer.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -442,34 +443,60 @@ class PrefetchWindow:
         return submit
 
 
-def simulate(plan: Plan, prefetch_bytes: int = 0) -> Estimate:
-    """Walk the schedule with the executor's accounting rules and return the exact figures.
+class LiveBytes:
+    """The one memory-accounting rule, shared by :func:`simulate` and the executor.
 
-    Live bytes include tensors read ahead but not yet used (``prefetch_bytes`` of read-ahead).
+    A value is live from its task until its last consumer has run (a value nobody consumes, a
+    save's result, is handed on and dropped at once); the peak includes the bytes read ahead
+    (``window.ahead``). Because the plan and the run apply the same rule to the same schedule,
+    the estimate ``plan`` prints is the peak the run measures.
+    """
+
+    def __init__(self, plan: Plan, window: PrefetchWindow) -> None:
+        self.remaining = uses(plan)
+        self.window = window
+        self.live = 0
+        self.peak = 0
+
+    def produced(self, key: TaskKey, size: int) -> bool:
+        """Count ``key``'s new value; returns whether it must be kept (someone consumes it)."""
+        self.live += size
+        self.peak = max(self.peak, self.live + self.window.ahead)
+        if self.remaining[key] == 0:
+            self.live -= size
+            return False
+        return True
+
+    def consumed(self, sources: list[TaskKey], size_of: Callable[[TaskKey], int]) -> list[TaskKey]:
+        """A task used ``sources``; returns those whose last consumer it was (now freed)."""
+        freed = []
+        for src in sources:
+            self.remaining[src] -= 1
+            if self.remaining[src] == 0:
+                self.live -= size_of(src)
+                freed.append(src)
+        return freed
+
+
+def simulate(plan: Plan, prefetch_bytes: int = 0) -> Estimate:
+    """Walk the schedule with the executor's accounting (:class:`LiveBytes`) and return the exact
+    figures. Live bytes include tensors read ahead but not yet used (``prefetch_bytes`` of read-ahead).
     """
     est = Estimate(passes=max(plan.phase.values(), default=0) + 1)
-    remaining = uses(plan)
     window = PrefetchWindow(plan, prefetch_bytes)
-    live = 0
+    live = LiveBytes(plan, window)
     for key in plan.order:
         size = value_bytes(plan, key)
         if is_load(plan, key):
             window.take(key)
-        live += size
-        est.peak_live_bytes = max(est.peak_live_bytes, live + window.ahead)
-        est.largest_tensor_bytes = max(est.largest_tensor_bytes, size)
-        op = plan.ops[key.step]
-        if key.kind == "compute" and isinstance(op, LoadOp):
             est.bytes_read += size
-        if key.kind == "compute" and isinstance(op, SaveOp):
+        live.produced(key, size)
+        est.largest_tensor_bytes = max(est.largest_tensor_bytes, size)
+        if key.kind == "compute" and isinstance(plan.ops[key.step], SaveOp):
             est.bytes_written += size
             est.tensors_written += 1
-        if remaining[key] == 0:  # a save's result goes to the writer and is dropped
-            live -= size
-        for src in plan.sources.get(key, []):
-            remaining[src] -= 1
-            if remaining[src] == 0:
-                live -= value_bytes(plan, src)
+        live.consumed(plan.sources.get(key, []), lambda k: value_bytes(plan, k))
+    est.peak_live_bytes = live.peak
     return est
 
 

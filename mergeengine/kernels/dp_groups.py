@@ -25,13 +25,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 # First all-digit dotted segment: model.layers.3.mlp..., transformer.h.3.attn..., blocks.3...
 _LAYER_INDEX = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
 
-Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Delta = Union["torch.Tensor", tuple["torch.Tensor", "torch.Tensor"]]  # noqa: UP007 - a string alias: no torch at import
 
 
 @dataclass(frozen=True)

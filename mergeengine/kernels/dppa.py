@@ -1,6 +1,6 @@
 """DPPA kernels: Dynamic Pruning (DP) statistics and masks, Dynamic Partition Amplification (DPA).
 
-Pure tensor math for arXiv 2403.02799, as specified in ``shared/DPPA.md`` (steps 1-6 below refer
+Pure tensor math for arXiv 2403.02799, as specified in docs/recipes.md (the paper's formulas, restated) (steps 1-6 below refer
 to that file). Nothing here reads files or recipes. DP needs statistics over the whole model
 before any module is pruned, so the engine streams over the deltas in three passes and never
 holds more than one delta at a time; between passes only scalars are kept::
@@ -20,7 +20,7 @@ once per ``d_k`` (cheap: scalars only) and passes this module's densities to
 :func:`dpa_amplify_tensor`. The layer and module offsets do not depend on ``d``, and clamping is
 monotone, so a module's densities are non-decreasing in ``d_k`` and the masks are nested.
 
-Where DPPA.md needs a guard it does not state (each is tested):
+Where docs/recipes.md needs a guard it does not state (each is tested):
 
 * Steps 1-4 are computed exactly, in rational arithmetic from the integer outlier counts and
   element counts, and only converted to float at the end. "All ``c`` are 0" and "all ``r`` are
@@ -28,7 +28,7 @@ Where DPPA.md needs a guard it does not state (each is tested):
   division by ``max |c|`` or ``max |r|`` would blow up to ``+-lamda``. It also makes the result
   independent of the order in which tensors were streamed.
 * Step 2: ``max_l |c_l| = 0`` (one layer, or all layers with the same ratio): layer offsets 0
-  (stated in DPPA.md).
+  (stated in docs/recipes.md).
 * Step 4: ``mean(r) = 0`` (no module has an outlier): module offsets 0. After centring,
   ``max |r| = 0`` (all modules have the same ratio): module offsets 0.
 * A tensor (or layer) with no elements has outlier ratio 0.
@@ -60,14 +60,11 @@ import torch
 from mergeengine.kernels.dp_groups import dp_module_groups
 from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.kernels.selection import (
-    HIGH_BINS,
     bits_to_float,
-    high_keys,
     kth_smallest_abs,
     sample_float32,
     samples_help,
     select_abs_ranks_sampled,
-    select_abs_ranks_streamed,
 )
 
 #: A delta, or the ``(model, base)`` pair it is the difference of (computed chunk by chunk).
@@ -116,7 +113,7 @@ class ModulePartial:
     Attributes:
         sum_abs: sum of ``|D|`` (accumulated in float64).
         numel: number of elements.
-        outlier_count: ``count(|D| > M * mean(|D|))``, mean over this tensor (DPPA.md step 3).
+        outlier_count: ``count(|D| > M * mean(|D|))``, mean over this tensor (docs/recipes.md step 3).
     """
 
     sum_abs: float
@@ -136,7 +133,7 @@ class ModulePartial:
 
 @dataclass(frozen=True)
 class DPDensities:
-    """DP keep fractions for one target density (DPPA.md steps 1-5).
+    """DP keep fractions for one target density (docs/recipes.md steps 1-5).
 
     Layer dicts are keyed by layer key and module dicts by tensor name, both in the order of
     ``groups`` (layers numerically).
@@ -189,18 +186,13 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return dp_module_groups(two_d).units
 
 
-def module_partial(
-    delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD, high_histogram: torch.Tensor | None = None
-) -> ModulePartial:
+def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
     """Pass 1: the statistics DP needs from one prunable tensor.
 
     Args:
         delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast), or the
             pair ``(F, B)`` (the delta is then computed chunk by chunk, never stored).
         module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
-        high_histogram: optional int64 tensor of :data:`HIGH_BINS` counts; the pass adds the
-            histogram of the high 16 bits of ``|D|`` to it (pass 1 of an exact selection, so
-            ``dpa_amplify`` need not read the tensor once more for it).
 
     Returns:
         ``ModulePartial(sum_abs, numel, outlier_count)``.
@@ -209,30 +201,27 @@ def module_partial(
         >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
         ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
     """
-    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64 and high_histogram is None:
+    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
         magnitudes = delta.detach().reshape(-1).abs()
         numel = magnitudes.numel()
         sum_abs = _sum_float64(magnitudes)
         outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
         return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-    sum_abs, numel = magnitude_sum(delta, high_histogram)
+    sum_abs, numel = magnitude_sum(delta)
     outliers = count_above(delta, [module_threshold * sum_abs / numel])[0] if numel else 0
     return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
 
 
-def magnitude_sum(delta: Delta, high_histogram: torch.Tensor | None = None) -> tuple[float, int]:
+def magnitude_sum(delta: Delta) -> tuple[float, int]:
     """``(sum |D|, numel)`` in one read (the first half of :func:`module_partial`).
 
-    The sum is that of :func:`_sum_float64` (float32 block sums added in float64). With
-    ``high_histogram``, the histogram of the high 16 bits of ``|D|`` is added to it as well.
+    The sum is that of :func:`_sum_float64` (float32 block sums added in float64).
     """
     numel = _numel(delta)
     block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
     block_sums: list[torch.Tensor] = []
     tail = 0.0
     for chunk in _abs_chunks(delta):
-        if high_histogram is not None:
-            high_histogram += torch.bincount(high_keys(chunk), minlength=HIGH_BINS).to(high_histogram.device)
         full = chunk.numel() // block * block
         if full:
             block_sums.append(chunk[:full].view(-1, block).sum(dim=1))
@@ -336,6 +325,72 @@ def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> di
     return counts
 
 
+def _check_dp_inputs(partials: Mapping[str, ModulePartial], layer_counts: Mapping[str, int], groups: Groups,
+                     density: float, lamda: float) -> dict[str, int]:
+    """:func:`dp_densities`'s argument checks; returns each layer's element count."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not (math.isfinite(lamda) and lamda >= 0.0):
+        raise ValueError(f"lamda must be a finite number >= 0, got {lamda}")
+    _check_same_names(partials, groups, "partials")
+    layer_numel: dict[str, int] = {}
+    for name, (layer, _) in groups.items():
+        layer_numel[layer] = layer_numel.get(layer, 0) + partials[name].numel
+    missing = [layer for layer in layer_numel if layer not in layer_counts]
+    extra = [layer for layer in layer_counts if layer not in layer_numel]
+    if missing or extra:
+        raise ValueError(f"layer_counts does not match groups: missing {missing}, unexpected {extra}")
+    for layer, numel in layer_numel.items():
+        if not 0 <= layer_counts[layer] <= numel:
+            raise ValueError(f"layer '{layer}': outlier count {layer_counts[layer]} not in [0, {numel}]")
+    for name in groups:
+        part = partials[name]
+        if not 0 <= part.outlier_count <= part.numel:
+            raise ValueError(f"'{name}': outlier count {part.outlier_count} not in [0, {part.numel}]")
+    return layer_numel
+
+
+def _clamp(raw: dict[str, float], density: float, lamda: float) -> tuple[dict[str, float], list[str]]:
+    """Module densities clamped to [0, 1] (with a :class:`DensityClampedWarning`) and the clamped names."""
+    module_density = {name: min(1.0, max(0.0, value)) for name, value in raw.items()}
+    clamped = [name for name in raw if module_density[name] != raw[name]]
+    if clamped:
+        shown = ", ".join(f"{name} ({raw[name]:.4g})" for name in clamped[:10])
+        more = f" and {len(clamped) - 10} more" if len(clamped) > 10 else ""
+        warnings.warn(
+            f"DP module density outside [0, 1] clamped for {len(clamped)} module(s) at density={density}, "
+            f"lamda={lamda}: {shown}{more}. Lower lamda or move density away from 0 and 1 to avoid it.",
+            DensityClampedWarning,
+            stacklevel=3,
+        )
+    return module_density, clamped
+
+
+def _offsets(partials: Mapping[str, ModulePartial], layer_counts: Mapping[str, int], layer_numel: dict[str, int],
+             groups: Groups) -> tuple[dict[str, Fraction], dict[str, Fraction], dict[str, Fraction],
+                                      dict[str, Fraction]]:
+    """DP's steps 1-4, exactly: (layer ratios, layer offsets, module ratios, module offsets).
+
+    1. ``o_l = 100 * layer_counts[l] / numel_l``.
+    2. ``c = o - mean_l(o)`` (unweighted over layers); ``D_l = d + lamda * c_l / max_l |c_l|``,
+       or ``D_l = d`` when all ``c`` are 0 (the offset here is ``c_l / max_l |c_l|``).
+    3. ``r_lj = 100 * outlier_count / numel``.
+    4. ``r = r / mean(r)`` (unweighted over all modules of all layers); ``r = r - sum(n * r) /
+       sum(n)`` with ``n`` the element counts; ``r = r / max |r|`` (times lamda in step 5).
+       Offsets are 0 when ``mean(r) = 0`` or when all ``r`` are equal. (The first division
+       cancels in the last one; it is kept to follow the paper literally.)
+    """
+    layer_ratio = {layer: _percent(layer_counts[layer], numel) for layer, numel in layer_numel.items()}
+    layer_offset = _normalised(_centred(layer_ratio, {layer: 1 for layer in layer_ratio}))
+    module_ratio = {name: _percent(partials[name].outlier_count, partials[name].numel) for name in groups}
+    module_offset = {name: Fraction(0) for name in groups}
+    ratio_mean = sum(module_ratio.values(), Fraction(0)) / len(module_ratio) if module_ratio else Fraction(0)
+    if ratio_mean != 0:
+        scaled = {name: ratio / ratio_mean for name, ratio in module_ratio.items()}
+        module_offset = _normalised(_centred(scaled, {name: partials[name].numel for name in groups}))
+    return layer_ratio, layer_offset, module_ratio, module_offset
+
+
 def dp_densities(
     partials: Mapping[str, ModulePartial],
     layer_counts: Mapping[str, int],
@@ -343,17 +398,10 @@ def dp_densities(
     density: float,
     lamda: float = DEFAULT_LAMDA,
 ) -> DPDensities:
-    """After pass 2: DP's per-layer and per-module keep fractions (DPPA.md steps 1-5).
+    """After pass 2: DP's per-layer and per-module keep fractions (docs/recipes.md steps 1-5).
 
-    1. ``o_l = 100 * layer_counts[l] / numel_l``.
-    2. ``c = o - mean_l(o)`` (unweighted over layers); ``D_l = d + lamda * c_l / max_l |c_l|``,
-       or ``D_l = d`` when all ``c`` are 0.
-    3. ``r_lj = 100 * outlier_count / numel``.
-    4. ``r = r / mean(r)`` (unweighted over all modules of all layers); ``r = r - sum(n * r) /
-       sum(n)`` with ``n`` the element counts; ``r = lamda * r / max |r|``. Offsets are 0 when
-       ``mean(r) = 0`` or when all ``r`` are equal. (The first division cancels in the last one;
-       it is kept to follow the paper literally.)
-    5. ``d_lj = D_l + r_lj``, clamped to [0, 1] with a :class:`DensityClampedWarning`.
+    Steps 1-4 are the offsets of :func:`_offsets`; step 5 is ``d_lj = D_l + r_lj``, clamped to
+    [0, 1] with a :class:`DensityClampedWarning`.
 
     Steps 1-4 are exact (rational arithmetic); see the module docstring. No offset depends on
     ``d``, so calling this for several ``d`` gives module densities that are non-decreasing in
@@ -379,55 +427,16 @@ def dp_densities(
         >>> dens = dp_densities(partials, layer_outlier_counts(counts, groups), groups, 0.2, lamda=0.08)
         >>> dens.module_density[name]  # 0.2 + layer offset + module offset, each within +-0.08
     """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    if not (math.isfinite(lamda) and lamda >= 0.0):
-        raise ValueError(f"lamda must be a finite number >= 0, got {lamda}")
-    _check_same_names(partials, groups, "partials")
+    layer_numel = _check_dp_inputs(partials, layer_counts, groups, density, lamda)
 
-    layer_numel: dict[str, int] = {}
-    for name, (layer, _) in groups.items():
-        layer_numel[layer] = layer_numel.get(layer, 0) + partials[name].numel
-    missing = [layer for layer in layer_numel if layer not in layer_counts]
-    extra = [layer for layer in layer_counts if layer not in layer_numel]
-    if missing or extra:
-        raise ValueError(f"layer_counts does not match groups: missing {missing}, unexpected {extra}")
-    for layer, numel in layer_numel.items():
-        if not 0 <= layer_counts[layer] <= numel:
-            raise ValueError(f"layer '{layer}': outlier count {layer_counts[layer]} not in [0, {numel}]")
-    for name in groups:
-        part = partials[name]
-        if not 0 <= part.outlier_count <= part.numel:
-            raise ValueError(f"'{name}': outlier count {part.outlier_count} not in [0, {part.numel}]")
-
-    # Steps 1-2: layer ratios and layer offsets.
-    layer_ratio = {layer: _percent(layer_counts[layer], numel) for layer, numel in layer_numel.items()}
-    layer_offset = _normalised(_centred(layer_ratio, {layer: 1 for layer in layer_ratio}))
+    layer_ratio, layer_offset, module_ratio, module_offset = _offsets(partials, layer_counts, layer_numel, groups)
     layer_density = {layer: density + lamda * float(offset) for layer, offset in layer_offset.items()}
-
-    # Steps 3-4: module ratios and module offsets.
-    module_ratio = {name: _percent(partials[name].outlier_count, partials[name].numel) for name in groups}
-    module_offset = {name: Fraction(0) for name in groups}
-    ratio_mean = sum(module_ratio.values(), Fraction(0)) / len(module_ratio) if module_ratio else Fraction(0)
-    if ratio_mean != 0:
-        scaled = {name: ratio / ratio_mean for name, ratio in module_ratio.items()}
-        module_offset = _normalised(_centred(scaled, {name: partials[name].numel for name in groups}))
 
     # Step 5: module densities.
     raw = {
         name: layer_density[layer] + lamda * float(module_offset[name]) for name, (layer, _) in groups.items()
     }
-    module_density = {name: min(1.0, max(0.0, value)) for name, value in raw.items()}
-    clamped = [name for name in groups if module_density[name] != raw[name]]
-    if clamped:
-        shown = ", ".join(f"{name} ({raw[name]:.4g})" for name in clamped[:10])
-        more = f" and {len(clamped) - 10} more" if len(clamped) > 10 else ""
-        warnings.warn(
-            f"DP module density outside [0, 1] clamped for {len(clamped)} module(s) at density={density}, "
-            f"lamda={lamda}: {shown}{more}. Lower lamda or move density away from 0 and 1 to avoid it.",
-            DensityClampedWarning,
-            stacklevel=2,
-        )
+    module_density, clamped = _clamp(raw, density, lamda)
     return DPDensities(
         density=density,
         lamda=lamda,
@@ -488,7 +497,7 @@ def dp_keep_mask(delta: torch.Tensor, density: float, rule: PruneRule = "exact")
 
 
 def dp_prune_tensor(delta: torch.Tensor, density: float, rule: PruneRule = "exact") -> torch.Tensor:
-    """Pass 3 (DPPA.md step 6): magnitude-prune one delta at its DP module density, no rescale.
+    """Pass 3 (docs/recipes.md step 6): magnitude-prune one delta at its DP module density, no rescale.
 
     Args:
         delta: the tensor's delta.
@@ -510,13 +519,8 @@ def dp_prune_tensor(delta: torch.Tensor, density: float, rule: PruneRule = "exac
     )
 
 
-def dpa_amplify_tensor(
-    delta: Delta,
-    densities: Sequence[float],
-    scales: Sequence[float],
-    high_histogram: torch.Tensor | None = None,
-    rule: PruneRule = "exact",
-) -> torch.Tensor:
+def dpa_amplify_tensor(delta: Delta, densities: Sequence[float], scales: Sequence[float],
+                       rule: PruneRule = "exact") -> torch.Tensor:
     """DPA with DP selection: rescale each partition of one delta by its own factor.
 
     Partition k holds the entries kept at ``densities[k]`` but not at ``densities[k-1]`` (by
@@ -539,7 +543,7 @@ def dpa_amplify_tensor(
         ValueError: lengths differ, no partition, a density outside [0, 1] or decreasing.
     """
     _check_partitions(densities, scales, strictly_increasing=False)
-    return _scale_partitions(delta, densities, scales, high_histogram, rule)
+    return _scale_partitions(delta, densities, scales, rule)
 
 
 def dpa_amplify_magnitude_tensor(
@@ -760,15 +764,14 @@ class PartitionScaler:
     ``PartitionScaler(delta, densities, scales)`` selects the thresholds of every partition in
     the same streamed pass: on the CPU a sample of the delta predicts a window around each
     threshold (:func:`~mergeengine.kernels.selection.select_abs_ranks_sampled`; two histogram
-    passes when one falls outside its window). With ``high``, the magnitude histogram already
-    counted, the second histogram pass alone. :meth:`scale` then turns any chunk of the delta
+    passes when one falls outside its window). :meth:`scale` then turns any chunk of the delta
     into the amplified chunk. The result
     of a tensor is the concatenation of its scaled chunks, in any chunking: a merge can so
     amplify each chunk it reads instead of reading a materialised amplified delta.
     """
 
     def __init__(self, delta: Delta, densities: Sequence[float], scales: Sequence[float],
-                 high_histogram: torch.Tensor | None = None, rule: PruneRule = "exact") -> None:
+                 rule: PruneRule = "exact") -> None:
         numel = _numel(delta)
         ks = [pruned_count(numel, d, rule) for d in densities]
         wanted = sorted({k for k in ks if k > 0})
@@ -776,8 +779,8 @@ class PartitionScaler:
         def chunks() -> Iterator[torch.Tensor]:
             return (c for _, c in _value_chunks(delta))
 
-        if high_histogram is not None or not wanted:  # the histogram pass is done: one more read
-            selected = select_abs_ranks_streamed(chunks, numel, wanted, high=high_histogram)
+        if not wanted:
+            selected = []
         else:  # a sample predicts a window around each threshold: usually one read
             selected = select_abs_ranks_sampled(chunks, numel, wanted, _sample(delta) if samples_help(numel) else None)
         picked = dict(zip(wanted, selected, strict=True))
@@ -820,17 +823,12 @@ def _sample(delta: Delta) -> np.ndarray | None:
     return sample_float32(delta) if delta.device.type == "cpu" else None
 
 
-def _scale_partitions(
-    delta: Delta,
-    densities: Sequence[float],
-    scales: Sequence[float],
-    high_histogram: torch.Tensor | None = None,
-    rule: PruneRule = "exact",
-) -> torch.Tensor:
+def _scale_partitions(delta: Delta, densities: Sequence[float], scales: Sequence[float],
+                      rule: PruneRule = "exact") -> torch.Tensor:
     """Chunk by chunk: entries ranked by :func:`dp_keep_mask`'s rule, the thresholds of every
     partition selected in the same streamed pass(es) (see :class:`PartitionScaler`), the result
     written once."""
-    scaler = PartitionScaler(delta, densities, scales, high_histogram, rule)
+    scaler = PartitionScaler(delta, densities, scales, rule)
     like = delta[0] if isinstance(delta, tuple) else delta
     result = torch.empty(_numel(delta), dtype=torch.float32, device=like.device)
     for start, chunk in _value_chunks(delta):

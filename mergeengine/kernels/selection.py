@@ -107,18 +107,6 @@ def check_fraction(value: float, name: str) -> float:
     return float(value)
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """Bit patterns of ``|x|`` as a flat int32 tensor (monotone in the magnitude).
-
-    Args:
-        x: any float tensor; non-float32 inputs are converted to float32 first.
-
-    Returns:
-        A new 1-D int32 tensor of ``x.numel()`` non-negative values on ``x``'s device.
-    """
-    return _flat_float32(x).view(torch.int32) & _ABS_MASK
-
-
 def abs_high_histogram(x: torch.Tensor) -> torch.Tensor:
     """Counts of the high 16 bits of the bit patterns of ``|x|``: pass 1 of the radix select.
 
@@ -284,21 +272,18 @@ def select_abs_rank_streamed(
 
 
 def select_abs_ranks_streamed(
-    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int], high: torch.Tensor | None = None
+    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int]
 ) -> list[RankSelection]:
     """Several ranks of one chunked tensor with the same two passes (see :func:`select_abs_rank_streamed`).
 
     The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
-    distinct high bin the ranks fall in. ``high``: that histogram when already counted (see
-    :func:`high_keys`); pass 1 is then skipped.
+    distinct high bin the ranks fall in.
     """
-    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks],
-                                          highs=None if high is None else [high])[0]
+    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks])[0]
 
 
 def select_abs_ranks_streamed_many(
     chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
-    highs: Sequence[torch.Tensor] | None = None,
 ) -> list[list[RankSelection]]:
     """Ranks of several chunked tensors of one size, selected in the same two passes.
 
@@ -316,21 +301,9 @@ def select_abs_ranks_streamed_many(
             for i in streams:
                 parts[i].append(group[i].reshape(-1).clone())  # chunks may share a buffer
         return [[select_abs_rank(torch.cat(parts[i]), k) for k in ks[i]] for i in streams]
-    high: list[torch.Tensor | None] = list(highs) if highs is not None else [None for _ in streams]
-    for group in chunks() if highs is None else ():  # |x| has a clear sign bit: high 16 bits < 2**15
-        for i in streams:
-            if ks[i]:
-                counts = torch.bincount(high_keys(group[i]), minlength=HIGH_BINS)
-                high[i] = counts if high[i] is None else high[i].add_(counts)  # type: ignore[union-attr]
-    located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]  # type: ignore[arg-type]
-    collected = [_LowBits() for _ in streams]
-    bins = [sorted({b for b, _, _ in located[i]}) for i in streams]
-    if any(bins):
-        for group in chunks():
-            for i in streams:
-                if bins[i]:
-                    collected[i].add(group[i], bins[i])
-    lows = [{b: collected[i].histogram(b) for b in bins[i]} for i in streams]
+    high = _high_histograms(chunks, ks)
+    located = [[locate_rank(high[i], k) for k in ks[i]] for i in streams]
+    lows = _low_histograms(chunks, [sorted({b for b, _, _ in located[i]}) for i in streams])
     out: list[list[RankSelection]] = []
     for i in streams:
         picked = []
@@ -340,6 +313,30 @@ def select_abs_ranks_streamed_many(
                                         count_equal=equal))
         out.append(picked)
     return out
+
+
+def _high_histograms(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+                     ks: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Pass 1: each stream's histogram of the high 16 bits of ``|x|`` (a clear sign bit: < 2**15)."""
+    high: list[torch.Tensor | None] = [None for _ in ks]
+    for group in chunks():
+        for i, wanted in enumerate(ks):
+            if wanted:
+                counts = torch.bincount(high_keys(group[i]), minlength=HIGH_BINS)
+                high[i] = counts if high[i] is None else high[i].add_(counts)  # type: ignore[union-attr]
+    return high  # type: ignore[return-value]
+
+
+def _low_histograms(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]],
+                    bins: list[list[int]]) -> list[dict[int, torch.Tensor]]:
+    """Pass 2: per stream, the low-16-bit histogram of each high bin a wanted rank falls in."""
+    collected = [_LowBits() for _ in bins]
+    if any(bins):
+        for group in chunks():
+            for i, wanted in enumerate(bins):
+                if wanted:
+                    collected[i].add(group[i], wanted)
+    return [{b: collected[i].histogram(b) for b in wanted} for i, wanted in enumerate(bins)]
 
 
 def sample_index(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -518,7 +515,6 @@ def _select_sampled(
     for k in (k for group in ks for k in group):
         if isinstance(k, bool) or not 1 <= k <= numel:
             raise ValueError(f"k={k} out of range for {numel} elements")
-    found: dict[tuple[int, int], tuple[RankSelection, list[int] | None]] = {}
     windows: dict[tuple[int, int], _Window] = {}
     if samples is not None and samples_help(numel):
         for i, group in enumerate(ks):
@@ -526,26 +522,7 @@ def _select_sampled(
                 window = _Window(samples[i], numel, k)
                 if window.ok:
                     windows[(i, j)] = window
-    by_stream: dict[int, list[_Window]] = {}
-    for (i, _), window in windows.items():
-        by_stream.setdefault(i, []).append(window)
-    if windows:  # numpy throughout: on the CPU its single-threaded ops beat torch's here (~10%)
-        scratch = np.empty(0, dtype=np.uint32)
-        inside = np.empty(0, dtype=bool)
-        for group in chunks():
-            n = group[0].numel()
-            if scratch.size < 2 * n:
-                scratch, inside = np.empty(2 * n, dtype=np.uint32), np.empty(n, dtype=bool)
-            bits, offset = scratch[:n], scratch[n:2 * n]
-            for i, stream_windows in by_stream.items():
-                raw = group[i].reshape(-1).numpy().view(np.uint32)
-                mags = raw if magnitudes else np.bitwise_and(raw, _ABS_MASK, out=bits)
-                for window in stream_windows:
-                    window.add(mags, offset, inside[:n])
-        for key, window in windows.items():
-            result = window.finish()
-            if result is not None:
-                found[key] = result
+    found = _window_pass(chunks, windows, magnitudes) if windows else {}
     missing = [[k for j, k in enumerate(group) if (i, j) not in found] for i, group in enumerate(ks)]
     if any(missing):
         picked = select_abs_ranks_streamed_many(chunks, numel, missing)
@@ -555,6 +532,30 @@ def _select_sampled(
                 if (i, j) not in found:
                     found[(i, j)] = (next(exact), None)
     return [[found[(i, j)] for j in range(len(group))] for i, group in enumerate(ks)]
+
+
+def _window_pass(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], windows: dict[tuple[int, int], _Window],
+                 magnitudes: bool) -> dict[tuple[int, int], tuple[RankSelection, list[int] | None]]:
+    """One pass over the chunks feeding every predicted window; the windows that settled their rank.
+
+    numpy throughout: on the CPU its single-threaded ops beat torch's here (~10%).
+    """
+    by_stream: dict[int, list[_Window]] = {}
+    for (i, _), window in windows.items():
+        by_stream.setdefault(i, []).append(window)
+    scratch = np.empty(0, dtype=np.uint32)
+    inside = np.empty(0, dtype=bool)
+    for group in chunks():
+        n = group[0].numel()
+        if scratch.size < 2 * n:
+            scratch, inside = np.empty(2 * n, dtype=np.uint32), np.empty(n, dtype=bool)
+        bits, offset = scratch[:n], scratch[n:2 * n]
+        for i, stream_windows in by_stream.items():
+            raw = group[i].reshape(-1).numpy().view(np.uint32)
+            mags = raw if magnitudes else np.bitwise_and(raw, _ABS_MASK, out=bits)
+            for window in stream_windows:
+                window.add(mags, offset, inside[:n])
+    return {key: result for key, window in windows.items() if (result := window.finish()) is not None}
 
 
 def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -578,25 +579,6 @@ def kth_smallest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     selected = select_abs_rank(x, k)
     return torch.tensor(selected.bits, dtype=torch.int32, device=x.device).view(torch.float32)
-
-
-def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of ``|x|`` (1-based), exactly: ``kth_smallest_abs(x, numel - k + 1)``.
-
-    Args:
-        x: any float tensor.
-        k: rank from the largest, 1 <= k <= x.numel().
-
-    Returns:
-        A 0-d float32 tensor on ``x``'s device.
-
-    Raises:
-        ValueError: when ``k`` is out of range.
-    """
-    numel = x.numel()
-    if isinstance(k, bool) or not 1 <= k <= numel:
-        raise ValueError(f"k={k} out of range for {numel} elements")
-    return kth_smallest_abs(x, numel - k + 1)
 
 
 def topk_abs_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``dp_prune``: DPPA's Dynamic Pruning (DPPA.md, "dp_prune").
+"""``dp_prune``: DPPA's Dynamic Pruning (docs/recipes.md, "dp_prune").
 
 Magnitude pruning of a delta with a keep fraction that varies per decoder layer and per linear
 module according to their outlier ratios. Embeddings, norms and lm_head pass through dense.

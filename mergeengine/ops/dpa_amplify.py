@@ -1,4 +1,4 @@
-"""``dpa_amplify``: DPPA's Dynamic Partition Amplification (DPPA.md, "dpa_amplify").
+"""``dpa_amplify``: DPPA's Dynamic Partition Amplification (docs/recipes.md, "dpa_amplify").
 
 Partition k holds the entries kept at density d_k but not at d_(k-1) (DP ranking by default, so
 masks are nested); each partition is multiplied by its own factor; entries outside the last

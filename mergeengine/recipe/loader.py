@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from mergeengine.errors import RecipeError
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS
-from mergeengine.recipe.schema import Recipe, out_of_range_numbers, step_fields
+from mergeengine.recipe.schema import Recipe, out_of_range_numbers, recipe_model, step_fields
 
 
 @dataclass
@@ -173,7 +173,7 @@ def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
     if not isinstance(data, dict):
         raise RecipeError([f"{path}:1:1: a recipe is a mapping with a 'steps' list, got {type(data).__name__}"])
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
     problems = [_located(path, positions, data, loc, msg) for loc, msg in out_of_range_numbers(recipe)]
@@ -249,7 +249,7 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
             step = steps[loc[1]] if loc[1] < len(steps) and isinstance(steps[loc[1]], dict) else {}
             sid = step.get("id")
             prefix = f"step '{sid}': " if sid else f"step #{loc[1] + 1}: "
-        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in _TAGS), None)
+        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in {*OPS, *METHODS}), None)
         if kind == "extra_forbidden":
             allowed = step_fields(step) if step else list(Recipe.model_fields)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -284,5 +284,4 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
     return lines
 
 
-_TAGS = {*OPS, *METHODS}
 _TYPE_LABELS = {"float", "int", "str", "bool", "list", "dict"}

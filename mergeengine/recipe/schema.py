@@ -10,21 +10,28 @@ import math
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS, _load_all
 
 _load_all()
 
-_MergeStep = Annotated[
-    Union[tuple(METHODS[m].step for m in sorted(METHODS))],  # noqa: UP007 - built at runtime
-    Field(discriminator="method"),
-]
-AnyStep = Annotated[
-    Union[tuple([op.Step for name, op in OPS.items() if name != "merge"] + [_MergeStep])],  # noqa: UP007
-    Field(discriminator="op"),
-]
+
+
+def _any_step() -> Any:
+    """The union of every op's step model and every registered merge method's."""
+    merge = Annotated[
+        Union[tuple(METHODS[m].step for m in sorted(METHODS))],  # noqa: UP007 - built at runtime
+        Field(discriminator="method"),
+    ]
+    return Annotated[
+        Union[tuple([op.Step for name, op in OPS.items() if name != "merge"] + [merge])],  # noqa: UP007
+        Field(discriminator="op"),
+    ]
+
+
+AnyStep = _any_step()
 
 
 class SearchFactor(BaseModel):
@@ -122,6 +129,24 @@ class Recipe(BaseModel):
     provenance: dict[str, Any] | None = Field(
         None, description="Written by mergeengine into mergeengine.json; ignored when running."
     )
+
+
+_MODELS: dict[tuple[str, ...], type[Recipe]] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """The recipe model for the merge methods registered now: :class:`Recipe`, or a subclass whose
+    ``steps`` also accept methods registered after this module was imported."""
+    key = tuple(sorted(METHODS))
+    if key == _BUILT_WITH:
+        return Recipe
+    if key not in _MODELS:
+        steps = (list[_any_step()], Recipe.model_fields["steps"])  # type: ignore[misc]
+        _MODELS[key] = create_model("Recipe", __base__=Recipe, steps=steps)
+    return _MODELS[key]
+
+
+_BUILT_WITH = tuple(sorted(METHODS))
 
 
 def step_fields(step: dict[str, Any]) -> list[str]:
