@@ -414,7 +414,8 @@ RESULTS_HINT = "benchmarks/minipaper/_cache/smol-run-<hash>/experiment/results.j
 #: the hand-written reading of the full run's numbers (revisit whenever the setup changes)
 READING: list[str] = [
     "Numbers are test accuracies (Table 1: relative to the dense expert) from the tables above; with 100 "
-    "test prompts a difference under about 0.1 is within noise.",
+    "test prompts a difference under about 0.1 is within noise. The budget (90 minutes on a 2-core machine "
+    "shared with other jobs) covered Table 2 and Table 1 for the addition expert only (see above).",
     "",
     "- *The experts are real and distinct, and merging now has signal.* Each expert solves its own skill "
     "(0.91, 0.96, 0.71) and none of the others (at most 0.07), and the base solves none (it answers in "
@@ -428,6 +429,19 @@ READING: list[str] = [
     "the top-20% entries of two experts overlap on 4.1% of the weights, the 0.2 × 0.2 of independent "
     "choices. What TIES's sign vote resolves is therefore mostly noise, and it costs sort its skill: "
     "TIES is the lowest row. The sort skill, the weakest expert (0.71), is the one every merge loses.",
+    "- *The merging claim does not hold here.* The five rows that ran average 0.41-0.51; apart from TIES "
+    "(0.41) they are within 0.03 of each other (task arithmetic 0.50, DARE-TIES 0.51, DP + TA 0.48, "
+    "DPPA from the release's start 0.48), well inside two standard errors (0.025 each). DPPA is 6% "
+    "below the best baseline (DARE-TIES), not 20% above it. Its merged-model search started at the "
+    "release's factors and no step of 0.1 improved the validation score, so it kept (1.8, 1.0) for "
+    "every expert: amplification neither helped nor hurt the merge (DP + TA, the same pruning without "
+    "it, 0.48).",
+    "- *Why the methods tie:* what limits every merge is that two skills' answers need the same few "
+    "weights less than they need the sum not to disturb the others, and with near-orthogonal, tiny "
+    "deltas pruning 80% of each removes little interference while costing each expert a bit of its "
+    "own skill. Every sparse row (TIES, DARE-TIES, DP + TA, DPPA) picked the largest λ of the grid "
+    "(1.4), a sign that the grid (cut to 3 values by the budget) stops short of their best λ; dense "
+    "task arithmetic picked 1.0.",
     "- *Small, flat deltas favour DARE.* 40-60 AdamW steps move nearly every weight by about the learning "
     "rate (max |Δ| only 4-5× the mean), so magnitude carries little ranking information: on the addition "
     "expert (the only one Table 1 covers) DARE keeps 0.99 of the accuracy at density 0.1, magnitude "
