@@ -415,7 +415,7 @@ RESULTS_HINT = "benchmarks/minipaper/_cache/smol-run-<hash>/experiment/results.j
 READING: list[str] = [
     "Numbers are test accuracies (Table 1: relative to the dense expert) from the tables above; with 100 "
     "test prompts a difference under about 0.1 is within noise. The budget (90 minutes on a 2-core machine "
-    "shared with other jobs) covered Table 2 and Table 1 for the addition expert only (see above).",
+    "shared with other jobs) covered all of Table 2 and Table 1 for the addition expert only.",
     "",
     "- *The experts are real and distinct, and merging now has signal.* Each expert solves its own skill "
     "(0.91, 0.96, 0.71) and none of the others (at most 0.07), and the base solves none (it answers in "
@@ -429,13 +429,13 @@ READING: list[str] = [
     "the top-20% entries of two experts overlap on 4.1% of the weights, the 0.2 × 0.2 of independent "
     "choices. What TIES's sign vote resolves is therefore mostly noise, and it costs sort its skill: "
     "TIES is the lowest row. The sort skill, the weakest expert (0.71), is the one every merge loses.",
-    "- *The merging claim does not hold here.* The five rows that ran average 0.41-0.51; apart from TIES "
-    "(0.41) they are within 0.03 of each other (task arithmetic 0.50, DARE-TIES 0.51, DP + TA 0.48, "
-    "DPPA from the release's start 0.48), well inside two standard errors (0.025 each). DPPA is 6% "
-    "below the best baseline (DARE-TIES), not 20% above it. Its merged-model search started at the "
-    "release's factors and no step of 0.1 improved the validation score, so it kept (1.8, 1.0) for "
-    "every expert: amplification neither helped nor hurt the merge (DP + TA, the same pruning without "
-    "it, 0.48).",
+    "- *The merging claim does not hold here.* The six rows average 0.41-0.51; apart from TIES (0.41) "
+    "they are within 0.03 of each other (task arithmetic 0.50, DARE-TIES 0.51, DP + TA 0.48, DPPA 0.48 "
+    "from the release's start and 0.50 from DP's), well inside two standard errors (0.025 each). The "
+    "DPPA row validation picks (release start, validation score 0.46 against 0.41) is 6% below the best "
+    "baseline on test (DARE-TIES), not 20% above it. Its merged-model search kept the release's (1.8, 1.0) "
+    "for every expert (no step of 0.1 improved validation); started at DP it moved three factors to 1.1. "
+    "Amplification neither helped nor hurt the merge: DP + TA, the same pruning without it, scores 0.48.",
     "- *Why the methods tie:* with tiny, near-orthogonal deltas (below) there is little for pruning or "
     "a sign vote to remove: the experts' top entries overlap only by chance. Sparsifying then mostly "
     "costs each expert a little of its own skill, and the loss all rows share (sort falls from 0.71 to "
