@@ -364,7 +364,8 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
     times += [f"Table 2 {sec['table2_parallel'] / 60:.0f} min (its rows in 4 parallel processes)"] \
         if "table2_parallel" in sec else []
     times += [f"Table 1 {sec['table1'] / 60:.0f} min"] if "table1" in sec else []
-    times += [f"Table 1 {sec['table1_parallel'] / 60:.0f} min in the second process"] if parallel else []
+    if parallel:
+        times.append(f"Table 1 ({', '.join(done['table1'])}) {sec['table1_parallel'] / 60:.0f} min in its own process")
     lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
              "The same two experiments on a real pretrained base. Produced by", "", "```", *commands, "```", "",
              f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch thread per process): "
