@@ -1,4 +1,4 @@
-"""Command line: ``mergeengine run | validate | plan``. Errors become one line and exit code 1.
+"""Command line: ``mergeengine run | validate | plan | convert | search | eval``. Errors become one line and exit code 1.
 
 A traceback is shown only with ``-vv`` or ``MERGEENGINE_DEBUG=1``.
 """
@@ -49,7 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("recipe")
     pl.add_argument("--out", help="output folder (as for run)")
     pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
+    pl.add_argument("--explain", metavar="TENSOR", help="print every step's parameters as resolved for one tensor")
     common(pl)
+
+    cv = sub.add_parser("convert", help="translate a mergekit config into a mergeengine recipe")
+    cv.add_argument("config", help="mergekit YAML (mergekit-yaml's config file)")
+    cv.add_argument("-o", "--output", required=True, help="recipe file to write")
+    common(cv)
 
     se = sub.add_parser("search", help="tune DPA factors (the recipe's search block) on validation tasks")
     se.add_argument("recipe")
@@ -164,6 +170,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"best factors {result.best_factors} (score {result.best_score:.4f}, {len(result.trials)} trials); "
                   f"wrote {resolved} and {log}")
         return 0
+    if args.command == "convert":
+        from mergeengine.recipe.mergekit import convert_file
+
+        convert_file(Path(args.config), Path(args.output))
+        if not args.quiet:
+            print(f"wrote {args.output}")
+        return 0
     if args.command == "validate":
         steps = api.validate(args.recipe)
         if not args.quiet:
@@ -173,6 +186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mergeengine.graph.report import plan_dot, plan_json, plan_text
 
         plan = api.plan_recipe(args.recipe, out=args.out)
+        if getattr(args, "explain", None):
+            from mergeengine.graph.report import explain_text
+
+            print(explain_text(plan, args.explain))
+            return 0
         fmt = getattr(args, "format", "text")
         print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
         return 0

@@ -134,7 +134,7 @@ def execute(
                     else:
                         ctx = TaskContext(key.step, key.tensor, seed, dev, step_stats[key.step], stats_of=step_stats)
                         use_threads(op.compute_bound)
-                        out = op.compute(inputs, ctx)
+                        out = plan.op_for(key).compute(inputs, ctx)
                         if ctx.checked_finite:
                             checked.add(key)
                         size = out.nbytes if isinstance(out, torch.Tensor) else 0

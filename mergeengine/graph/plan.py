@@ -24,6 +24,7 @@ import networkx as nx
 import torch
 
 from mergeengine.errors import MergeEngineError, RecipeError
+from mergeengine.graph.params import TensorParams, resolve_schedules
 from mergeengine.graph.steps import StepGraph
 from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.io.resolve import open_checkpoint
@@ -77,6 +78,7 @@ class Plan:
         save_order: save step id -> tensor names in the order they will be written.
         checkpoints: load step id -> opened checkpoint.
         estimate: bytes read/written and peak live memory.
+        params: (step, tensor) -> the step's scheduled fields resolved for that tensor.
     """
 
     steps: StepGraph
@@ -92,10 +94,17 @@ class Plan:
     save_paths: dict[str, Path] = field(default_factory=dict)
     estimate: Estimate = field(default_factory=Estimate)
     prefetch_bytes: int = 0
+    params: TensorParams = field(default_factory=dict)
 
     @property
     def ops(self) -> dict[str, Op]:
         return self.steps.ops
+
+    def op_for(self, key: TaskKey) -> Op:
+        """The op that computes ``key``: its step's, with scheduled parameters resolved for the tensor."""
+        op = self.steps.ops[key.step]
+        values = self.params.get((key.step, key.tensor))
+        return op if values is None else op.with_params(values)
 
     def phase_labels(self) -> list[str]:
         """A label per pass, e.g. ``["statistics p_math/module outliers", "merge"]``."""
@@ -194,7 +203,9 @@ def build_plan(
         if fuse is not None:
             fuse(steps.ops, users)
     _emit_stored_dtypes(steps, active, metas)
+    params = resolve_schedules(steps, active)
     plan = _expand(steps, active, metas, roots)
+    plan.params = params
     plan.checkpoints = ckpts
     plan.save_paths = save_paths
     plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0
@@ -444,7 +455,7 @@ def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
     sources = {k: v for k, v in plan.sources.items() if k in keep}
     new = Plan(plan.steps, plan.active, plan.metas, graph, order, sources, plan.reductions,
                {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths,
-               prefetch_bytes=plan.prefetch_bytes)
+               prefetch_bytes=plan.prefetch_bytes, params=plan.params)
     new.estimate = simulate(new, new.prefetch_bytes)
     new.estimate.bytes_read_unique = plan.estimate.bytes_read_unique
     return new

@@ -64,8 +64,10 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf; larger patterns are NaN
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0
 
 
-def keep_count(numel: int, fraction: float) -> int:
+def keep_count(numel: int, fraction: float, rounding: str = "round") -> int:
     """How many of ``numel`` entries a keep fraction means: ``floor(fraction * numel + 0.5)``.
+
+    ``rounding="truncate"`` gives mergekit's count instead, ``int(fraction * numel)``.
 
     Round half up, not ``int()``: ``int(0.3 * 10)`` is 2 because ``0.3 * 10`` is
     2.9999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
@@ -74,6 +76,7 @@ def keep_count(numel: int, fraction: float) -> int:
     Args:
         numel: number of entries, >= 0.
         fraction: keep fraction in [0, 1].
+        rounding: ``round`` (to nearest, half up) or ``truncate`` (toward zero, mergekit's).
 
     Returns:
         An int in ``[0, numel]``.
@@ -84,6 +87,8 @@ def keep_count(numel: int, fraction: float) -> int:
     check_fraction(fraction, "density")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
+    if rounding == "truncate":
+        return min(numel, int(fraction * numel))
     return min(numel, math.floor(fraction * numel + 0.5))
 
 

@@ -8,6 +8,7 @@ computes one output tensor at a time. Ops that need whole-model statistics decla
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -158,6 +159,16 @@ class Op:
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor | None:
         """Compute output tensor ``ctx.tensor`` from its sources."""
         raise NotImplementedError
+
+    def with_params(self, values: Mapping[str, Any]) -> Op:
+        """This op for one tensor whose scheduled fields take ``values`` (python field names).
+
+        The planner's per-tensor values (see :mod:`mergeengine.graph.params`) flow in here: the
+        returned op shares everything planned, only its step differs. ``self`` is unchanged.
+        """
+        view = copy.copy(self)
+        view.step = self.step.model_copy(update=dict(values))
+        return view
 
     def describe(self) -> dict[str, Any]:
         """Resolved parameters (defaults filled in), for plans and provenance."""

@@ -16,7 +16,15 @@ from pydantic import Field
 from mergeengine.kernels.sparsify import breadcrumbs
 from mergeengine.ops import register_method
 from mergeengine.ops.base import TaskContext
-from mergeengine.ops.merge import Density, MergeOp, MergeStep, per_input
+from mergeengine.ops.merge import (
+    KEEP_COUNT_DEFAULT,
+    KEEP_COUNT_HELP,
+    Density,
+    KeepCount,
+    MergeOp,
+    MergeStep,
+    per_input,
+)
 
 
 class BreadcrumbsStep(MergeStep):
@@ -25,6 +33,7 @@ class BreadcrumbsStep(MergeStep):
     method: Literal["breadcrumbs"]
     density: Density | list[Density] = Field(description="Fraction kept after dropping the top gamma.")
     gamma: float | list[float] = Field(0.01, ge=0, le=1, description="Fraction of largest magnitudes dropped.")
+    keep_count: KeepCount = Field(KEEP_COUNT_DEFAULT, description=KEEP_COUNT_HELP)
 
 
 @register_method
@@ -41,5 +50,5 @@ class Breadcrumbs(MergeOp):
         out = torch.zeros_like(deltas[0])
         for w, d, p, g in zip(self.weights, deltas, per_input(self.step.density, n), per_input(self.step.gamma, n),
                               strict=True):
-            out.add_(breadcrumbs(d, p, g), alpha=w)
+            out.add_(breadcrumbs(d, p, g, self.step.keep_count), alpha=w)
         return out

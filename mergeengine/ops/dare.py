@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.kernels.sparsify import block_sums, dare, l1_norm
-from mergeengine.kernels.ties import ties_merge, ties_merge_into
+from mergeengine.kernels.ties import ZeroVote, ties_merge, ties_merge_into
 from mergeengine.ops import register, register_method
 from mergeengine.ops.base import TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep, Scope
@@ -224,6 +224,8 @@ class DareTiesStep(DareMergeStep, NonNegativeWeights):
 
     method: Literal["dare_ties"]
     vote: Literal["unweighted", "weighted"] = Field("unweighted", description="Weights in the sign vote (mergekit: weighted).")
+    normalize: bool = Field(True, description="Divide by the agreeing weights (disjoint mean); false: their sum (mergekit's default).")
+    zero_vote: ZeroVote = Field("zero", description="What a vote of exactly 0 elects: zero, or positive (mergekit).")
 
 
 @register_method
@@ -235,7 +237,9 @@ class DareTies(DareMerge):
     step: DareTiesStep
 
     def combine_dropped(self, dropped: list[torch.Tensor]) -> torch.Tensor:
-        return ties_merge(dropped, self.weights, vote=self.step.vote)
+        return ties_merge(dropped, self.weights, vote=self.step.vote, normalize=self.step.normalize,
+                          zero_vote=self.step.zero_vote)
 
     def combine_into(self, dropped: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
-        return ties_merge_into(dropped, self.weights, out, scratch, vote=self.step.vote)
+        return ties_merge_into(dropped, self.weights, out, scratch, vote=self.step.vote,
+                               normalize=self.step.normalize, zero_vote=self.step.zero_vote)

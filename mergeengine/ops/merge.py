@@ -25,6 +25,10 @@ from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMet
 from mergeengine.ops.vocab import VocabPolicy, is_vocab_tensor, pad_rows
 
 Density = Annotated[float, Field(gt=0, le=1)]
+# How a top-k fraction becomes a count: round to nearest, or truncate (mergekit's int(density * n)).
+KeepCount = Literal["round", "truncate"]
+KEEP_COUNT_DEFAULT = "round"
+KEEP_COUNT_HELP = "round: k = round(density * n); truncate: int(density * n), mergekit's count."
 # Elements per chunk of elementwise merge work: 512 KiB of float32, so the few float32
 # temporaries of a chunk stay in a core's L2 cache (1M-element chunks ran 2-3x slower here).
 CHUNK_NUMEL = 1 << 17  # a multiple of sparsify.SUM_BLOCK (DARE's l1 norms sum whole blocks)

@@ -29,10 +29,19 @@ from mergeengine.kernels.selection import (
     samples_help,
     top_k_streamed,
 )
-from mergeengine.kernels.ties import ties_merge_into
+from mergeengine.kernels.ties import ZeroVote, ties_merge_into
 from mergeengine.ops import register_method
 from mergeengine.ops.base import Reduction, TaskContext
-from mergeengine.ops.merge import ChunkedResult, Density, MergeOp, MergeStep, per_input
+from mergeengine.ops.merge import (
+    KEEP_COUNT_DEFAULT,
+    KEEP_COUNT_HELP,
+    ChunkedResult,
+    Density,
+    KeepCount,
+    MergeOp,
+    MergeStep,
+    per_input,
+)
 from mergeengine.ops.vocab import pad_rows
 from mergeengine.runtime import numpy_threads
 
@@ -74,6 +83,9 @@ class TiesStep(MergeStep, NonNegativeWeights):
     vote: Literal["unweighted", "weighted"] = Field(
         "unweighted", description="unweighted: sign(sum D_i) (paper); weighted: sign(sum w_i D_i) (mergekit)."
     )
+    normalize: bool = Field(True, description="Divide by the agreeing weights (disjoint mean); false: their sum.")
+    zero_vote: ZeroVote = Field("zero", description="What a vote of exactly 0 elects: zero, or positive (mergekit).")
+    keep_count: KeepCount = Field(KEEP_COUNT_DEFAULT, description=KEEP_COUNT_HELP)
 
 
 @register_method
@@ -142,7 +154,7 @@ class Ties(MergeOp):
         if self.step.trim_scope == "model":
             trims = [keep_at_least(t) for t in ctx.stats["trim_low"]]
         else:
-            keeps = [keep_count(numel, p) for p in per_input(self.step.density, len(xs))]
+            keeps = [keep_count(numel, p, self.step.keep_count) for p in per_input(self.step.density, len(xs))]
 
             def chunks() -> Iterator[list[torch.Tensor]]:  # |delta| of every input over one slice of the base
                 for start, end, (b, *ds) in result.chunks():
@@ -162,7 +174,8 @@ class Ties(MergeOp):
             n = end - start
             b.copy_(base[start:end])
             trimmed = [trim(delta(i, start, end, b, ds[i]), bits[:n], drop[:n]) for i, trim in enumerate(trims)]
-            merged = ties_merge_into(trimmed, self.weights, acc[:n], [sign[:n], denominator[:n]], self.step.vote)
+            merged = ties_merge_into(trimmed, self.weights, acc[:n], [sign[:n], denominator[:n]], self.step.vote,
+                                     self.step.normalize, self.step.zero_vote)
             result.put(start, end, torch.add(b, merged, alpha=self.step.lambda_, out=merged))
         return result.finish(inputs[0].shape, ctx)
 

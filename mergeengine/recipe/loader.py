@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from pydantic import ValidationError
 
 from mergeengine.errors import RecipeError
 from mergeengine.ops import MERGE_METHODS, OPS
+from mergeengine.recipe.mergekit_schema import is_mergekit_config
+from mergeengine.recipe.schedule import StepSchedules, schedule_probes
 from mergeengine.recipe.schema import Recipe, step_fields
 
 
@@ -53,6 +56,7 @@ class LoadedRecipe:
         path: the YAML file (``<string>`` for text).
         positions: line:column lookup for messages.
         raw: the parsed YAML data (for provenance).
+        schedules: step id -> its per-tensor parameter schedules (see :mod:`mergeengine.recipe.schedule`).
     """
 
     recipe: Recipe
@@ -60,6 +64,7 @@ class LoadedRecipe:
     positions: Positions
     raw: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    schedules: dict[str, StepSchedules] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -101,11 +106,28 @@ def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
     positions = Positions(root)
     if not isinstance(data, dict):
         raise RecipeError([f"{path}:1:1: a recipe is a mapping with a 'steps' list, got {type(data).__name__}"])
+    if is_mergekit_config(data):  # a mergekit config runs as the recipe it converts to
+        from mergeengine.recipe.mergekit import mergekit_recipe
+
+        return mergekit_recipe(data, positions, path)
+    return validate_data(data, positions, path, text)
+
+
+def validate_data(data: dict[str, Any], positions: Positions, path: str, text: str = "") -> LoadedRecipe:
+    """Validate parsed recipe data; ``positions`` place errors in the file at ``path``.
+
+    Raises:
+        RecipeError: one line per problem, each with ``file:line:col``.
+    """
+    found, probes = schedule_probes(data)  # per-tensor schedules (gradients, filters) out of the fields
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(probes[0])
+        for extra in probes[1:]:  # each anchor value meets its field's bounds
+            Recipe.model_validate(extra)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
-    return LoadedRecipe(recipe, path, positions, data, text)
+    schedules = {recipe.steps[i].id: fields for i, fields in found.items()}
+    return LoadedRecipe(recipe, path, positions, data, text, schedules)
 
 
 def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positions, path: str) -> list[str]:
@@ -121,7 +143,8 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
             step = steps[loc[1]] if loc[1] < len(steps) and isinstance(steps[loc[1]], dict) else {}
             sid = step.get("id")
             prefix = f"step '{sid}': " if sid else f"step #{loc[1] + 1}: "
-        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in _TAGS), None)
+        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in _TAGS and not _BRANCH.search(p)),
+                          None)
         if kind == "extra_forbidden":
             allowed = step_fields(step) if step else list(Recipe.model_fields)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -157,3 +180,5 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
 
 
 _TAGS = {*OPS, "merge", *MERGE_METHODS}
+# pydantic's names of union branches in error locations ("constrained-float", "list[float]")
+_BRANCH = re.compile(r"[\[\-]|^(float|int|str|bool|none)$")
