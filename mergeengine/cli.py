@@ -148,6 +148,28 @@ def console_main() -> None:
     os._exit(code)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from mergeengine.recipe.mergekit import convert_file
+
+    convert_file(Path(args.config), Path(args.output))
+    if not args.quiet:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mergeengine import api
+    from mergeengine.graph.report import explain_text, plan_dot, plan_json, plan_text
+
+    plan = api.plan_recipe(args.recipe, out=args.out)
+    if getattr(args, "explain", None):
+        print(explain_text(plan, args.explain))
+        return 0
+    fmt = getattr(args, "format", "text")
+    print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from mergeengine import api
 
@@ -171,29 +193,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"wrote {resolved} and {log}")
         return 0
     if args.command == "convert":
-        from mergeengine.recipe.mergekit import convert_file
-
-        convert_file(Path(args.config), Path(args.output))
-        if not args.quiet:
-            print(f"wrote {args.output}")
-        return 0
+        return _convert(args)
     if args.command == "validate":
         steps = api.validate(args.recipe)
         if not args.quiet:
             print(f"{args.recipe}: ok ({len(steps.ops)} steps)")
         return 0
     if args.command == "plan" or (args.command == "run" and args.dry_run):
-        from mergeengine.graph.report import plan_dot, plan_json, plan_text
-
-        plan = api.plan_recipe(args.recipe, out=args.out)
-        if getattr(args, "explain", None):
-            from mergeengine.graph.report import explain_text
-
-            print(explain_text(plan, args.explain))
-            return 0
-        fmt = getattr(args, "format", "text")
-        print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
-        return 0
+        return _plan(args)
     from mergeengine.runtime import reuse_freed_memory, set_threads
 
     reuse_freed_memory()

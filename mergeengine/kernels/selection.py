@@ -69,8 +69,8 @@ def keep_count(numel: int, fraction: float, rounding: str = "round") -> int:
 
     ``rounding="truncate"`` gives mergekit's count instead, ``int(fraction * numel)``.
 
-    Round half up, not ``int()``: ``int(0.3 * 10)`` is 2 because ``0.3 * 10`` is
-    2.9999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
+    Round half up, not ``int()``: ``int(0.29 * 100)`` is 28 because ``0.29 * 100`` is
+    28.999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
     within ``0.5 / numel`` of the requested one.
 
     Args:

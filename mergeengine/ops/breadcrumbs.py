@@ -8,7 +8,7 @@ magnitudes, keep the ``density`` fraction in between, then task arithmetic.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -26,13 +26,15 @@ from mergeengine.ops.merge import (
     per_input,
 )
 
+Gamma = Annotated[float, Field(ge=0, le=1)]
+
 
 class BreadcrumbsStep(MergeStep):
     """Breadcrumbs parameters (gamma 0 keeps exactly the top-density entries)."""
 
     method: Literal["breadcrumbs"]
     density: Density | list[Density] = Field(description="Fraction kept after dropping the top gamma.")
-    gamma: float | list[float] = Field(0.01, ge=0, le=1, description="Fraction of largest magnitudes dropped.")
+    gamma: Gamma | list[Gamma] = Field(0.01, description="Fraction of largest magnitudes dropped.")
     keep_count: KeepCount = Field(KEEP_COUNT_DEFAULT, description=KEEP_COUNT_HELP)
 
 
