@@ -1,0 +1,52 @@
+"""Breadcrumbs with TIES (mergekit's ``breadcrumbs_ties``): Model Breadcrumbs' mask (Davari &
+Belilovsky 2023) on each delta, then TIES's sign election and disjoint mean (Yadav et al. 2023).
+
+Per tensor and input: drop the largest ``gamma`` fraction of magnitudes, keep the next
+``density`` fraction (exact counts, ties by position; ``gamma: 0`` keeps the top ``density``),
+then ``base + lambda · ties(masked, weights)`` as in the ``ties`` method (``vote``,
+``normalize``).
+
+```yaml
+- {id: m, op: merge, method: breadcrumbs_ties, base: base, inputs: [d_math, d_code], density: 0.3, gamma: 0.01}
+```
+"""
+
+from typing import Literal
+
+import torch
+
+from mergeengine.kernels.sparsify import breadcrumbs
+from mergeengine.kernels.ties import ties_merge
+from mergeengine.methods import PerInput, merge_method
+
+
+@merge_method(name="breadcrumbs_ties", inputs="deltas")
+def breadcrumbs_ties(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    *,
+    density: PerInput[float],
+    gamma: PerInput[float] = 0.01,
+    weights: PerInput[float] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    vote: Literal["unweighted", "weighted"] = "unweighted",
+) -> torch.Tensor:
+    """Breadcrumbs mask per input, then TIES.
+
+    Args:
+        base: the base's tensor.
+        deltas: the deltas.
+        density: fraction kept below the dropped top ``gamma``, per input.
+        gamma: fraction of the largest magnitudes dropped, per input.
+        weights: one weight per input.
+        lambda_: scale of the merged delta (recipe field ``lambda``).
+        normalize: divide by the summed weights of the agreeing inputs.
+        vote: sign election on the plain (``unweighted``) or weighted sum.
+
+    Returns:
+        The merged tensor.
+    """
+    masked = [breadcrumbs(d, p, g) for d, p, g in zip(deltas, density, gamma, strict=True)]
+    merged = ties_merge(masked, weights, vote=vote, normalize=normalize)
+    return merged.mul_(lambda_).add_(base)

@@ -1,0 +1,145 @@
+"""DELLA (Deep et al. 2024, arXiv 2406.11617): MAGPRUNE each delta, then TIES's sign election and
+disjoint mean (``della``) or a weighted sum (``della_linear``).
+
+MAGPRUNE, per row of each delta (the last dimension; a 1-D tensor is one row): rank the ``n``
+entries by magnitude, ``r = 0`` the smallest (ties by position); entry ``r`` is kept with
+probability ``k_r = density − epsilon + 2 epsilon r / (n − 1)`` (so the drop probability runs
+over ``[p − ε, p + ε]``, ``p = 1 − density``, the largest magnitudes dropped least), and a kept
+entry is divided by ``k_r`` (``rescale: per_element``, the paper: unbiased). mergekit instead
+rescales the whole tensor so its L1 norm is unchanged (``rescale: l1``); ``none`` keeps
+survivors as they are. ``density: 1`` keeps everything.
+
+Then ``della`` is ``base + lambda · ties(pruned, weights)`` (sign election ``vote: unweighted``,
+the paper, or ``weighted``, mergekit; divide by the agreeing weights unless ``normalize:
+false``), and ``della_linear`` is ``base + lambda · Σ w_i pruned_i`` (``/ Σ w_i`` with
+``normalize: true``). The draws come from the engine's per-(step, tensor) generator, inputs in
+recipe order.
+
+```yaml
+- {id: m, op: merge, method: della, base: base, inputs: [d_math, d_code], density: 0.4, epsilon: 0.1}
+```
+"""
+
+from typing import Literal
+
+import torch
+
+from mergeengine.errors import ExecutionError
+from mergeengine.kernels.sparsify import block_sums, l1_norm
+from mergeengine.kernels.ties import ties_merge
+from mergeengine.methods import PerInput, merge_method
+
+Rescale = Literal["per_element", "l1", "none"] | bool
+
+
+def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MAGPRUNE's keep probability of every entry of the 2-D ``rows``, ranked within its row."""
+    n = rows.shape[1]
+    if n == 1:
+        return torch.full_like(rows, density)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    rank = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
+    keep = torch.empty_like(rows).scatter_(1, order, rank)
+    return keep.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
+             generator: torch.Generator) -> torch.Tensor:
+    """One delta, MAGPRUNEd (see the module docstring); a new float32 tensor of its shape."""
+    if density >= 1.0:
+        return delta.clone()
+    if not (0.0 < density - epsilon and density + epsilon <= 1.0):
+        raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, epsilon {epsilon}")
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+    keep = keep_probabilities(rows, density, epsilon)
+    draws = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
+    survive = draws < keep
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    if rescale in ("per_element", True):
+        return torch.where(survive, rows / keep, zero).view(delta.shape)
+    kept = torch.where(survive, rows, zero).view(delta.shape)
+    if rescale == "l1":
+        after = l1_norm([block_sums(kept.abs())])
+        if after > 0:
+            kept.mul_(l1_norm([block_sums(delta.abs())]) / after)
+    return kept
+
+
+def _pruned(deltas: list[torch.Tensor], density: list[float], epsilon: list[float], rescale: Rescale,
+            generator: torch.Generator) -> list[torch.Tensor]:
+    return [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, density, epsilon, strict=True)]
+
+
+@merge_method(name="della", inputs="deltas")
+def della(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    *,
+    density: PerInput[float],
+    epsilon: PerInput[float] = 0.15,
+    weights: PerInput[float] = 1.0,
+    lambda_: float = 1.0,
+    rescale: Rescale = "per_element",
+    normalize: bool = True,
+    vote: Literal["unweighted", "weighted"] = "unweighted",
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA: MAGPRUNE, elect signs, disjoint mean.
+
+    Args:
+        base: the base's tensor.
+        deltas: the deltas.
+        density: mean keep probability per input.
+        epsilon: half-width of the keep probabilities per input.
+        weights: one weight per input.
+        lambda_: scale of the merged delta (recipe field ``lambda``).
+        rescale: ``per_element`` (``true``), ``l1`` or ``none`` (``false``).
+        normalize: divide by the summed weights of the agreeing inputs.
+        vote: sign election on the plain (``unweighted``) or weighted sum.
+        generator: the engine's per-(step, tensor) generator.
+
+    Returns:
+        The merged tensor.
+    """
+    pruned = _pruned(deltas, density, epsilon, rescale, generator)
+    merged = ties_merge(pruned, weights, vote=vote, normalize=normalize)
+    return merged.mul_(lambda_).add_(base)
+
+
+@merge_method(name="della_linear", inputs="deltas")
+def della_linear(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    *,
+    density: PerInput[float],
+    epsilon: PerInput[float] = 0.15,
+    weights: PerInput[float] = 1.0,
+    lambda_: float = 1.0,
+    rescale: Rescale = "per_element",
+    normalize: bool = False,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA's pruning, then a weighted sum of the pruned deltas.
+
+    Args:
+        base: the base's tensor.
+        deltas: the deltas.
+        density: mean keep probability per input.
+        epsilon: half-width of the keep probabilities per input.
+        weights: one weight per input.
+        lambda_: scale of the merged delta (recipe field ``lambda``).
+        rescale: ``per_element`` (``true``), ``l1`` or ``none`` (``false``).
+        normalize: divide by the sum of the weights (when it is not about 0).
+        generator: the engine's per-(step, tensor) generator.
+
+    Returns:
+        The merged tensor.
+    """
+    pruned = _pruned(deltas, density, epsilon, rescale, generator)
+    merged = torch.zeros_like(base)
+    for w, d in zip(weights, pruned, strict=True):
+        merged.add_(d, alpha=w)
+    total = sum(weights)
+    if normalize and abs(total) > 1e-8:
+        merged.div_(total)
+    return merged.mul_(lambda_).add_(base)
