@@ -415,3 +415,34 @@ def test_arcee_fusion_matches_reference(shape):
     close(out, arcee_ref(base, model))
     assert 0 < int((out != base).sum()) < base.numel() // 2
     close(arcee_fusion(base, [base.clone()]), base)  # identical
+
+
+# ----------------------------------------------------------------------------- thread independence
+
+def _every_method(base, models):
+    deltas = [m - base for m in models]
+    two = [1.0, 1.0]
+    return [
+        slerp(base, models[:1], t=0.4),
+        nuslerp(base, models, weights=[0.3, 0.7], nuslerp_flatten=False),
+        multislerp(base, models, weights=two),
+        karcher(None, models),
+        model_stock(base, deltas),
+        della(base, deltas, density=[0.4, 0.4], epsilon=[0.1, 0.1], weights=two, rescale="l1",
+              generator=tensor_generator(0, "m", "w")),
+        sce(base, deltas, select_topk=0.5),
+    ]
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    base, models = fine_tunes((600, 1000), 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _every_method(base, models)
+        torch.set_num_threads(2)
+        two = _every_method(base, models)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
