@@ -7,8 +7,8 @@ mean over pairs ``i < j`` of ``<D_i, D_j> / max(|D_i| |D_j|, 1e-6)``::
     t = N cos θ / (1 + (N − 1) cos θ)        model_stock = base + t · (Σ D_i / N)
 
 The paper's ratio assumes ``cos θ >= 0`` (fine-tunes of one base); a negative mean cosine is
-taken as 0 (the base: nothing the fine-tunes agree on), where mergekit would extrapolate with a
-negative ``t`` and divide by zero at ``cos θ = −1/(N − 1)``.
+taken as 0 (the base: nothing the fine-tunes agree on), where mergekit extrapolates with a
+negative ``t`` (keeping the base only at the singular ``cos θ = −1/(N − 1)``).
 
 ```yaml
 - {id: m, op: merge, method: model_stock, base: base, inputs: [math, code], filter_wise: false}
