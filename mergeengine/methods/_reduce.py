@@ -60,6 +60,23 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.sqrt(_exact_total(parts))
 
 
+def gram(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """All dot products ``<x_i, x_j>`` of the tensors (a symmetric matrix) in one pass over them
+    (see :func:`dot`)."""
+    flat = [x.reshape(-1) for x in tensors]
+    n = len(flat)
+    buf = torch.empty(min(CHUNK, max(flat[0].numel(), 1)), dtype=torch.float32, device=flat[0].device)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    parts: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
+    for s, e in chunks(flat[0].numel()):
+        for i, j in pairs:
+            parts[i, j].append(_block_sums(torch.mul(flat[i][s:e], flat[j][s:e], out=buf[: e - s])))
+    matrix = [[0.0] * n for _ in range(n)]
+    for (i, j), ps in parts.items():
+        matrix[i][j] = matrix[j][i] = _exact_total(ps)
+    return matrix
+
+
 def norm(a: torch.Tensor) -> float:
     """The L2 norm of ``a`` over all entries (see :func:`dot`)."""
     return math.sqrt(dot(a, a))

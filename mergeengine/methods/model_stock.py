@@ -19,16 +19,23 @@ import torch
 
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_at_least
-from mergeengine.methods._reduce import row_dots
+from mergeengine.methods._reduce import gram, row_dots
 
 NORM_PRODUCT_FLOOR = 1e-6
 
 
+def _row_gram(rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``<D_i, D_j>`` per row (float64 ``[rows]``); one pass over the deltas when there is one row."""
+    if rows[0].shape[0] == 1:
+        return [[torch.tensor([v], dtype=torch.float64) for v in line] for line in gram(rows)]
+    return [[row_dots(a, b) for b in rows] for a in rows]
+
+
 def stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
     """``t`` per row of the 2-D ``deltas`` (float64, shape ``[rows, 1]``)."""
-    norms = [row_dots(d, d).sqrt() for d in deltas]
+    g = _row_gram(deltas)
     pairs = [(i, j) for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
-    cos = sum((row_dots(deltas[i], deltas[j]) / (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_FLOOR)).clamp(-1, 1)
+    cos = sum((g[i][j] / (g[i][i].sqrt() * g[j][j].sqrt()).clamp(min=NORM_PRODUCT_FLOOR)).clamp(-1, 1)
               for i, j in pairs) / len(pairs)
     cos = cos.clamp(min=0.0)
     n = len(deltas)

@@ -19,7 +19,7 @@ import torch
 
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_inputs
-from mergeengine.methods._reduce import dot, norm
+from mergeengine.methods._reduce import gram
 
 #: |cos θ| above this interpolates linearly (mergekit's DOT_THRESHOLD).
 COLINEAR_COS = 0.9995
@@ -38,8 +38,9 @@ def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[floa
     Returns:
         The coefficients, as Python floats (float64, from :mod:`~mergeengine.methods._reduce`'s thread-independent sums).
     """
-    norm_a, norm_b = norm(a), norm(b)
-    cos = dot(a, b) / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
+    (aa, ab), (_, bb) = gram([a, b])
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
+    cos = ab / ((norm_a if norm_a > NORM_EPS else 1.0) * (norm_b if norm_b > NORM_EPS else 1.0))
     if abs(cos) > COLINEAR_COS:
         return 1.0 - t, t
     theta = math.acos(max(-1.0, min(1.0, cos)))
