@@ -446,3 +446,9 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
+
+
+def test_sign_elections_reject_negative_weights():
+    base = rand(3, 4)
+    with pytest.raises(ExecutionError, match=">= 0"):
+        breadcrumbs_ties(base, [rand(3, 4, seed=1)] * 2, density=[0.5, 0.5], gamma=[0.0, 0.0], weights=[1.0, -1.0])

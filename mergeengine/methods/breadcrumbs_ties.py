@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 
 from mergeengine.kernels.sparsify import breadcrumbs
-from mergeengine.kernels.ties import ties_merge
 from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods._ties import elect_and_merge
 
 
 @merge_method(name="breadcrumbs_ties", inputs="deltas")
@@ -48,5 +48,4 @@ def breadcrumbs_ties(
         The merged tensor.
     """
     masked = [breadcrumbs(d, p, g) for d, p, g in zip(deltas, density, gamma, strict=True)]
-    merged = ties_merge(masked, weights, vote=vote, normalize=normalize)
-    return merged.mul_(lambda_).add_(base)
+    return elect_and_merge(base, masked, weights, vote=vote, normalize=normalize, lambda_=lambda_)

@@ -22,14 +22,31 @@ recipe order.
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.sparsify import block_sums, l1_norm
-from mergeengine.kernels.ties import ties_merge
 from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods._ties import elect_and_merge
 
 Rescale = Literal["per_element", "l1", "none"] | bool
+
+
+def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row of the 2-D float32 ``rows``, the column indices by ascending magnitude, ties by column.
+
+    One value sort of int64 keys ``(bits of |x|) << w | column`` (numpy's SIMD sort): the bit
+    pattern of a non-negative float orders like the float, the column breaks ties, and the low
+    ``w`` bits give the order back; about twice as fast as a stable argsort.
+    """
+    width = max(1, (rows.shape[1] - 1).bit_length())
+    bits = rows.abs().cpu().numpy().view(np.int32)
+    keys = bits.astype(np.int64) << width
+    keys |= np.arange(rows.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << width) - 1
+    return torch.from_numpy(keys).to(rows.device)
 
 
 def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -37,9 +54,8 @@ def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> to
     n = rows.shape[1]
     if n == 1:
         return torch.full_like(rows, density)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
     rank = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
-    keep = torch.empty_like(rows).scatter_(1, order, rank)
+    keep = torch.empty_like(rows).scatter_(1, magnitude_order(rows), rank)
     return keep.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
 
 
@@ -52,12 +68,11 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Resca
         raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, epsilon {epsilon}")
     rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
     keep = keep_probabilities(rows, density, epsilon)
-    draws = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
-    survive = draws < keep
-    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    survive = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
+    survive.lt_(keep)  # 1.0 where the entry survives, else 0.0
     if rescale in ("per_element", True):
-        return torch.where(survive, rows / keep, zero).view(delta.shape)
-    kept = torch.where(survive, rows, zero).view(delta.shape)
+        return torch.div(rows, keep, out=keep).mul_(survive).view(delta.shape)
+    kept = torch.mul(rows, survive, out=keep).view(delta.shape)
     if rescale == "l1":
         after = l1_norm([block_sums(kept.abs())])
         if after > 0:
@@ -102,8 +117,7 @@ def della(
         The merged tensor.
     """
     pruned = _pruned(deltas, density, epsilon, rescale, generator)
-    merged = ties_merge(pruned, weights, vote=vote, normalize=normalize)
-    return merged.mul_(lambda_).add_(base)
+    return elect_and_merge(base, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
 
 
 @merge_method(name="della_linear", inputs="deltas")

@@ -17,9 +17,9 @@ import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.selection import keep_count, topk_abs_mask
-from mergeengine.kernels.ties import ties_merge
 from mergeengine.methods import merge_method
 from mergeengine.methods._reduce import dot
+from mergeengine.methods._ties import elect_and_merge
 
 
 def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor:
@@ -64,5 +64,6 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: float = 
         keep = variance_mask(deltas, select_topk)
         zero = torch.zeros((), dtype=base.dtype, device=base.device)
         deltas = [torch.where(keep, d, zero) for d in deltas]
-    merged = ties_merge(deltas, square_weights(deltas))
-    return merged.add_(base)
+    else:
+        deltas = [d.clone() for d in deltas]  # the merge below overwrites its deltas
+    return elect_and_merge(base, deltas, square_weights(deltas))
