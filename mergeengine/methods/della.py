@@ -20,6 +20,7 @@ recipe order.
 ```
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -33,20 +34,30 @@ from mergeengine.methods._ties import elect_and_merge
 Rescale = Literal["per_element", "l1", "none"] | bool
 
 
+def _sorted_keys(bits: np.ndarray, width: int) -> np.ndarray:
+    keys = bits.astype(np.int64) << width
+    keys |= np.arange(bits.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << width) - 1
+    return keys
+
+
 def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     """Per row of the 2-D float32 ``rows``, the column indices by ascending magnitude, ties by column.
 
     One value sort of int64 keys ``(bits of |x|) << w | column`` (numpy's SIMD sort): the bit
     pattern of a non-negative float orders like the float, the column breaks ties, and the low
-    ``w`` bits give the order back; about twice as fast as a stable argsort.
+    ``w`` bits give the order back; about twice as fast as a stable argsort. The rows are split
+    among torch's threads (numpy releases the GIL while it sorts).
     """
     width = max(1, (rows.shape[1] - 1).bit_length())
     bits = rows.abs().cpu().numpy().view(np.int32)
-    keys = bits.astype(np.int64) << width
-    keys |= np.arange(rows.shape[1], dtype=np.int64)
-    keys.sort(axis=1)
-    keys &= (1 << width) - 1
-    return torch.from_numpy(keys).to(rows.device)
+    parts = min(torch.get_num_threads(), max(1, rows.shape[0] // 64))
+    if parts == 1:
+        return torch.from_numpy(_sorted_keys(bits, width)).to(rows.device)
+    with ThreadPoolExecutor(parts) as pool:
+        blocks = list(pool.map(lambda b: _sorted_keys(b, width), np.array_split(bits, parts)))
+    return torch.from_numpy(np.concatenate(blocks)).to(rows.device)
 
 
 def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
