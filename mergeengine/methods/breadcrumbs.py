@@ -1,0 +1,32 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023): drop the largest ``gamma`` and the smallest
+magnitudes, keep the ``density`` fraction in between, then task arithmetic.
+
+```yaml
+- {id: merged, op: merge, method: breadcrumbs, base: base, inputs: [d_math, d_code], density: 0.2, gamma: 0.01}
+```
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeengine.kernels import sparsify
+from mergeengine.methods import Density, Fraction, PerInput, merge_method
+
+
+@merge_method(name="breadcrumbs", inputs="deltas", compute_bound=True)
+def breadcrumbs(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[Density],
+                gamma: PerInput[Fraction] = 0.01, weights: PerInput[float] = 1.0,
+                lambda_: float = 1.0) -> torch.Tensor:
+    """Per tensor: the breadcrumbs band of each delta, then ``base + lambda * sum_i w_i delta_i``.
+
+    Args:
+        density: Fraction kept after dropping the top gamma (one value, or one per input).
+        gamma: Fraction of largest magnitudes dropped (one value, or one per input).
+        weights: One weight per input (default 1 each).
+        lambda_: Scale of the merged delta added to the base.
+    """
+    merged = torch.zeros_like(deltas[0])
+    for w, d, p, g in zip(weights, deltas, density, gamma, strict=True):
+        merged.add_(sparsify.breadcrumbs(d, p, g), alpha=w)
+    return base.add(merged, alpha=lambda_)
