@@ -395,9 +395,9 @@ def test_passthrough_scales():
 
 def arcee_ref(base, model):
     diff = (model - base).abs()
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    imp = diff * torch.sum(p * torch.log(p / q), dim=-1).unsqueeze(-1)
+    p = torch.softmax(model.double(), dim=-1) + 1e-8
+    q = torch.softmax(base.double(), dim=-1) + 1e-8
+    imp = diff * torch.sum(p * torch.log(p / q), dim=-1).unsqueeze(-1).float()
     s = torch.sort(imp.flatten()).values
 
     def quant(q):

@@ -3,7 +3,7 @@
 Per tensor, with ``p = softmax(model) + 1e-8`` and ``q = softmax(base) + 1e-8`` along the last
 dimension (a 1-D tensor is one row)::
 
-    importance = |model − base| · KL(p ‖ q)        (KL per row, broadcast along it)
+    importance = |model − base| · KL(p ‖ q)        (KL per row in float64, broadcast along it)
     threshold  = median + 1.5 (q3 − q1)            (quantiles of importance over the tensor)
     fusion     = base + (model − base) · [importance >= threshold]
 
@@ -21,20 +21,29 @@ import math
 import torch
 
 from mergeengine.methods import merge_method
-from mergeengine.methods._checks import expect_inputs
+from mergeengine.methods._checks import expect_inputs, labelled, require_finite
+from mergeengine.methods._reduce import CHUNK
 
 SOFTMAX_EPS = 1e-8
+
+
+def row_kl(rows_m: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(m) + eps ‖ softmax(b) + eps)`` per row, in float64 a few rows at a time: the
+    divergence of two close models is a small difference of large terms, which float32 loses."""
+    out = torch.empty(rows_b.shape[0], 1, dtype=torch.float32, device=rows_b.device)
+    step = max(1, CHUNK // max(rows_b.shape[1], 1))
+    for start in range(0, rows_b.shape[0], step):
+        p = torch.softmax(rows_m[start:start + step].double(), dim=-1).add_(SOFTMAX_EPS)
+        q = torch.softmax(rows_b[start:start + step].double(), dim=-1).add_(SOFTMAX_EPS)
+        out[start:start + step] = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    return out
 
 
 def importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     """``|model − base|`` times the per-row KL divergence of their softmaxes."""
     rows_b = base.reshape(-1, base.shape[-1]) if base.dim() > 1 else base.reshape(1, -1)
     rows_m = model.reshape(rows_b.shape)
-    p = torch.softmax(rows_m, dim=-1).add_(SOFTMAX_EPS)
-    q = torch.softmax(rows_b, dim=-1).add_(SOFTMAX_EPS)
-    kl = (p * torch.log(q.reciprocal_().mul_(p))).sum(dim=-1, keepdim=True)
-    del p, q
-    return torch.sub(rows_m, rows_b).abs_().mul_(kl).view(base.shape)
+    return torch.sub(rows_m, rows_b).abs_().mul_(row_kl(rows_m, rows_b)).view(base.shape)
 
 
 def quantile(values: torch.Tensor, q: float) -> float:
@@ -55,6 +64,7 @@ def arcee_fusion(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor
         The fused tensor.
     """
     expect_inputs("arcee_fusion", models, 1)
+    require_finite("arcee_fusion", labelled(models, base, "model"))
     scores = importance(base, models[0])
     threshold = quantile(scores, 0.5) + 1.5 * (quantile(scores, 0.75) - quantile(scores, 0.25))
     keep = scores >= threshold

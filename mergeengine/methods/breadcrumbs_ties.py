@@ -17,6 +17,7 @@ import torch
 
 from mergeengine.kernels.sparsify import breadcrumbs
 from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
 
 
@@ -47,5 +48,6 @@ def breadcrumbs_ties(
     Returns:
         The merged tensor.
     """
+    require_finite("breadcrumbs_ties", labelled(deltas, kind="delta"))
     masked = [breadcrumbs(d, p, g) for d, p, g in zip(deltas, density, gamma, strict=True)]
     return elect_and_merge(base, masked, weights, vote=vote, normalize=normalize, lambda_=lambda_)

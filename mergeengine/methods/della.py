@@ -29,6 +29,7 @@ import torch
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.sparsify import block_sums, l1_norm
 from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
 
 Rescale = Literal["per_element", "l1", "none"] | bool
@@ -93,6 +94,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Resca
 
 def _pruned(deltas: list[torch.Tensor], density: list[float], epsilon: list[float], rescale: Rescale,
             generator: torch.Generator) -> list[torch.Tensor]:
+    require_finite("della", labelled(deltas, kind="delta"))
     return [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, density, epsilon, strict=True)]
 
 

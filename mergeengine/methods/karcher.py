@@ -20,6 +20,7 @@ import math
 import torch
 
 from mergeengine.methods import merge_method
+from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import dot, norm
 
 
@@ -66,6 +67,7 @@ def karcher(_base: None, models: list[torch.Tensor], *, max_iter: int = 10, tol:
     """
     if len(models) == 1:
         return models[0].clone()
+    require_finite("karcher", labelled(models))
     norms = [norm(x) for x in models]
     valid = [(n, x) for n, x in zip(norms, models, strict=True) if n > tol]
     if not valid:

@@ -18,7 +18,7 @@ negative ``t`` (keeping the base only at the singular ``cos θ = −1/(N − 1)`
 import torch
 
 from mergeengine.methods import merge_method
-from mergeengine.methods._checks import expect_at_least
+from mergeengine.methods._checks import expect_at_least, labelled, require_finite
 from mergeengine.methods._reduce import gram, row_dots
 
 NORM_PRODUCT_FLOOR = 1e-6
@@ -55,6 +55,7 @@ def model_stock(base: torch.Tensor, deltas: list[torch.Tensor], *, filter_wise: 
         The merged tensor.
     """
     expect_at_least("model_stock", deltas, 2)
+    require_finite("model_stock", labelled(deltas, kind="delta"))
     rows = [d.reshape(-1, d.shape[-1]) if filter_wise and d.dim() > 1 else d.reshape(1, -1) for d in deltas]
     t = stock_ratio(rows).float()
     mean = torch.zeros_like(rows[0])

@@ -21,6 +21,7 @@ import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import CHUNK, chunks, distance, norm
 
 
@@ -71,6 +72,7 @@ def multislerp(
     """
     if len(models) == 1:
         return models[0].clone()
+    require_finite("multislerp", labelled(models, base))
     w = _weights(weights, normalize_weights)
     norms = [norm(x) if base is None else distance(x, base) for x in models]
     mean = _accumulate(base, models, [wi / (n + eps) for wi, n in zip(w, norms, strict=True)])

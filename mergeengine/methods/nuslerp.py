@@ -18,7 +18,7 @@ deltas and the result is ``base + nuslerp(deltas)``.
 import torch
 
 from mergeengine.methods import PerInput, merge_method
-from mergeengine.methods._checks import expect_inputs
+from mergeengine.methods._checks import expect_inputs, labelled, require_finite
 from mergeengine.methods._reduce import column_dots, row_dots
 
 NORM_FLOOR = 1e-7
@@ -70,6 +70,7 @@ def nuslerp(
         The interpolated tensor.
     """
     expect_inputs("nuslerp", models, 2)
+    require_finite("nuslerp", labelled(models, base))
     total = weights[0] + weights[1]
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     a, b = (models[0], models[1]) if base is None else (models[0] - base, models[1] - base)

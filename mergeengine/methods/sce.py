@@ -18,6 +18,7 @@ import torch
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.selection import keep_count, topk_abs_mask
 from mergeengine.methods import merge_method
+from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import dot
 from mergeengine.methods._ties import elect_and_merge
 
@@ -60,6 +61,7 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: float = 
     """
     if not 0.0 <= select_topk <= 1.0:
         raise ExecutionError(f"sce: select_topk must be in [0, 1], got {select_topk}")
+    require_finite("sce", labelled(deltas, kind="delta"))
     if select_topk < 1.0:
         keep = variance_mask(deltas, select_topk)
         zero = torch.zeros((), dtype=base.dtype, device=base.device)

@@ -18,7 +18,7 @@ import math
 import torch
 
 from mergeengine.methods import merge_method
-from mergeengine.methods._checks import expect_inputs
+from mergeengine.methods._checks import expect_inputs, labelled, require_finite
 from mergeengine.methods._reduce import gram
 
 #: |cos θ| above this interpolates linearly (mergekit's DOT_THRESHOLD).
@@ -60,6 +60,7 @@ def slerp(base: torch.Tensor, models: list[torch.Tensor], *, t: float) -> torch.
         The interpolated tensor.
     """
     expect_inputs("slerp", models, 1)
+    require_finite("slerp", labelled(models, base, "model"))
     s_base, s_model = slerp_coefficients(t, base, models[0])
     out = base * s_base
     return out.add_(models[0], alpha=s_model)
