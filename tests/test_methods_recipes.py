@@ -19,7 +19,7 @@ from test_methods_math import (
 )
 
 from mergeengine import api
-from mergeengine.errors import NonFiniteError
+from mergeengine.errors import NonFiniteError, RecipeError
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
 
@@ -163,3 +163,28 @@ def test_nan_in_an_input_names_the_step_and_tensor(tmp_path, models, merge):
     with pytest.raises(NonFiniteError, match=r"step 'm'.*model\.layers\.1\.mlp\.up_proj\.weight"):
         api.run_recipe(r)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("merge,message", [
+    ("method: della, base: base, inputs: [math, code], density: [0.5, 0.1], epsilon: 0.15", "density ± epsilon"),
+    ("method: della, base: base, inputs: [math, code], density: 0.5, weights: [1, -1]", "weights must be >= 0"),
+    ("method: breadcrumbs_ties, base: base, inputs: [math, code], density: 0.3, weights: [1, -1]", ">= 0"),
+    ("method: sce, base: base, inputs: [math, code], select_topk: 1.5", "select_topk"),
+    ("method: karcher, inputs: [math, code], max_iter: 0", "max_iter"),
+    ("method: slerp, base: base, inputs: [math], t: .nan", "t"),
+    ("method: slerp, base: base, inputs: [math]", "t"),
+    ("method: nuslerp, base: base, inputs: [math, code], weights: [1, 2, 3]", "weights has 3 entries"),
+])
+def test_bad_parameters_are_recipe_errors_with_a_position(tmp_path, models, merge, message):
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base32']}}}
+          - {{id: math, op: load, model: {models['math32']}}}
+          - {{id: code, op: load, model: {models['code32']}}}
+          - {{id: m, op: merge, {merge}}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    with pytest.raises(RecipeError) as info:
+        api.validate(r)
+    (line,) = info.value.problems
+    assert line.startswith(f"{r}:5:") and "'m'" in line and message in line, line

@@ -52,7 +52,7 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.kthvalue(flat, math.floor(q * (flat.numel() - 1)) + 1).values)
 
 
-@merge_method(name="arcee_fusion", inputs="models")
+@merge_method(name="arcee_fusion", inputs="models", compute_bound=True)
 def arcee_fusion(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
     """The base plus the model's changes whose importance reaches the dynamic threshold.
 

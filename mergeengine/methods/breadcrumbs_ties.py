@@ -16,18 +16,19 @@ from typing import Literal
 import torch
 
 from mergeengine.kernels.sparsify import breadcrumbs
-from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
+from mergeengine.methods.ties import non_negative_weights
 
 
-@merge_method(name="breadcrumbs_ties", inputs="deltas")
+@merge_method(name="breadcrumbs_ties", inputs="deltas", compute_bound=True, validate=non_negative_weights)
 def breadcrumbs_ties(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
     *,
-    density: PerInput[float],
-    gamma: PerInput[float] = 0.01,
+    density: PerInput[Density],
+    gamma: PerInput[Fraction] = 0.01,
     weights: PerInput[float] = 1.0,
     lambda_: float = 1.0,
     normalize: bool = True,

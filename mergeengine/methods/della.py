@@ -20,19 +20,20 @@ recipe order.
 ```
 """
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.sparsify import block_sums, l1_norm
-from mergeengine.methods import PerInput, merge_method
+from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
 
-Rescale = Literal["per_element", "l1", "none"] | bool
+Rescale = Literal["per_element", "l1", "none"]
 
 
 def _sorted_keys(bits: np.ndarray, width: int) -> np.ndarray:
@@ -82,7 +83,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Resca
     keep = keep_probabilities(rows, density, epsilon)
     survive = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
     survive.lt_(keep)  # 1.0 where the entry survives, else 0.0
-    if rescale in ("per_element", True):
+    if rescale == "per_element":
         return torch.div(rows, keep, out=keep).mul_(survive).view(delta.shape)
     kept = torch.mul(rows, survive, out=keep).view(delta.shape)
     if rescale == "l1":
@@ -92,19 +93,28 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Resca
     return kept
 
 
+def check_parameters(params: Mapping[str, Any]) -> None:
+    """At validation: keep probabilities in (0, 1] and weights >= 0 (for ``della``'s sign election)."""
+    for p, e in zip(params["density"], params["epsilon"], strict=True):
+        if p < 1 and not (0 < p - e and p + e <= 1):
+            raise ValueError(f"density ± epsilon must lie in (0, 1]; got density {p}, epsilon {e}")
+    if "vote" in params and any(w < 0 for w in params["weights"]):
+        raise ValueError("weights must be >= 0 for sign election (use della_linear to subtract a delta)")
+
+
 def _pruned(deltas: list[torch.Tensor], density: list[float], epsilon: list[float], rescale: Rescale,
             generator: torch.Generator) -> list[torch.Tensor]:
     require_finite("della", labelled(deltas, kind="delta"))
     return [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, density, epsilon, strict=True)]
 
 
-@merge_method(name="della", inputs="deltas")
+@merge_method(name="della", inputs="deltas", compute_bound=True, validate=check_parameters)
 def della(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
     *,
-    density: PerInput[float],
-    epsilon: PerInput[float] = 0.15,
+    density: PerInput[Density],
+    epsilon: PerInput[Fraction] = 0.15,
     weights: PerInput[float] = 1.0,
     lambda_: float = 1.0,
     rescale: Rescale = "per_element",
@@ -121,7 +131,7 @@ def della(
         epsilon: half-width of the keep probabilities per input.
         weights: one weight per input.
         lambda_: scale of the merged delta (recipe field ``lambda``).
-        rescale: ``per_element`` (``true``), ``l1`` or ``none`` (``false``).
+        rescale: ``per_element`` (the paper), ``l1`` (mergekit) or ``none``.
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
         generator: the engine's per-(step, tensor) generator.
@@ -133,13 +143,13 @@ def della(
     return elect_and_merge(base, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method(name="della_linear", inputs="deltas")
+@merge_method(name="della_linear", inputs="deltas", compute_bound=True, validate=check_parameters)
 def della_linear(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
     *,
-    density: PerInput[float],
-    epsilon: PerInput[float] = 0.15,
+    density: PerInput[Density],
+    epsilon: PerInput[Fraction] = 0.15,
     weights: PerInput[float] = 1.0,
     lambda_: float = 1.0,
     rescale: Rescale = "per_element",
@@ -155,7 +165,7 @@ def della_linear(
         epsilon: half-width of the keep probabilities per input.
         weights: one weight per input.
         lambda_: scale of the merged delta (recipe field ``lambda``).
-        rescale: ``per_element`` (``true``), ``l1`` or ``none`` (``false``).
+        rescale: ``per_element`` (the paper), ``l1`` (mergekit) or ``none``.
         normalize: divide by the sum of the weights (when it is not about 0).
         generator: the engine's per-(step, tensor) generator.
 

@@ -16,8 +16,10 @@ exceeds ``tol``); all-zero inputs give zeros. Base models are not used.
 """
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import labelled, require_finite
@@ -52,8 +54,9 @@ def _step(u: torch.Tensor, units: list[tuple[float, float, torch.Tensor]], tol: 
     return norm(out)
 
 
-@merge_method(name="karcher", inputs="models", base="none")
-def karcher(_base: None, models: list[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+@merge_method(name="karcher", inputs="models", base="none", compute_bound=True)
+def karcher(_base: None, models: list[torch.Tensor], *, max_iter: Annotated[int, Field(ge=1)] = 10,
+            tol: Annotated[float, Field(gt=0)] = 1e-5) -> torch.Tensor:
     """The Karcher mean direction of the inputs times their mean norm.
 
     Args:

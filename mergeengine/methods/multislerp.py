@@ -17,7 +17,10 @@ One input is returned unchanged. For the intrinsic (Riemannian) mean use ``karch
 ```
 """
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from mergeengine.errors import ExecutionError
 from mergeengine.methods import PerInput, merge_method
@@ -56,7 +59,7 @@ def multislerp(
     *,
     weights: PerInput[float],
     normalize_weights: bool = True,
-    eps: float = 1e-8,
+    eps: Annotated[float, Field(gt=0)] = 1e-8,
 ) -> torch.Tensor:
     """The weighted spherical barycentre of the inputs (or of their deltas), scaled to their mean norm.
 

@@ -15,9 +15,8 @@
 
 import torch
 
-from mergeengine.errors import ExecutionError
 from mergeengine.kernels.selection import keep_count, topk_abs_mask
-from mergeengine.methods import merge_method
+from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import dot
 from mergeengine.methods._ties import elect_and_merge
@@ -47,8 +46,8 @@ def square_weights(deltas: list[torch.Tensor]) -> list[float]:
     return [s / total for s in squares]
 
 
-@merge_method(name="sce", inputs="deltas")
-def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: float = 1.0) -> torch.Tensor:
+@merge_method(name="sce", inputs="deltas", compute_bound=True)
+def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0) -> torch.Tensor:
     """Select by variance, calculate weights by squared magnitude, erase minority signs.
 
     Args:
@@ -59,8 +58,6 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: float = 
     Returns:
         The merged tensor.
     """
-    if not 0.0 <= select_topk <= 1.0:
-        raise ExecutionError(f"sce: select_topk must be in [0, 1], got {select_topk}")
     require_finite("sce", labelled(deltas, kind="delta"))
     if select_topk < 1.0:
         keep = variance_mask(deltas, select_topk)
