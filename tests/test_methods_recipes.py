@@ -188,3 +188,34 @@ def test_bad_parameters_are_recipe_errors_with_a_position(tmp_path, models, merg
         api.validate(r)
     (line,) = info.value.problems
     assert line.startswith(f"{r}:5:") and "'m'" in line and message in line, line
+
+
+def test_normalize_and_int8_mask_on_ties_dare_and_breadcrumbs(tmp_path, models, weights):
+    from test_methods_math import band_ref
+
+    b, m, c = weights
+    w = [1.0, 0.5]
+    out = run(tmp_path, models, "method: ties, base: base, inputs: [math, code], density: 0.3, weights: [1.0, 0.5], "
+                                "normalize: false", out="t")
+    check(out, lambda n: b[n].double() + ties_ref([band_ref(m[n] - b[n], 0.3, 0.0), band_ref(c[n] - b[n], 0.3, 0.0)],
+                                                  w, normalize=False), b)
+
+    def dare_kept(n, i, d):
+        g = tensor_generator(0, f"m/{i}", n)
+        return torch.where(torch.rand(d.shape, generator=g) < 0.4, d / 0.4, 0.0)
+
+    out = run(tmp_path, models, "method: dare_ties, base: base, inputs: [math, code], density: 0.4, weights: [1.0, 0.5], "
+                                "normalize: false", out="d")
+    check(out, lambda n: b[n].double() + ties_ref([dare_kept(n, 0, m[n] - b[n]), dare_kept(n, 1, c[n] - b[n])],
+                                                  w, normalize=False), b)
+    for method, extra in [("dare_linear", "density: 0.4"), ("breadcrumbs", "density: 0.3")]:
+        merge = f"method: {method}, base: base, inputs: [math, code], weights: [1.0, 0.5], {extra}"
+        plain = run(tmp_path, models, merge, out=f"{method}_plain")
+        normalized = run(tmp_path, models, merge + ", normalize: true", out=f"{method}_norm")
+        check(normalized, lambda n, plain=plain: b[n] + (plain[n] - b[n]) / 1.5, b)
+    for method, extra in [("ties", "density: 0.3"), ("dare_ties", "density: 0.4"), ("della", "density: 0.4"),
+                          ("sce", "select_topk: 0.5")]:
+        merge = f"method: {method}, base: base, inputs: [math, code], {extra}"
+        plain = run(tmp_path, models, merge, out=f"{method}_p")
+        masked = run(tmp_path, models, merge + ", int8_mask: true", out=f"{method}_i")
+        assert all(torch.equal(plain[n], masked[n]) for n in b), method

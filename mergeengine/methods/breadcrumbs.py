@@ -17,7 +17,7 @@ from mergeengine.methods import Density, Fraction, PerInput, merge_method
 @merge_method(name="breadcrumbs", inputs="deltas", compute_bound=True)
 def breadcrumbs(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[Density],
                 gamma: PerInput[Fraction] = 0.01, weights: PerInput[float] = 1.0,
-                lambda_: float = 1.0) -> torch.Tensor:
+                lambda_: float = 1.0, normalize: bool = False, int8_mask: bool = False) -> torch.Tensor:
     """Per tensor: the breadcrumbs band of each delta, then ``base + lambda * sum_i w_i delta_i``.
 
     Args:
@@ -25,8 +25,12 @@ def breadcrumbs(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerI
         gamma: Fraction of largest magnitudes dropped (one value, or one per input).
         weights: One weight per input (default 1 each).
         lambda_: Scale of the merged delta added to the base.
+        normalize: divide the weighted sum by the sum of the weights (when it is not about 0).
+        int8_mask: Accepted for mergekit configs; no effect (masks are never materialised at model scale).
     """
     merged = torch.zeros_like(deltas[0])
     for w, d, p, g in zip(weights, deltas, density, gamma, strict=True):
         merged.add_(sparsify.breadcrumbs(d, p, g), alpha=w)
+    if normalize and abs(sum(weights)) > 1e-8:
+        merged.div_(sum(weights))
     return base.add(merged, alpha=lambda_)

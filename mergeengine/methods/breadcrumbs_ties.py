@@ -33,6 +33,7 @@ def breadcrumbs_ties(
     lambda_: float = 1.0,
     normalize: bool = True,
     vote: Literal["unweighted", "weighted"] = "unweighted",
+    int8_mask: bool = False,
 ) -> torch.Tensor:
     """Breadcrumbs mask per input, then TIES.
 
@@ -45,6 +46,7 @@ def breadcrumbs_ties(
         lambda_: scale of the merged delta (recipe field ``lambda``).
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
+        int8_mask: accepted for mergekit configs; no effect.
 
     Returns:
         The merged tensor.

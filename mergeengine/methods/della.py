@@ -120,6 +120,7 @@ def della(
     rescale: Rescale = "per_element",
     normalize: bool = True,
     vote: Literal["unweighted", "weighted"] = "unweighted",
+    int8_mask: bool = False,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """DELLA: MAGPRUNE, elect signs, disjoint mean.
@@ -134,6 +135,7 @@ def della(
         rescale: ``per_element`` (the paper), ``l1`` (mergekit) or ``none``.
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
+        int8_mask: accepted for mergekit configs; no effect.
         generator: the engine's per-(step, tensor) generator.
 
     Returns:
@@ -154,6 +156,7 @@ def della_linear(
     lambda_: float = 1.0,
     rescale: Rescale = "per_element",
     normalize: bool = False,
+    int8_mask: bool = False,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """DELLA's pruning, then a weighted sum of the pruned deltas.
@@ -167,6 +170,7 @@ def della_linear(
         lambda_: scale of the merged delta (recipe field ``lambda``).
         rescale: ``per_element`` (the paper), ``l1`` (mergekit) or ``none``.
         normalize: divide by the sum of the weights (when it is not about 0).
+        int8_mask: accepted for mergekit configs; no effect.
         generator: the engine's per-(step, tensor) generator.
 
     Returns:

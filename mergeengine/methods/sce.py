@@ -47,13 +47,15 @@ def square_weights(deltas: list[torch.Tensor]) -> list[float]:
 
 
 @merge_method(name="sce", inputs="deltas", compute_bound=True)
-def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0) -> torch.Tensor:
+def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0,
+        int8_mask: bool = False) -> torch.Tensor:
     """Select by variance, calculate weights by squared magnitude, erase minority signs.
 
     Args:
         base: the base's tensor.
         deltas: the deltas.
         select_topk: fraction of entries (by variance across inputs) kept, in [0, 1].
+        int8_mask: accepted for mergekit configs; no effect.
 
     Returns:
         The merged tensor.

@@ -24,7 +24,7 @@ import torch
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.selection import bits_to_float, float_to_bits, keep_count, top_k_streamed
-from mergeengine.kernels.ties import ties_merge_into
+from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.methods import Density, MergeStep, PerInput, merge_method
 from mergeengine.ops.base import Reduction
 from mergeengine.ops.chunks import TensorStream
@@ -109,8 +109,8 @@ def _report(step: MergeStep, stats: Mapping[str, Any]) -> dict[str, Any]:
               prepare=_trims, provides=("trims", "scratch"), statistics=_model_thresholds, report=_report)
 def ties(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[Density],
          trim_scope: Literal["tensor", "model"] = "tensor", vote: Vote = "unweighted",
-         weights: PerInput[float] = 1.0, lambda_: float = 1.0, trims: list[Trim],
-         scratch: list[torch.Tensor]) -> torch.Tensor:
+         weights: PerInput[float] = 1.0, lambda_: float = 1.0, normalize: bool = True, int8_mask: bool = False,
+         trims: list[Trim], scratch: list[torch.Tensor]) -> torch.Tensor:
     """Trim each delta to its top ``density``, elect the sign, average the agreeing entries.
 
     Args:
@@ -119,9 +119,13 @@ def ties(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[De
         vote: unweighted: sign(sum D_i) (paper); weighted: sign(sum w_i D_i) (mergekit).
         weights: One weight per input (default 1 each; >= 0).
         lambda_: Scale of the merged delta added to the base.
+        normalize: true: divide by the summed weights of the agreeing inputs (paper); false: do not (mergekit's normalize: false).
+        int8_mask: Accepted for mergekit configs; no effect (masks are never materialised at model scale).
     """
     n = base.numel()
     bits, drop, acc, sign, denominator = (s[:n] for s in scratch)
     trimmed = [trim(d, bits, drop) for trim, d in zip(trims, deltas, strict=True)]
+    if not normalize:
+        return base.add(ties_merge(trimmed, weights, vote, normalize=False), alpha=lambda_)
     merged = ties_merge_into(trimmed, weights, acc, [sign, denominator], vote)
     return torch.add(base, merged, alpha=lambda_, out=merged)
