@@ -292,11 +292,7 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
 def _write_reports(plan: Plan, save: str, stats: RunStats, folder: Path) -> None:
     """``dppa_report.json``: the DP/DPA statistics of every step this output depends on."""
     upstream = plan.steps.needed([save])
-    reports = {
-        sid: plan.ops[sid].report(stats.statistics.get(sid, {}))  # type: ignore[attr-defined]
-        for sid in upstream
-        if hasattr(plan.ops[sid], "report")
-    }
+    reports = {sid: r for sid in upstream if (r := plan.ops[sid].report(stats.statistics.get(sid, {}))) is not None}
     if reports:
         (folder / "dppa_report.json").write_text(json.dumps(reports, indent=2) + "\n")
 

@@ -198,7 +198,7 @@ def test_chunked_topk_equals_whole_tensor_mask_with_ties():
 
 
 def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkeypatch):
-    from mergeengine.ops import merge as merge_op
+    from mergeengine.ops import chunks as merge_op
 
     whole = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]", out="whole")
     monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 333)
@@ -229,7 +229,7 @@ def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkey
                                     "method: dare_linear, density: 0.4, weights: [1, 2]"])
 def test_chunked_dare_equals_whole_tensor_draws(tmp_path, models, tensors, monkeypatch, params):
     """Sequential chunk draws from one generator equal one whole-tensor draw (guards torch's RNG)."""
-    from mergeengine.ops import merge as merge_op
+    from mergeengine.ops import chunks as merge_op
 
     whole = merge(tmp_path, models, params, out="whole")
     monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 4096)
@@ -244,8 +244,8 @@ def test_chunked_dare_equals_whole_tensor_draws(tmp_path, models, tensors, monke
 def test_dare_numpy_masks_give_the_torch_paths_bytes(tmp_path, models, params, monkeypatch):
     """On the CPU the survivors are drawn and applied with numpy (a dropped entry keeps its sign
     as a zero); the merged bytes equal the masked-fill path's."""
-    from mergeengine.ops import dare as dare_op
-    from mergeengine.ops import merge as merge_op
+    from mergeengine.kernels import survivors as dare_op
+    from mergeengine.ops import chunks as merge_op
 
     monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 4096)
     fast = merge(tmp_path, models, params, out="numpy")
@@ -262,7 +262,7 @@ def test_model_scope_trim_is_the_masked_fill_in_one_op():
     thresholds 0, subnormal, ordinary, the largest float, inf and NaN, on +-0, subnormals, ties at
     the threshold, inf and NaN."""
     from mergeengine.kernels.selection import bits_to_float
-    from mergeengine.ops.ties import keep_at_least
+    from mergeengine.methods.ties import keep_at_least
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(20_000, generator=g) * 1e-3
@@ -288,7 +288,7 @@ def test_dare_survivors_drawn_ahead_are_one_whole_tensor_draw(numpy, keep_all):
     import threading
 
     from mergeengine.kernels.sparsify import dare_mask
-    from mergeengine.ops.dare import Survivors
+    from mergeengine.kernels.survivors import Survivors
 
     cpu = torch.device("cpu")
     lengths, densities = [5000, 5000, 5000, 1234], [0.3, 0.7]

@@ -167,7 +167,7 @@ def test_dpa_amplify_fused_into_task_arithmetic_gives_the_same_bytes(tmp_path, m
     """A dpa_amplify used only by a task_arithmetic merge is amplified chunk by chunk inside the
     merge (no amplified delta stored). Saving the amplified deltas too turns the fusion off: the
     merged bytes, the DPPA report and the bf16 output must not change."""
-    from mergeengine.ops import merge as merge_module
+    from mergeengine.ops import chunks as merge_module
 
     text = f"""
         name: t

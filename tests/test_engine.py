@@ -12,7 +12,7 @@ from safetensors import safe_open
 from mergeengine import api
 from mergeengine.errors import NonFiniteError, OutputError
 from mergeengine.io.safetensors_reader import SafetensorsCheckpoint
-from mergeengine.ops.merge import TaskArithmetic
+from mergeengine.ops.merge import MergeOp as TaskArithmetic
 from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import write_recipe
 
 from mergeengine import api
-from mergeengine.ops.merge import TaskArithmetic
+from mergeengine.ops.merge import MergeOp as TaskArithmetic
 
 
 def recipe(tmp_path, models, out="out"):

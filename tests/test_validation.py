@@ -124,7 +124,7 @@ def test_kind_checks(tmp_path):
     assert "step 'dd': 'd' is a delta; diff takes two models" in text
     assert "step 'p': 'ft' is a model; dp_prune takes a delta" in text
     assert "step 'm': 'd' is a delta; the base must be a model" in text
-    assert "step 'l': 'd' is a delta; linear averages models" in text
+    assert "step 'l': 'd' is a delta; method 'linear' merges models" in text
 
 
 def test_duplicate_ids(tmp_path):

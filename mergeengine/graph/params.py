@@ -19,14 +19,14 @@ TensorParams = dict[tuple[str, str], dict[str, Any]]  # (step, tensor) -> python
 
 def _field_name(op: Op, name: str) -> str:
     """The step model's attribute for a YAML field name (``lambda`` -> ``lambda_``)."""
-    for attr, info in op.Step.model_fields.items():
+    for attr, info in type(op.step).model_fields.items():
         if name in (attr, info.alias):
             return attr
     return name
 
 
 def _default(op: Op, attr: str, fs: FieldSchedule) -> Any:
-    info = op.Step.model_fields[attr]
+    info = type(op.step).model_fields[attr]
     if info.is_required():
         return None
     value = info.get_default(call_default_factory=True)
@@ -105,7 +105,7 @@ def _layer_rank(where: str) -> int:
 
 
 def _yaml_name(op: Op, attr: str) -> str:
-    return op.Step.model_fields[attr].alias or attr
+    return type(op.step).model_fields[attr].alias or attr
 
 
 def _fmt_value(value: Any) -> str:

@@ -29,6 +29,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,7 +65,10 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf; larger patterns are NaN
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0
 
 
-def keep_count(numel: int, fraction: float, rounding: str = "round") -> int:
+KeepCount = Literal["round", "truncate"]
+
+
+def keep_count(numel: int, fraction: float, rounding: KeepCount = "round") -> int:
     """How many of ``numel`` entries a keep fraction means: ``floor(fraction * numel + 0.5)``.
 
     ``rounding="truncate"`` gives mergekit's count instead, ``int(fraction * numel)``.

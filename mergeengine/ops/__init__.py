@@ -9,10 +9,10 @@ Example:
 from __future__ import annotations
 
 from mergeengine.errors import MergeEngineError
+from mergeengine.methods import get_method, load_methods
 from mergeengine.ops.base import Op
 
 OPS: dict[str, type[Op]] = {}
-MERGE_METHODS: dict[str, type[Op]] = {}
 
 
 def register(cls: type[Op]) -> type[Op]:
@@ -23,28 +23,17 @@ def register(cls: type[Op]) -> type[Op]:
     return cls
 
 
-def register_method(cls: type[Op]) -> type[Op]:
-    """Class decorator: make a merge method available as ``op: merge, method: <cls.method>``."""
-    method = cls.method  # type: ignore[attr-defined]
-    if method in MERGE_METHODS:
-        raise MergeEngineError(f"merge method '{method}' is registered twice")
-    MERGE_METHODS[method] = cls
-    return cls
-
-
 def get_op(name: str, method: str | None = None) -> type[Op]:
-    """Look an op (or merge method) up by name.
+    """Look an op up by name (for ``merge``, ``method`` must be a registered merge method).
 
     Raises:
         MergeEngineError: unknown name, with the available ones listed.
     """
     _load_all()
+    if name not in OPS:
+        raise MergeEngineError(f"Unknown op '{name}'. Available: {', '.join(sorted(OPS))}")
     if name == "merge" and method is not None:
-        if method not in MERGE_METHODS:
-            raise MergeEngineError(f"Unknown merge method '{method}'. Available: {', '.join(sorted(MERGE_METHODS))}")
-        return MERGE_METHODS[method]
-    if name not in OPS and name != "merge":
-        raise MergeEngineError(f"Unknown op '{name}'. Available: {', '.join(sorted([*OPS, 'merge']))}")
+        get_method(method)
     return OPS[name]
 
 
@@ -52,13 +41,12 @@ _LOADED = False
 
 
 def _load_all() -> None:
-    """Import every op module once so that their decorators run."""
+    """Import every op module and merge method once so that their decorators run."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
     from mergeengine.ops import (  # noqa: F401
-        breadcrumbs,
         dare,
         diff,
         dp_prune,
@@ -67,5 +55,6 @@ def _load_all() -> None:
         magnitude_prune,
         merge,
         save,
-        ties,
     )
+
+    load_methods()

@@ -14,21 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from mergeengine.errors import ShapeError
 from mergeengine.io.checkpoint import TensorMeta
+from mergeengine.recipe.step import STEP_ID_PATTERN, StepModel
 
-STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
-
-
-class StepModel(BaseModel):
-    """Fields shared by every step. Unknown fields are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique name of the step; other steps refer to it.")
-    op: str
+__all__ = ["STEP_ID_PATTERN", "Op", "Reduction", "StepKind", "StepModel", "TaskContext", "same_tensors"]
 
 
 Kind = Literal["model", "delta"]
@@ -169,6 +160,10 @@ class Op:
         view = copy.copy(self)
         view.step = self.step.model_copy(update=dict(values))
         return view
+
+    def report(self, stats: dict[str, Any]) -> dict[str, Any] | None:
+        """This step's entry of ``dppa_report.json`` from its statistics; None: nothing to report."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Resolved parameters (defaults filled in), for plans and provenance."""

@@ -16,7 +16,7 @@ from pydantic import Field
 from mergeengine.errors import ShapeError
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, StepKind, StepModel, TaskContext, TensorMeta, same_tensors
-from mergeengine.ops.merge import merge_chunk
+from mergeengine.ops.chunks import merge_chunk
 from mergeengine.ops.vocab import VocabPolicy, align_vocab, aligned_meta, vocab_shapes
 
 

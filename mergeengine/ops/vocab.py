@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 import torch
 
 from mergeengine.errors import ShapeError
 from mergeengine.ops.base import TensorMeta
+from mergeengine.recipe.step import VocabPolicy
 
-VocabPolicy = Literal["error", "truncate", "pad_base"]
+__all__ = ["VocabPolicy", "align_vocab", "aligned_meta", "is_vocab_tensor", "pad_rows", "vocab_shapes"]
 
 # Tensors whose first dimension is the vocabulary (Llama, GPT-2, BERT, GPT-NeoX names).
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_out)\b")

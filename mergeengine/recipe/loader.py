@@ -12,7 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from mergeengine.errors import RecipeError
-from mergeengine.ops import MERGE_METHODS, OPS
+from mergeengine.methods import METHODS
+from mergeengine.ops import OPS
 from mergeengine.recipe.mergekit_schema import is_mergekit_config
 from mergeengine.recipe.schedule import StepSchedules, schedule_probes
 from mergeengine.recipe.schema import Recipe, step_fields
@@ -155,7 +156,7 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
         elif kind == "union_tag_invalid":
             tag = err["ctx"]["discriminator"].strip("'")
             value = err["ctx"]["tag"]
-            choices = sorted([*OPS, "merge"]) if tag == "op" else sorted(MERGE_METHODS)
+            choices = sorted(OPS) if tag == "op" else sorted(METHODS)
             hint = difflib.get_close_matches(str(value), choices, n=1)
             what = "op" if tag == "op" else "merge method"
             msg = f"unknown {what} '{value}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
@@ -179,6 +180,6 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
     return lines
 
 
-_TAGS = {*OPS, "merge", *MERGE_METHODS}
+_TAGS = {*OPS, *METHODS}
 # pydantic's names of union branches in error locations ("constrained-float", "list[float]")
 _BRANCH = re.compile(r"[\[\-]|^(float|int|str|bool|none)$")

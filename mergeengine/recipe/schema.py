@@ -10,16 +10,17 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeengine.ops import MERGE_METHODS, OPS, _load_all
+from mergeengine.methods import METHODS
+from mergeengine.ops import OPS, _load_all
 
 _load_all()
 
 _MergeStep = Annotated[
-    Union[tuple(m.Step for m in MERGE_METHODS.values())],  # noqa: UP007 - built at runtime
+    Union[tuple(METHODS[m].step for m in sorted(METHODS))],  # noqa: UP007 - built at runtime
     Field(discriminator="method"),
 ]
 AnyStep = Annotated[
-    Union[tuple([op.Step for op in OPS.values()] + [_MergeStep])],  # noqa: UP007
+    Union[tuple([op.Step for name, op in OPS.items() if name != "merge"] + [_MergeStep])],  # noqa: UP007
     Field(discriminator="op"),
 ]
 
@@ -73,9 +74,11 @@ def step_fields(step: dict[str, Any]) -> list[str]:
     """The field names (YAML spelling) accepted for a raw step dict, for did-you-mean hints."""
     op = step.get("op")
     if op == "merge":
-        cls = MERGE_METHODS.get(step.get("method", ""))
+        method = METHODS.get(step.get("method", ""))
+        model = method.step if method is not None else None
     else:
         cls = OPS.get(op) if isinstance(op, str) else None
-    if cls is None:
+        model = cls.Step if cls is not None else None
+    if model is None:
         return []
-    return [f.alias or n for n, f in cls.Step.model_fields.items()]
+    return [f.alias or n for n, f in model.model_fields.items()]

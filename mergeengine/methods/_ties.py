@@ -1,0 +1,30 @@
+"""TIES's sign election and disjoint mean for the methods that end with it (della, breadcrumbs_ties, sce)."""
+
+import torch
+
+from mergeengine.errors import ExecutionError
+from mergeengine.kernels.ties import ties_merge, ties_merge_into
+from mergeengine.methods._reduce import CHUNK, chunks
+
+
+def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, vote: str = "unweighted",
+                    normalize: bool = True, lambda_: float = 1.0) -> torch.Tensor:
+    """``base + lambda · ties(deltas)``: elect signs, disjoint (weighted) mean of the agreeing entries.
+
+    The normalised mean runs chunk by chunk in cache-sized scratch (the kernel's
+    ``ties_merge_into``, the same bytes as the whole-tensor ``ties_merge``); it overwrites
+    ``deltas``, which must be the caller's own tensors.
+    """
+    if any(not w >= 0 for w in weights):
+        raise ExecutionError(f"weights must be >= 0 for a sign election, got {list(weights)}")
+    if not normalize:
+        return ties_merge(deltas, weights, vote=vote, normalize=False).mul_(lambda_).add_(base)  # type: ignore[arg-type]
+    flat = [d.reshape(-1) for d in deltas]
+    fb = base.reshape(-1)
+    out = torch.empty_like(fb)
+    scratch = [torch.empty(min(CHUNK, max(fb.numel(), 1)), dtype=fb.dtype, device=fb.device) for _ in range(2)]
+    for s, e in chunks(fb.numel()):
+        chunk = out[s:e]
+        ties_merge_into([d[s:e] for d in flat], weights, chunk, [b[: e - s] for b in scratch], vote=vote)  # type: ignore[arg-type]
+        chunk.mul_(lambda_).add_(fb[s:e])
+    return out.view(base.shape)
