@@ -129,7 +129,7 @@ def _sparsify(method: str, d: torch.Tensor, density: float, gamma: float, gen: t
     n = d.numel()
     if method == "ties":
         return d * _topk_mask(d, int(density * n))
-    if method == "breadcrumbs":  # mergekit 0.1.5: drop the top int(gamma n), keep the next int(density n)
+    if method.startswith("breadcrumbs"):  # mergekit 0.1.5: drop the top int(gamma n), keep the next int(density n)
         keep, top = int(density * n), int(gamma * n)
         bottom = max(0, n - keep - top)
         order = torch.argsort(d.float().abs().reshape(-1))
@@ -142,9 +142,25 @@ def _sparsify(method: str, d: torch.Tensor, density: float, gamma: float, gen: t
     return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
 
 
+def _slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp: the angle between the normalised tensors, linear when nearly colinear."""
+    n0, n1 = v0.norm(), v1.norm()
+    dot = float(((v0 / n0 if n0 > 1e-8 else v0) * (v1 / n1 if n1 > 1e-8 else v1)).sum())
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
 def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The merge mergekit's formulas give, tensor by tensor."""
+    if "slices" in cfg:  # one slice over every layer: mergekit's models form
+        cfg = {**cfg, "models": [{"model": s["model"], "parameters": s.get("parameters")}
+                                 for s in cfg.pop("slices")[0]["sources"]]}
     method, models = cfg["merge_method"], cfg["models"]
+    if method == "slerp":
+        base, other = _load(root, cfg["base_model"]), _load(root, models[1]["model"])
+        return {name: _slerp(_param(cfg, None, "t", name), base[name], other[name]) for name in base}
     tensors = {m["model"]: _load(root, m["model"]) for m in models}
     if method == "linear":
         out = {}
@@ -155,7 +171,7 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     base = _load(root, cfg["base_model"])
     members = [m for m in models if m["model"] != cfg["base_model"]]
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
-                "task_arithmetic": (False, False)}[method]
+                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False)}[method]
     normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])
     return {name: _gta(method, cfg, base[name], [(m, tensors[m["model"]][name]) for m in members], name, normalize,
                        members) for name in base}
@@ -166,14 +182,14 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
     deltas, weights = [], []
     for i, (m, x) in enumerate(inputs):
         d = (x.float() - base.float()).double()  # the float32 delta both engines select from
-        if method in ("ties", "breadcrumbs", "dare_ties"):
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
             gen = tensor_generator(0, f"merge/{i}", name) if method == "dare_ties" else None
             d = _sparsify(method, d, _param(cfg, m, "density", name, 1.0), _param(cfg, m, "gamma", name, 0.01), gen)
         deltas.append(d)
         weights.append(_param(cfg, m, "weight", name))
     weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
     w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base.dim()))
-    if method in ("ties", "dare_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
         majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
         mask = (weighted.sign() == majority).double()
         mixed, divisor = (weighted * mask).sum(0), (w * mask).sum(0)

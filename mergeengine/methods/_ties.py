@@ -8,7 +8,7 @@ from mergeengine.methods._reduce import CHUNK, chunks
 
 
 def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, vote: str = "unweighted",
-                    normalize: bool = True, lambda_: float = 1.0) -> torch.Tensor:
+                    normalize: bool = True, lambda_: float = 1.0, zero_vote: str = "zero") -> torch.Tensor:
     """``base + lambda · ties(deltas)``: elect signs, disjoint (weighted) mean of the agreeing entries.
 
     The normalised mean runs chunk by chunk in cache-sized scratch (the kernel's
@@ -18,13 +18,15 @@ def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
     if any(not w >= 0 for w in weights):
         raise ExecutionError(f"weights must be >= 0 for a sign election, got {list(weights)}")
     if not normalize:
-        return ties_merge(deltas, weights, vote=vote, normalize=False).mul_(lambda_).add_(base)  # type: ignore[arg-type]
+        return ties_merge(deltas, weights, vote=vote, normalize=False,  # type: ignore[arg-type]
+                          zero_vote=zero_vote).mul_(lambda_).add_(base)  # type: ignore[arg-type]
     flat = [d.reshape(-1) for d in deltas]
     fb = base.reshape(-1)
     out = torch.empty_like(fb)
     scratch = [torch.empty(min(CHUNK, max(fb.numel(), 1)), dtype=fb.dtype, device=fb.device) for _ in range(2)]
     for s, e in chunks(fb.numel()):
         chunk = out[s:e]
-        ties_merge_into([d[s:e] for d in flat], weights, chunk, [b[: e - s] for b in scratch], vote=vote)  # type: ignore[arg-type]
+        ties_merge_into([d[s:e] for d in flat], weights, chunk, [b[: e - s] for b in scratch], vote=vote,  # type: ignore[arg-type]
+                        zero_vote=zero_vote)  # type: ignore[arg-type]
         chunk.mul_(lambda_).add_(fb[s:e])
     return out.view(base.shape)

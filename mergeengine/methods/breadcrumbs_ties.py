@@ -15,7 +15,9 @@ from typing import Literal
 
 import torch
 
+from mergeengine.kernels.selection import KeepCount
 from mergeengine.kernels.sparsify import breadcrumbs
+from mergeengine.kernels.ties import ZeroVote
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
@@ -34,6 +36,8 @@ def breadcrumbs_ties(
     normalize: bool = True,
     vote: Literal["unweighted", "weighted"] = "unweighted",
     int8_mask: bool = False,
+    zero_vote: ZeroVote = "zero",
+    keep_count: KeepCount = "round",
 ) -> torch.Tensor:
     """Breadcrumbs mask per input, then TIES.
 
@@ -47,10 +51,12 @@ def breadcrumbs_ties(
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
         int8_mask: accepted for mergekit configs; no effect.
+        zero_vote: what a vote of exactly 0 elects: zero (nothing agrees), or positive (mergekit).
+        keep_count: round: counts round(fraction * n); truncate: int(fraction * n), mergekit's counts.
 
     Returns:
         The merged tensor.
     """
     require_finite("breadcrumbs_ties", labelled(deltas, kind="delta"))
-    masked = [breadcrumbs(d, p, g) for d, p, g in zip(deltas, density, gamma, strict=True)]
-    return elect_and_merge(base, masked, weights, vote=vote, normalize=normalize, lambda_=lambda_)
+    masked = [breadcrumbs(d, p, g, keep_count) for d, p, g in zip(deltas, density, gamma, strict=True)]
+    return elect_and_merge(base, masked, weights, vote=vote, normalize=normalize, lambda_=lambda_, zero_vote=zero_vote)

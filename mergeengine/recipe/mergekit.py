@@ -24,7 +24,13 @@ from pydantic import ValidationError
 from mergeengine.errors import RecipeError
 from mergeengine.recipe.loader import _BRANCH, _TAGS, LoadedRecipe, Positions, validate_data
 from mergeengine.recipe.mergekit_methods import METHODS, ConvertError, MethodSpec, merge_fields
-from mergeengine.recipe.mergekit_schema import MergekitConfig, ModelPath, ModelReference, ModelReferenceSpec
+from mergeengine.recipe.mergekit_schema import (
+    InputModel,
+    MergekitConfig,
+    ModelPath,
+    ModelReference,
+    ModelReferenceSpec,
+)
 
 YPath = tuple[Any, ...]
 
@@ -112,12 +118,40 @@ def _loads(config: MergekitConfig, conv: Converted) -> tuple[str | None, list[st
     return base, inputs
 
 
-def _reject_layouts(config: MergekitConfig) -> None:
-    if config.slices:
-        raise ConvertError(("slices",), "layer 'slices' (passthrough and frankenmerges) are not supported yet: "
-                           "list whole 'models' instead")
+def _num_layers(ref: ModelReference, base_dir: Path) -> int | None:
+    """``num_hidden_layers`` from a local model's config.json (None when it is not local)."""
+    import json
+
+    path = Path(_ref_parts(ref, ())[0].split("+")[0]).expanduser()
+    cfg = (path if path.is_absolute() else base_dir / path) / "config.json"
+    try:
+        return int(json.loads(cfg.read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _as_models(config: MergekitConfig, base_dir: Path) -> MergekitConfig:
+    """A config of one slice whose sources all span every layer, as the ``models`` form it means.
+
+    Published SLERP and TIES merges often write ``slices: [{sources: [{model: a, layer_range: [0, 32]},
+    ...]}]``; mergekit's gradients then run over those 32 layers exactly as over ``models``.
+    """
     if config.modules:
         raise ConvertError(("modules",), "'modules' (per-module merges) are not supported")
+    if not config.slices:
+        return config
+    out = config.slices[0]
+    ranges = {tuple(s.layer_range) for s in out.sources}
+    whole = len(config.slices) == 1 and len(ranges) == 1 and next(iter(ranges))[0] == 0
+    if whole and all(_num_layers(s.model, base_dir) == s.layer_range[1] for s in out.sources):
+        if out.base_model is not None or out.residual_weight is not None:
+            key = "base_model" if out.base_model is not None else "residual_weight"
+            raise ConvertError(("slices", 0, key), f"a slice's own '{key}' is not supported")
+        parameters = {**(config.parameters or {}), **(out.parameters or {})}
+        models = [InputModel(model=s.model, parameters=s.parameters) for s in out.sources]
+        return config.model_copy(update={"slices": None, "models": models, "parameters": parameters or None})
+    raise ConvertError(("slices",), "layer 'slices' that stack or cut layers (passthrough, frankenmerges) are "
+                       "not supported yet; one slice spanning every layer of local models is")
 
 
 def _save(config: MergekitConfig, conv: Converted, origin: str, merged: str) -> None:
@@ -154,13 +188,18 @@ def _tokenizer(config: MergekitConfig, step: dict[str, Any], notes: list[str], o
     notes.append(f"tokenizer and config.json from '{origin}' (mergekit: the base model's)")
 
 
-def convert_config(config: MergekitConfig, name: str) -> Converted:
+def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Converted:
     """Translate a validated mergekit config into recipe data.
+
+    Args:
+        config: the validated config.
+        name: the recipe's name.
+        base_dir: the folder relative model paths are read from (for layer counts).
 
     Raises:
         ConvertError: a key mergeengine cannot honour.
     """
-    _reject_layouts(config)
+    config = _as_models(config, base_dir)
     spec: MethodSpec | None = METHODS.get(config.merge_method)
     if spec is None:
         raise ConvertError(("merge_method",), f"merge_method '{config.merge_method}' has no mergeengine "
@@ -221,7 +260,8 @@ def convert_data(data: dict[str, Any], positions: Positions, path: str) -> tuple
     except ValidationError as exc:
         raise RecipeError(_schema_errors(exc, positions, path)) from None
     try:
-        conv = convert_config(config, Path(path).stem if path != "<string>" else "merge")
+        local = Path(path).resolve().parent if path != "<string>" else Path.cwd()
+        conv = convert_config(config, Path(path).stem if path != "<string>" else "merge", local)
     except ConvertError as exc:
         line, col = positions.of(exc.where, key=True)
         raise RecipeError([f"{path}:{line}:{col}: mergekit key '{'.'.join(map(str, exc.where))}': "

@@ -9,7 +9,7 @@ mergekit, by appending the global value as the last entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mergeengine.recipe.mergekit_schema import MergekitConfig
@@ -24,38 +24,41 @@ class MethodSpec:
     Attributes:
         ours: the mergeengine method.
         per_model: mergekit per-model parameter -> (our field, mergekit's default or None if required).
+        shared: mergekit's config-wide parameters copied to a field of the same meaning.
         normalize: mergekit's default of ``normalize`` (None: the method has no such parameter).
+        our_normalize: mergeengine's default of its ``normalize`` field (None: it has none).
         rescale: mergekit's default of ``rescale`` (None: none).
-        sign_vote: the method elects a sign (mergekit: weighted by the model weights).
+        sign_vote: the method elects a sign (mergekit: weighted by the model weights, + on a tie).
         top_k: the method keeps a top-k by magnitude (mergekit counts ``int(density * n)``).
-        needs_base: the method needs ``base_model``.
+        needs_base: the method needs ``base_model`` (and merges every other model).
     """
 
     ours: str
     per_model: dict[str, tuple[str, Any]]
+    shared: tuple[str, ...] = ("lambda", "int8_mask")
     normalize: bool | None = None
+    our_normalize: bool | None = None
     rescale: bool | None = None
     sign_vote: bool = False
     top_k: bool = False
     needs_base: bool = True
-    lambda_: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _W = {"weight": ("weights", None)}
 _WD = {**_W, "density": ("density", 1.0)}
+_WDG = {**_WD, "gamma": ("gamma", 0.01)}
 
 METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec("linear", _W, normalize=True, needs_base=False, lambda_=False),
-    "task_arithmetic": MethodSpec("task_arithmetic", _W, normalize=False),
-    "ties": MethodSpec("ties", _WD, normalize=True, sign_vote=True, top_k=True),
-    "dare_ties": MethodSpec("dare_ties", _WD, normalize=False, rescale=True, sign_vote=True),
-    "dare_linear": MethodSpec("dare_linear", _WD, normalize=False, rescale=True),
-    "breadcrumbs": MethodSpec("breadcrumbs", {**_WD, "gamma": ("gamma", 0.01)}, normalize=False, top_k=True),
+    "linear": MethodSpec("linear", _W, shared=(), normalize=True, needs_base=False),
+    "task_arithmetic": MethodSpec("task_arithmetic", _W, shared=("lambda",), normalize=False),
+    "ties": MethodSpec("ties", _WD, normalize=True, our_normalize=True, sign_vote=True, top_k=True),
+    "dare_ties": MethodSpec("dare_ties", _WD, normalize=False, our_normalize=True, rescale=True, sign_vote=True),
+    "dare_linear": MethodSpec("dare_linear", _WD, normalize=False, our_normalize=False, rescale=True),
+    "breadcrumbs": MethodSpec("breadcrumbs", _WDG, normalize=False, our_normalize=False, top_k=True),
+    "breadcrumbs_ties": MethodSpec("breadcrumbs_ties", _WDG, normalize=False, our_normalize=True, sign_vote=True,
+                                   top_k=True),
+    "slerp": MethodSpec("slerp", {}, shared=("t",)),
 }
-
-GLOBAL_KEYS = ("lambda", "normalize", "rescale", "int8_mask")
-
 
 class ConvertError(Exception):
     """A mergekit key that cannot be translated: where it is in the config and why (the caller adds line:col)."""
@@ -87,7 +90,9 @@ def layered(own: Any, fallback: Any) -> Any:
 
 def _check_keys(spec: MethodSpec, config: MergekitConfig, method: str) -> None:
     allowed_models = set(spec.per_model)
-    allowed_global = allowed_models | {k for k in GLOBAL_KEYS if k != "lambda" or spec.lambda_}
+    allowed_global = allowed_models | set(spec.shared)
+    if spec.normalize is not None:
+        allowed_global |= {"normalize", "rescale"}
     for key in config.parameters or {}:
         if key not in allowed_global:
             raise ConvertError(("parameters", key), f"not a parameter of {method} "
@@ -145,9 +150,10 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
     origins: dict[YPath, YPath] = {("inputs",): ("models",), ("base",): ("base_model",)}
     notes: list[str] = []
     _per_input(spec, config, members, fields, origins)
-    if spec.lambda_ and "lambda" in (config.parameters or {}):
-        fields["lambda"] = _as_list(config.parameters["lambda"])  # type: ignore[index]
-        origins[("lambda",)] = ("parameters", "lambda")
+    for key in spec.shared:
+        if key in (config.parameters or {}):
+            fields[key] = _as_list(config.parameters[key])  # type: ignore[index]
+            origins[(key,)] = ("parameters", key)
     _normalize(spec, config, fields, notes)
     _rescale(spec, config, fields, notes)
     if spec.sign_vote:
@@ -157,30 +163,34 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
     if spec.top_k:
         fields["keep_count"] = "truncate"
         notes.append("keep_count: truncate: mergekit's top-k count int(density * n) (mergeengine's default rounds)")
-    if spec.ours == "breadcrumbs":
+    if spec.ours.startswith("breadcrumbs"):
         notes.append("where density + gamma > 1 mergekit drops fewer outliers to keep density, and density 1 "
                      "keeps everything; mergeengine drops gamma first in both cases")
-    if _flag(config, "int8_mask", False):
-        notes.append("int8_mask only changes mergekit's mask storage, not the result: nothing to translate")
+    if fields.get("int8_mask"):
+        notes.append("int8_mask only changes mergekit's mask storage, not the result")
     return fields, notes, origins
 
 
 def _normalize(spec: MethodSpec, config: MergekitConfig, fields: dict[str, Any], notes: list[str]) -> None:
     normalize = _flag(config, "normalize", spec.normalize)
-    if normalize is None or normalize == spec.normalize and spec.ours != "dare_ties":
+    if normalize is None:
+        return
+    if spec.our_normalize is not None:
+        if normalize != spec.our_normalize:
+            fields["normalize"] = normalize
+            source = "the config's" if "normalize" in (config.parameters or {}) else f"mergekit's default for {spec.ours}"
+            notes.append(f"normalize: {str(normalize).lower()} is {source} (mergeengine's default: "
+                         f"{str(spec.our_normalize).lower()})")
+        return
+    if normalize == spec.normalize:
         return
     if spec.ours == "linear":
         raise ConvertError(("parameters", "normalize"), "linear with normalize: false (a plain weighted sum) has "
-                          "no translation; use task_arithmetic against a base")
-    if spec.ours in ("ties", "dare_ties"):
-        fields["normalize"] = normalize
-        notes.append(f"normalize: {str(normalize).lower()} is mergekit's default for {config.merge_method}"
-                     if normalize == spec.normalize else f"normalize: {str(normalize).lower()} as in the config")
-        return
+                           "no translation; use task_arithmetic against a base")
     weights = fields.get("weights", [])
     if not all(isinstance(w, (int, float)) for w in weights) or abs(sum(weights)) < 1e-8:
         raise ConvertError(("parameters", "normalize"), "normalize: true needs constant weights with a non-zero "
-                          "sum to translate (weights divided by their sum)")
+                           "sum to translate (weights divided by their sum)")
     total = float(sum(weights))
     fields["weights"] = [w / total for w in weights]
     notes.append(f"normalize: true -> weights divided by their sum ({total:g})")
