@@ -171,7 +171,7 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     base = _load(root, cfg["base_model"])
     members = [m for m in models if m["model"] != cfg["base_model"]]
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
-                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False)}[method]
+                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True)}[method]
     normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])
     return {name: _gta(method, cfg, base[name], [(m, tensors[m["model"]][name]) for m in members], name, normalize,
                        members) for name in base}
@@ -182,8 +182,8 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
     deltas, weights = [], []
     for i, (m, x) in enumerate(inputs):
         d = (x.float() - base.float()).double()  # the float32 delta both engines select from
-        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"):
-            gen = tensor_generator(0, f"merge/{i}", name) if method == "dare_ties" else None
+        if method != "task_arithmetic":
+            gen = tensor_generator(0, f"merge/{i}", name) if method.startswith("dare") else None
             d = _sparsify(method, d, _param(cfg, m, "density", name, 1.0), _param(cfg, m, "gamma", name, 0.01), gen)
         deltas.append(d)
         weights.append(_param(cfg, m, "weight", name))
