@@ -281,6 +281,13 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
     origin = plan.steps.kinds[save].origin
     tok_from = op.step.tokenizer_from or origin
     plan.checkpoints[tok_from].write_support_files(tmp)
+    if op.step.chat_template is not None:
+        from mergeengine.io.chat_template import resolve_chat_template, write_chat_template
+
+        inputs = [plan.checkpoints[s] for s in plan.steps.needed([save]) if s in plan.checkpoints]
+        template = resolve_chat_template(op.step.chat_template, inputs)
+        if template is not None:
+            write_chat_template(tmp, template)
     folder = getattr(plan.checkpoints[origin], "folder", None)
     for name in op.step.copy_files:
         src = Path(folder or ".") / name

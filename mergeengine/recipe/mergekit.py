@@ -22,6 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from mergeengine.errors import RecipeError
+from mergeengine.io.chat_template import check_chat_template
 from mergeengine.recipe.loader import _BRANCH, _TAGS, LoadedRecipe, Positions, validate_data
 from mergeengine.recipe.mergekit_methods import METHODS, ConvertError, MethodSpec, merge_fields
 from mergeengine.recipe.mergekit_schema import (
@@ -184,7 +185,12 @@ def _tokenizer(config: MergekitConfig, step: dict[str, Any], notes: list[str], o
         raise ConvertError(("tokenizer_source",), f"tokenizer_source '{source}' is not supported yet: "
                            "leave it out or write 'base' (the base model's tokenizer)")
     if config.chat_template is not None:
-        raise ConvertError(("chat_template",), "chat_template is not supported yet")
+        try:
+            step["chat_template"] = check_chat_template(config.chat_template)
+        except ValueError as exc:
+            raise ConvertError(("chat_template",), str(exc)) from None
+        notes.append("chat_template written into tokenizer_config.json (a chat_template.jinja of the origin is "
+                     "dropped)")
     notes.append(f"tokenizer and config.json from '{origin}' (mergekit: the base model's)")
 
 
