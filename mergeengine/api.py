@@ -258,6 +258,8 @@ def output_config(plan: Plan, save: str) -> dict[str, Any] | None:
     if cfg is None:
         return None
     cfg = dict(cfg)
+    for sid in plan.steps.needed([save]):  # e.g. slices: num_hidden_layers
+        cfg = plan.ops[sid].adjust_config(cfg)
     op = plan.ops[save]
     dtype = str(op.out_dtype).removeprefix("torch.")
     if "dtype" in cfg and "torch_dtype" not in cfg:

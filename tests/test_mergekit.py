@@ -77,7 +77,7 @@ def test_run_and_convert_a_mergekit_file(models: dict[str, Path], tmp_path: Path
 
 @pytest.mark.parametrize(("edit", "message"), [
     (("dtype: float32", "dtype: float32\nmystery: 1"), "3:1: mergekit key 'mystery' is not part of mergekit's config"),
-    (("merge_method: ties", "merge_method: passthrough"), "mergekit key 'slices': layer 'slices'"),
+    (("merge_method: ties", "merge_method: passthrough"), "mergekit key 'slices.0.sources': passthrough takes one"),
     (("dtype: float32", "dtype: float32\ntokenizer_source: union"), "mergekit key 'tokenizer_source': tokenizer_source"),
     (("dtype: float32", "dtype: float32\nchat_template: chatmlx"), "mergekit key 'chat_template': 'chatmlx' is not"),
     (("dtype: float32", "dtype: int8"), "mergekit key 'dtype': dtype 'int8' is not supported"),
@@ -94,7 +94,8 @@ def test_every_unsupported_key_is_one_line_naming_it(models: dict[str, Path], tm
         body = "mystery: 1\n" + TIES
         message = "1:1: mergekit key 'mystery' is not part of mergekit's config"
     if "passthrough" in edit[1]:
-        body = "merge_method: passthrough\nslices:\n  - sources:\n      - {model: BASE, layer_range: [0, 1]}\n"
+        body = ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: BASE, layer_range: [0, 1]}\n"
+                "      - {model: MATH, layer_range: [0, 1]}\n")
     cfg = _config(tmp_path, models, body)
     with pytest.raises(RecipeError) as exc:
         load_recipe(cfg)

@@ -152,8 +152,70 @@ def _slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
 
 
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def _renamed(name: str, layer: int) -> str:
+    parts = name.split(".")
+    parts[parts.index("layers") + 1] = str(layer)
+    return ".".join(parts)
+
+
+def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """mergekit's slices: each slice's layers (merged across its sources, ``t`` over the slice) in order;
+    embeddings from the first slice, the other non-layer tensors from the last."""
+    out: dict[str, torch.Tensor] = {}
+    first_last: list[dict[str, torch.Tensor]] = []
+    position = 0
+    for sl in cfg["slices"]:
+        start, end = sl["sources"][0]["layer_range"]
+        if len(sl["sources"]) == 1:
+            merged = _load(root, sl["sources"][0]["model"])
+        else:  # the slice's layers as a sub-model of end - start layers, merged as mergekit merges a slice
+            sub = {**cfg, "parameters": {**(cfg.get("parameters") or {}), **(sl.get("parameters") or {})},
+                   "slices": [{"sources": [{"model": s["model"], "layer_range": [0, LAYERS]} for s in sl["sources"]]}]}
+            merged = _merge_window(root, sub, start, end)
+        first_last.append(merged)
+        for name, t in merged.items():
+            layer = _layer_of(name)
+            if layer is not None and (len(sl["sources"]) > 1 or start <= layer < end):
+                index = layer if len(sl["sources"]) > 1 else layer - start
+                out[_renamed(name, position + index)] = t
+        position += end - start
+    for name, t in first_last[0].items():
+        if _layer_of(name) is None and "embed" in name:
+            out[name] = t
+    for name, t in first_last[-1].items():
+        if _layer_of(name) is None and "embed" not in name:
+            out[name] = t
+    return out
+
+
+def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int) -> dict[str, torch.Tensor]:
+    """mergekit's merge of layers [start, end) of every source, renumbered from 0, t over end - start layers."""
+    global LAYERS
+    saved, LAYERS = LAYERS, end - start
+    try:
+        models = cfg["slices"][0]["sources"]
+        window = {}
+        for name in _read(root / "base"):
+            layer = _layer_of(name)
+            if layer is None or start <= layer < end:
+                window[name if layer is None else _renamed(name, layer - start)] = name
+        tensors = {m["model"]: _load(root, m["model"]) for m in models}
+        base = tensors[cfg["base_model"]]
+        other = next(m["model"] for m in models if m["model"] != cfg["base_model"])
+        return {new: _slerp(_param(cfg, None, "t", new), base[old], tensors[other][old]) for new, old in window.items()}
+    finally:
+        LAYERS = saved
+
+
 def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The merge mergekit's formulas give, tensor by tensor."""
+    if "slices" in cfg and (len(cfg["slices"]) > 1 or len(cfg["slices"][0]["sources"]) == 1):
+        return stacked_result(root, cfg)
     if "slices" in cfg:  # one slice over every layer: mergekit's models form
         cfg = {**cfg, "models": [{"model": s["model"], "parameters": s.get("parameters")}
                                  for s in cfg.pop("slices")[0]["sources"]]}
@@ -210,7 +272,7 @@ def test_config_direct_and_converted_match_mergekit(family: Path, config: Path, 
     run_recipe(cfg_path, out=out)
     direct = _hashes(out)
     recipe = convert_file(cfg_path, family / f"{config.stem}.recipe.yaml")
-    assert "# " in recipe and "op: merge" in recipe
+    assert recipe.startswith("# Converted from a mergekit config") and ("op: merge" in recipe or "op: slices" in recipe)
     run_recipe(family / f"{config.stem}.recipe.yaml", out=out, overwrite=True)
     assert _hashes(out) == direct  # the same bytes, every file
     got = read_folder(out)
@@ -230,3 +292,20 @@ def test_merged_output_loads_in_transformers(family: Path, tmp_path: Path) -> No
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 96) and math.isfinite(float(logits.abs().sum()))
+
+
+def test_stacked_output_config_and_transformers_load(family: Path, tmp_path: Path) -> None:
+    """A passthrough stack of 3 + 3 layers: num_hidden_layers 6, and transformers runs it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = family / "passthrough_stack.yml"
+    shutil.copy(Path(__file__).parent / "mergekit_configs" / "passthrough_stack.yml", cfg_path)
+    run_recipe(cfg_path, out=tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    for key, value in config.items():  # per-layer lists (e.g. layer_types) follow the stack
+        assert not (isinstance(value, list) and len(value) == LAYERS), key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+    with torch.no_grad():
+        assert math.isfinite(float(model(torch.tensor([[1, 2, 3]])).logits.abs().sum()))

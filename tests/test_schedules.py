@@ -126,3 +126,21 @@ def test_plan_shows_schedule_and_explains_a_tensor(models: dict[str, Path], tmp_
     assert "lambda=1.0 (scheduled)" in text and "density=[0.8, 0.5] (scheduled)" in text
     assert main(["plan", str(recipe), "--explain", "model.norm.weight"]) == 0
     assert "lambda=0.5 (scheduled)" in capsys.readouterr().out
+
+
+def test_delta_ops_take_schedules(models: dict[str, Path], tmp_path: Path) -> None:
+    """magnitude_prune with a density gradient: layer 0 keeps 25%, layer 1 75% (two layers: first, last anchor)."""
+    recipe = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base32']}}}
+          - {{id: math, op: load, model: {models['math32']}}}
+          - {{id: d, op: diff, model: math, base: base}}
+          - {{id: p, op: magnitude_prune, input: d, density: [0.25, 0.75]}}
+          - {{id: out, op: save, input: p, path: {tmp_path / 'out'}, dtype: float32}}
+        """)
+    run_recipe(recipe)
+    got, b = read_folder(tmp_path / "out"), load_tensors(models["base32"])
+    for layer, density in ((0, 0.25), (1, 0.75)):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        kept = int(((got[name] - b[name]) != 0).sum())
+        assert kept == round(density * b[name].numel()), (name, kept)

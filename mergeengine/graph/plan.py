@@ -266,12 +266,15 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
         for red in ops[sid].reductions():
             reductions[(sid, red.name)] = red
 
-    def need(step: str, name: str, pass_: str) -> TaskKey:
-        key = TaskKey(step, name, pass_, "compute")
+    anchor: dict[TaskKey, str | None] = {}  # main-pass task -> the output tensor it is computed for
+
+    def need(step: str, name: str, pass_: str, root: str | None = None) -> TaskKey:
+        key = _task_key(graph, anchor, TaskKey(step, name, pass_, "compute"), root)
         if key in graph:
             return key
         graph.add_node(key)
-        srcs = [need(s, n, pass_) for s, n in ops[step].sources(name)]
+        anchor[key] = root
+        srcs = [need(s, n, key.pass_, root) for s, n in ops[step].sources(name)]
         sources[key] = srcs
         for s in srcs:
             graph.add_edge(s, key)
@@ -305,7 +308,7 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
     save_roots = [r for r in roots if r in metas]
     for r in save_roots:
         for name in sorted(metas[r], key=natural_key):
-            need(r, name, "")
+            need(r, name, "", name)
 
     # Phases: a reduce node runs after every reduce node it depends on.
     rphase: dict[TaskKey, int] = {}
@@ -315,11 +318,12 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
             rphase[k] = 1 + max((rphase[a] for a in deps), default=-1)
     main_phase = 1 + max(rphase.values(), default=-1)
     pass_phase = {f"{k.step}/{k.tensor[1:]}": ph for k, ph in rphase.items()}
-    phase = {k: (rphase[k] if k.kind == "reduce" else pass_phase.get(k.pass_, main_phase)) for k in graph}
+    phase = {k: (rphase[k] if k.kind == "reduce" else pass_phase.get(k.pass_.split("+")[0], main_phase))
+             for k in graph}
 
     # Statistics passes that run in the same phase share their upstream work: the base model's
     # tensors are read once for both experts' DP statistics, not once per reduction.
-    merged = {k: TaskKey(k.step, k.tensor, f"#{phase[k] + 1}") for k in graph if k.kind == "compute" and k.pass_}
+    merged = {k: TaskKey(k.step, k.tensor, f"#{phase[k] + 1}") for k in graph if k.kind == "compute" and "/" in k.pass_}
     if merged:
         graph = nx.relabel_nodes(graph, merged, copy=True)
         sources = {merged.get(k, k): [merged.get(s, s) for s in v] for k, v in sources.items()}
@@ -330,13 +334,24 @@ def _expand(steps: StepGraph, active: list[str], metas: dict[str, dict[str, Tens
     step_rank = {s: i for i, s in enumerate(ops)}
     inf = len(names) + 1
 
-    def sort_key(k: TaskKey) -> tuple:
-        t = inf if k.kind == "reduce" else tensor_rank[k.tensor]
+    def sort_key(k: TaskKey) -> tuple:  # a main-pass task runs when the output tensor needing it is made
+        t = inf if k.kind == "reduce" else tensor_rank[anchor.get(k) or k.tensor]
         return (phase[k], t, step_rank[k.step], k.kind == "map")
 
     order = list(nx.lexicographical_topological_sort(graph, key=sort_key))
     save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
     return Plan(steps, active, metas, graph, order, sources, reductions, phase, save_order, {})
+
+
+def _task_key(graph: nx.DiGraph, anchor: dict[TaskKey, str | None], key: TaskKey, root: str | None) -> TaskKey:
+    """``key``, or its copy for output tensor ``root`` when the value is already planned for another one.
+
+    A value two output tensors need (a layer that ``slices`` repeat or move) is computed again for
+    the second (pass id ``PASS+TENSOR``) rather than held in memory from one to the other.
+    """
+    if key in graph and root is not None and anchor.get(key) != root:
+        return TaskKey(key.step, key.tensor, f"{key.pass_}+{root}", key.kind)
+    return key
 
 
 def uses(plan: Plan) -> dict[TaskKey, int]:

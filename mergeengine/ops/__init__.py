@@ -55,6 +55,7 @@ def _load_all() -> None:
         magnitude_prune,
         merge,
         save,
+        slices,
     )
 
     load_methods()

@@ -137,6 +137,11 @@ class Op:
         """The input tensors ``compute`` receives for output tensor ``name``, in order."""
         raise NotImplementedError
 
+    def adjust_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The output's config.json as this step changes it (default: unchanged; ``slices``
+        sets ``num_hidden_layers``)."""
+        return config
+
     def stats_steps(self) -> list[str]:
         """Other steps whose reductions must finish before this step's tasks (their results
         arrive in ``TaskContext.stats_of``). Default: none."""

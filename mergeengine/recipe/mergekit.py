@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from mergeengine.recipe.mergekit_schema import (
     ModelReference,
     ModelReferenceSpec,
 )
+from mergeengine.recipe.mergekit_slices import convert_slices
 
 YPath = tuple[Any, ...]
 
@@ -97,9 +99,8 @@ def _step_id(model: str, taken: set[str]) -> str:
     return sid
 
 
-def _loads(config: MergekitConfig, conv: Converted) -> tuple[str | None, list[str]]:
-    """One load step per distinct model; returns (base step id, input step ids in ``models`` order)."""
-    taken: set[str] = set()
+def loader(conv: Converted, taken: set[str]) -> Callable[[ModelReference, YPath], str]:
+    """``add(ref, where)``: the load step of a model reference, appended to ``conv`` on first use."""
     by_key: dict[tuple[str, str | None], str] = {}
 
     def add(ref: ModelReference, where: YPath) -> str:
@@ -114,6 +115,12 @@ def _loads(config: MergekitConfig, conv: Converted) -> tuple[str | None, list[st
             by_key[key] = sid
         return by_key[key]
 
+    return add
+
+
+def _loads(config: MergekitConfig, conv: Converted, add: Callable[[ModelReference, YPath], str]
+           ) -> tuple[str | None, list[str]]:
+    """One load step per distinct model; returns (base step id, input step ids in ``models`` order)."""
     base = add(config.base_model, ("base_model",)) if config.base_model is not None else None
     inputs = [add(m.model, ("models", i, "model")) for i, m in enumerate(config.models or [])]
     return base, inputs
@@ -144,15 +151,14 @@ def _as_models(config: MergekitConfig, base_dir: Path) -> MergekitConfig:
     out = config.slices[0]
     ranges = {tuple(s.layer_range) for s in out.sources}
     whole = len(config.slices) == 1 and len(ranges) == 1 and next(iter(ranges))[0] == 0
-    if whole and all(_num_layers(s.model, base_dir) == s.layer_range[1] for s in out.sources):
+    if whole and all(_num_layers(s.model, base_dir) == s.layer_range[1] for s in out.sources) and len(out.sources) > 1:
         if out.base_model is not None or out.residual_weight is not None:
             key = "base_model" if out.base_model is not None else "residual_weight"
             raise ConvertError(("slices", 0, key), f"a slice's own '{key}' is not supported")
         parameters = {**(config.parameters or {}), **(out.parameters or {})}
         models = [InputModel(model=s.model, parameters=s.parameters) for s in out.sources]
         return config.model_copy(update={"slices": None, "models": models, "parameters": parameters or None})
-    raise ConvertError(("slices",), "layer 'slices' that stack or cut layers (passthrough, frankenmerges) are "
-                       "not supported yet; one slice spanning every layer of local models is")
+    return config
 
 
 def _save(config: MergekitConfig, conv: Converted, origin: str, merged: str) -> None:
@@ -212,7 +218,15 @@ def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Convert
                            f"translation. Available: {', '.join(sorted(METHODS))}")
     conv = Converted({"name": name, "steps": []})
     conv.header.append(f"Converted from a mergekit config (merge_method: {config.merge_method}).")
-    base, inputs = _loads(config, conv)
+    taken: set[str] = set()
+    add = loader(conv, taken)
+    if config.slices:
+        origin, final = convert_slices(config, spec, conv, add, taken)
+        _save(config, conv, origin, final)
+        return conv
+    if spec.ours == "passthrough":
+        raise ConvertError(("merge_method",), "passthrough takes layer 'slices', not 'models'")
+    base, inputs = _loads(config, conv, add)
     fields, notes, origins = merge_fields(spec, config, base, inputs)
     merge = {"id": "merge", "op": "merge", "method": spec.ours, **fields}
     index = len(conv.data["steps"])

@@ -58,6 +58,7 @@ METHODS: dict[str, MethodSpec] = {
     "breadcrumbs_ties": MethodSpec("breadcrumbs_ties", _WDG, normalize=False, our_normalize=True, sign_vote=True,
                                    top_k=True),
     "slerp": MethodSpec("slerp", {}, shared=("t",)),
+    "passthrough": MethodSpec("passthrough", {}, shared=(), needs_base=False),
 }
 
 class ConvertError(Exception):
