@@ -283,6 +283,8 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
     origin = plan.steps.kinds[save].origin
     tok_from = op.step.tokenizer_from or origin
     plan.checkpoints[tok_from].write_support_files(tmp)
+    for sid in plan.steps.needed([save]):  # e.g. vocab_align: the union tokenizer
+        plan.ops[sid].write_files(tmp)
     if op.step.chat_template is not None:
         from mergeengine.io.chat_template import resolve_chat_template, write_chat_template
 

@@ -62,7 +62,70 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     (root / "lora_a").mkdir()
     save_file(lora, str(root / "lora_a" / "adapter_model.safetensors"))
     (root / "lora_a" / "adapter_config.json").write_text(json.dumps({"r": LORA_R, "lora_alpha": LORA_ALPHA}))
+    for name, extra, added in (("base", [], []), ("ft_a", ["tok_a1", "tok_a2"], ["<tool>"]), ("ft_b", ["tok_b"], []),
+                               ("ft_c", [], [])):
+        _write_tokenizer(root / name, extra, added)
     return root
+
+
+SPECIAL, WORDS = ["<unk>", "<s>", "</s>"], [f"w{i}" for i in range(80)]
+
+
+def _write_tokenizer(folder: Path, extra: list[str], added: list[str]) -> None:
+    """A WordLevel tokenizer (the `tokenizers` library): 83 shared tokens, then the model's own."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS + extra)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False) for t in added])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
+    """A model's token -> id as transformers loads its tokenizer (mergekit's view), and its added tokens in id order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return tok.get_vocab(), [a.content for _, a in sorted(tok.added_tokens_decoder.items())]
+
+
+def _fill(t: str, names: list[str], vocabs: dict[str, Any], old: dict[str, torch.Tensor], zero: set[str]) -> torch.Tensor:
+    holders = [n for n in names if t in vocabs[n][0]]
+    if t in zero:
+        return torch.zeros(old[names[0]].shape[1], dtype=torch.float64)
+    if names[0] in holders or len(holders) == 1:
+        donor = names[0] if names[0] in holders else holders[0]
+        return old[donor][vocabs[donor][0][t]]
+    return torch.stack([old[n][vocabs[n][0][t]] for n in holders]).mean(0)
+
+
+def union_rows(root: Path, cfg: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """mergekit's union vocabulary: the base's tokens, then each model's new tokens, then added tokens;
+    a missing row from the base, its only holder, or the holders' mean; zero overrides; padding rows the mean."""
+    block = cfg["tokenizer"]
+    names = list(tensors)
+    vocabs = {n: _vocab(root / n) for n in names}
+    order = sorted(vocabs[names[0]][0], key=vocabs[names[0]][0].get)
+    added = {t for n in names[1:] for t in vocabs[n][1]}
+    for n in names[1:]:
+        order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
+    for n in names[1:]:
+        order += [t for t in vocabs[n][1] if t not in order]
+    size = -(-len(order) // block["pad_to_multiple_of"]) * block["pad_to_multiple_of"]
+    zero = {t for t, v in (block.get("tokens") or {}).items() if v["source"] == {"kind": "zero"}}
+    for key in [k for k in tensors[names[0]] if "embed_tokens" in k or "lm_head" in k]:
+        old = {n: tensors[n][key] for n in names}
+        new = {n: torch.zeros(size, old[n].shape[1], dtype=torch.float64) for n in names}
+        for i, t in enumerate(order):
+            fill = _fill(t, names, vocabs, old, zero)
+            for n in names:
+                new[n][i] = old[n][vocabs[n][0][t]] if t in vocabs[n][0] else fill
+        for n in names:
+            new[n][len(order):] = new[n][:len(order)].mean(0)
+            tensors[n][key] = new[n]
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -232,6 +295,10 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         return out
     base = _load(root, cfg["base_model"])
     members = [m for m in models if m["model"] != cfg["base_model"]]
+    if "tokenizer" in cfg:
+        everything = {cfg["base_model"]: base, **{m["model"]: tensors[m["model"]] for m in members}}
+        union_rows(root, cfg, everything)
+        base = everything[cfg["base_model"]]
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
                 "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True)}[method]
     normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])

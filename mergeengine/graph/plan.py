@@ -183,6 +183,7 @@ def build_plan(
                 op.checkpoint = ckpts[sid]
             if isinstance(op, SaveOp):
                 op.set_dtype(_model_dtype(ckpts[steps.kinds[sid].origin]))
+            op.bind(ckpts)
             metas[sid] = op.plan_tensors({r: metas[r] for r in refs})
         except MergeEngineError as exc:
             exc.step = exc.step or sid

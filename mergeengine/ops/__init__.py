@@ -56,6 +56,7 @@ def _load_all() -> None:
         merge,
         save,
         slices,
+        vocab_align,
     )
 
     load_methods()

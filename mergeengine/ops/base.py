@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -136,6 +137,14 @@ class Op:
     def sources(self, name: str) -> list[Source]:
         """The input tensors ``compute`` receives for output tensor ``name``, in order."""
         raise NotImplementedError
+
+    def bind(self, checkpoints: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Before :meth:`plan_tensors`: the opened checkpoints of the load steps so far, by step id
+        (``vocab_align`` reads tokenizers from them). Default: nothing."""
+
+    def write_files(self, dest: Path) -> None:  # noqa: B027 - optional hook
+        """Write files of this step's making into an output folder that depends on it, after the
+        origin's tokenizer files (``vocab_align``: the union tokenizer). Default: nothing."""
 
     def adjust_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The output's config.json as this step changes it (default: unchanged; ``slices``

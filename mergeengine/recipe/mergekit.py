@@ -34,6 +34,7 @@ from mergeengine.recipe.mergekit_schema import (
     ModelReferenceSpec,
 )
 from mergeengine.recipe.mergekit_slices import convert_slices
+from mergeengine.recipe.mergekit_vocab import vocab_steps
 
 YPath = tuple[Any, ...]
 
@@ -183,13 +184,6 @@ def _save(config: MergekitConfig, conv: Converted, origin: str, merged: str) -> 
 
 
 def _tokenizer(config: MergekitConfig, step: dict[str, Any], notes: list[str], origin: str) -> None:
-    source = config.tokenizer_source
-    if config.tokenizer is not None:
-        raise ConvertError(("tokenizer",), "the 'tokenizer' block (union vocabularies, token embeddings) is not "
-                           "supported yet; the base model's tokenizer is used without it")
-    if source not in (None, "base"):
-        raise ConvertError(("tokenizer_source",), f"tokenizer_source '{source}' is not supported yet: "
-                           "leave it out or write 'base' (the base model's tokenizer)")
     if config.chat_template is not None:
         try:
             step["chat_template"] = check_chat_template(config.chat_template)
@@ -197,7 +191,8 @@ def _tokenizer(config: MergekitConfig, step: dict[str, Any], notes: list[str], o
             raise ConvertError(("chat_template",), str(exc)) from None
         notes.append("chat_template written into tokenizer_config.json (a chat_template.jinja of the origin is "
                      "dropped)")
-    notes.append(f"tokenizer and config.json from '{origin}' (mergekit: the base model's)")
+    if config.tokenizer_source is None and config.tokenizer is None:
+        notes.append(f"tokenizer and config.json from '{origin}' (mergekit: the base model's)")
 
 
 def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Converted:
@@ -221,12 +216,16 @@ def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Convert
     taken: set[str] = set()
     add = loader(conv, taken)
     if config.slices:
+        if config.tokenizer_source is not None or config.tokenizer is not None:
+            where = ("tokenizer",) if config.tokenizer is not None else ("tokenizer_source",)
+            raise ConvertError(where, "a vocabulary with layer slices is not supported")
         origin, final = convert_slices(config, spec, conv, add, taken)
         _save(config, conv, origin, final)
         return conv
     if spec.ours == "passthrough":
         raise ConvertError(("merge_method",), "passthrough takes layer 'slices', not 'models'")
     base, inputs = _loads(config, conv, add)
+    base, inputs = vocab_steps(config, conv, base, inputs, add)
     fields, notes, origins = merge_fields(spec, config, base, inputs)
     merge = {"id": "merge", "op": "merge", "method": spec.ours, **fields}
     index = len(conv.data["steps"])
