@@ -62,18 +62,18 @@ def slerp_ref(t, v0, v1, threshold=0.9995, eps=1e-8):
 def test_slerp_matches_reference(shape, t):
     base, (model,) = fine_tunes(shape, 1)
     model = model + rand(*shape, seed=9)  # a real angle
-    close(slerp(base, [model], t=t), slerp_ref(t, base, model))
+    close(slerp(base, [model], t=t, t_value=t), slerp_ref(t, base, model))
 
 
 def test_slerp_identical_colinear_antipodal_and_zero():
     a = rand(5, 7)
-    close(slerp(a, [a.clone()], t=0.4), a)
-    close(slerp(a, [2 * a], t=0.25), 1.25 * a)  # colinear: linear
-    close(slerp(a, [-a], t=0.25), 0.5 * a)  # antipodal: linear, (1 - t) a - t a
+    close(slerp(a, [a.clone()], t=0.4, t_value=0.4), a)
+    close(slerp(a, [2 * a], t=0.25, t_value=0.25), 1.25 * a)  # colinear: linear
+    close(slerp(a, [-a], t=0.25, t_value=0.25), 0.5 * a)  # antipodal: linear, (1 - t) a - t a
     zero = torch.zeros(5, 7)
-    close(slerp(zero, [a], t=0.5), slerp_ref(0.5, zero, a))  # zero norm: cos = 0
+    close(slerp(zero, [a], t=0.5, t_value=0.5), slerp_ref(0.5, zero, a))  # zero norm: cos = 0
     with pytest.raises(ExecutionError, match="exactly 1 input"):
-        slerp(a, [a, a], t=0.5)
+        slerp(a, [a, a], t=0.5, t_value=0.5)
 
 
 def nuslerp_ref(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
@@ -423,7 +423,7 @@ def _every_method(base, models):
     deltas = [m - base for m in models]
     two = [1.0, 1.0]
     return [
-        slerp(base, models[:1], t=0.4),
+        slerp(base, models[:1], t=0.4, t_value=0.4),
         nuslerp(base, models, weights=[0.3, 0.7], nuslerp_flatten=False),
         multislerp(base, models, weights=two),
         karcher(None, models),

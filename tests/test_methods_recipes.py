@@ -219,3 +219,21 @@ def test_normalize_and_int8_mask_on_ties_dare_and_breadcrumbs(tmp_path, models, 
         plain = run(tmp_path, models, merge, out=f"{method}_p")
         masked = run(tmp_path, models, merge + ", int8_mask: true", out=f"{method}_i")
         assert all(torch.equal(plain[n], masked[n]) for n in b), method
+
+
+def test_slerp_per_layer_t_follows_mergekit_filters_and_gradients(tmp_path, models, weights):
+    b, m, _ = weights
+    out = run(tmp_path, models, "method: slerp, base: base, inputs: [math], "
+                                "t: [{filter: self_attn, value: [0.2, 0.8]}, {filter: mlp, value: [1, 0.5, 0]}, {value: 0.3}]")
+
+    def t_of(n):  # two layers: layer 0 at position 0, layer 1 at position 1
+        layer = 1 if ".layers.1." in n else 0
+        if "self_attn" in n:
+            return [0.2, 0.8][layer]
+        if "mlp" in n:
+            return [1.0, 0.0][layer]
+        return 0.3
+
+    check(out, lambda n: slerp_ref(t_of(n), b[n], m[n]), b)
+    gradient = run(tmp_path, models, "method: slerp, base: base, inputs: [math], t: [0, 0.5, 1]", out="g")
+    check(gradient, lambda n: slerp_ref(float(".layers.1." in n) if ".layers." in n else 0.0, b[n], m[n]), b)

@@ -36,12 +36,14 @@ from mergeengine.methods._ties import elect_and_merge
 Rescale = Literal["per_element", "l1", "none"]
 
 
-def _sorted_keys(bits: np.ndarray, width: int) -> np.ndarray:
-    keys = bits.astype(np.int64) << width
+def _sort_rows(bits: np.ndarray, keys: np.ndarray, width: int) -> None:
+    """Into ``keys``: per row, the columns by ascending ``|x|`` (``bits``: the float32 bit patterns)."""
+    keys[...] = bits
+    keys &= 0x7FFFFFFF  # the bit pattern of |x|, which orders like |x|
+    keys <<= width
     keys |= np.arange(bits.shape[1], dtype=np.int64)
     keys.sort(axis=1)
     keys &= (1 << width) - 1
-    return keys
 
 
 def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
@@ -50,16 +52,20 @@ def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     One value sort of int64 keys ``(bits of |x|) << w | column`` (numpy's SIMD sort): the bit
     pattern of a non-negative float orders like the float, the column breaks ties, and the low
     ``w`` bits give the order back; about twice as fast as a stable argsort. The rows are split
-    among torch's threads (numpy releases the GIL while it sorts).
+    among torch's threads (numpy releases the GIL while it sorts), each writing its own rows.
     """
     width = max(1, (rows.shape[1] - 1).bit_length())
-    bits = rows.abs().cpu().numpy().view(np.int32)
+    bits = rows.detach().cpu().contiguous().numpy().view(np.int32)
+    keys = np.empty(bits.shape, dtype=np.int64)
     parts = min(torch.get_num_threads(), max(1, rows.shape[0] // 64))
+    bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if parts == 1:
-        return torch.from_numpy(_sorted_keys(bits, width)).to(rows.device)
-    with ThreadPoolExecutor(parts) as pool:
-        blocks = list(pool.map(lambda b: _sorted_keys(b, width), np.array_split(bits, parts)))
-    return torch.from_numpy(np.concatenate(blocks)).to(rows.device)
+        _sort_rows(bits, keys, width)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            list(pool.map(lambda sl: _sort_rows(bits[sl], keys[sl], width), slices))
+    return torch.from_numpy(keys).to(rows.device)
 
 
 def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
