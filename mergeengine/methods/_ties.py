@@ -13,7 +13,10 @@ def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
 
     The normalised mean runs chunk by chunk in cache-sized scratch (the kernel's
     ``ties_merge_into``, the same bytes as the whole-tensor ``ties_merge``); it overwrites
-    ``deltas``, which must be the caller's own tensors.
+    ``deltas``, which must be the caller's own tensors. The methods using it are not
+    ``compute_bound``: on a loaded 2-core machine two torch threads on 64K-entry chunks spent
+    most of their time waiting for each other (10.6 s against 0.48 s with one thread for three
+    32000×768 deltas).
     """
     if any(not w >= 0 for w in weights):
         raise ExecutionError(f"weights must be >= 0 for a sign election, got {list(weights)}")

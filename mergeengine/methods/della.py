@@ -32,6 +32,7 @@ from mergeengine.kernels.sparsify import block_sums, l1_norm
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
+from mergeengine.runtime import all_cores
 
 Rescale = Literal["per_element", "l1", "none"]
 
@@ -52,12 +53,12 @@ def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     One value sort of int64 keys ``(bits of |x|) << w | column`` (numpy's SIMD sort): the bit
     pattern of a non-negative float orders like the float, the column breaks ties, and the low
     ``w`` bits give the order back; about twice as fast as a stable argsort. The rows are split
-    among torch's threads (numpy releases the GIL while it sorts), each writing its own rows.
+    among the cores (numpy releases the GIL while it sorts), each thread writing its own rows.
     """
     width = max(1, (rows.shape[1] - 1).bit_length())
     bits = rows.detach().cpu().contiguous().numpy().view(np.int32)
     keys = np.empty(bits.shape, dtype=np.int64)
-    parts = min(torch.get_num_threads(), max(1, rows.shape[0] // 64))
+    parts = min(all_cores(), max(1, rows.shape[0] // 64))
     bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if parts == 1:
@@ -114,7 +115,7 @@ def _pruned(deltas: list[torch.Tensor], density: list[float], epsilon: list[floa
     return [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, density, epsilon, strict=True)]
 
 
-@merge_method(name="della", inputs="deltas", compute_bound=True, validate=check_parameters)
+@merge_method(name="della", inputs="deltas", validate=check_parameters)
 def della(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -151,7 +152,7 @@ def della(
     return elect_and_merge(base, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method(name="della_linear", inputs="deltas", compute_bound=True, validate=check_parameters)
+@merge_method(name="della_linear", inputs="deltas", validate=check_parameters)
 def della_linear(
     base: torch.Tensor,
     deltas: list[torch.Tensor],

@@ -46,7 +46,7 @@ def square_weights(deltas: list[torch.Tensor]) -> list[float]:
     return [s / total for s in squares]
 
 
-@merge_method(name="sce", inputs="deltas", compute_bound=True)
+@merge_method(name="sce", inputs="deltas")
 def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0,
         int8_mask: bool = False) -> torch.Tensor:
     """Select by variance, calculate weights by squared magnitude, erase minority signs.
