@@ -452,3 +452,14 @@ def test_sign_elections_reject_negative_weights():
     base = rand(3, 4)
     with pytest.raises(ExecutionError, match=">= 0"):
         breadcrumbs_ties(base, [rand(3, 4, seed=1)] * 2, density=[0.5, 0.5], gamma=[0.0, 0.0], weights=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("rescale", ["per_element", "l1"])
+def test_della_row_blocks_give_the_whole_tensor_bytes(monkeypatch, rescale):
+    import mergeengine.methods.della as della_module
+
+    delta = rand(300, 96)
+    whole = della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w"))
+    monkeypatch.setattr(della_module, "BLOCK_ENTRIES", 4096)  # blocks of 128 rows: 3 blocks, the last short
+    assert della_module.block_rows(96) == 128
+    assert torch.equal(della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w")), whole)

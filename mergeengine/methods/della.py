@@ -20,6 +20,7 @@ recipe order.
 ```
 """
 
+import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
-from mergeengine.kernels.sparsify import block_sums, l1_norm
+from mergeengine.kernels.sparsify import SUM_BLOCK, block_sums, l1_norm
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
@@ -79,25 +80,46 @@ def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> to
     return keep.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
 
 
+#: entries per block of rows pruned at once (keys, probabilities and draws exist for one block)
+BLOCK_ENTRIES = 1 << 20
+
+
+def block_rows(columns: int) -> int:
+    """Rows per block: about :data:`BLOCK_ENTRIES` entries, a whole number of ``SUM_BLOCK``s so the
+    L1 norms' block sums are the whole tensor's."""
+    align = SUM_BLOCK // math.gcd(columns, SUM_BLOCK)
+    return max(align, BLOCK_ENTRIES // max(columns, 1) // align * align)
+
+
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
              generator: torch.Generator) -> torch.Tensor:
-    """One delta, MAGPRUNEd (see the module docstring); a new float32 tensor of its shape."""
+    """One delta, MAGPRUNEd (see the module docstring); a new float32 tensor of its shape.
+
+    Rows are pruned a block at a time, drawing in row order (the draws of one whole-tensor draw).
+    """
     if density >= 1.0:
         return delta.clone()
     if not (0.0 < density - epsilon and density + epsilon <= 1.0):
         raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, epsilon {epsilon}")
     rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
-    keep = keep_probabilities(rows, density, epsilon)
-    survive = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
-    survive.lt_(keep)  # 1.0 where the entry survives, else 0.0
-    if rescale == "per_element":
-        return torch.div(rows, keep, out=keep).mul_(survive).view(delta.shape)
-    kept = torch.mul(rows, survive, out=keep).view(delta.shape)
-    if rescale == "l1":
-        after = l1_norm([block_sums(kept.abs())])
-        if after > 0:
-            kept.mul_(l1_norm([block_sums(delta.abs())]) / after)
-    return kept
+    out = torch.empty_like(rows)
+    norms: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    step = block_rows(rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        block, kept = rows[start:start + step], out[start:start + step]
+        keep = keep_probabilities(block, density, epsilon)
+        survive = torch.rand(block.shape, generator=generator, device=generator.device).to(block.device)
+        survive.lt_(keep)  # 1.0 where the entry survives, else 0.0
+        if rescale == "per_element":
+            torch.div(block, keep, out=kept).mul_(survive)
+        else:
+            torch.mul(block, survive, out=kept)
+        if rescale == "l1":
+            norms[0].append(block_sums(torch.abs(block, out=keep)))
+            norms[1].append(block_sums(torch.abs(kept, out=keep)))
+    if rescale == "l1" and (after := l1_norm(norms[1])) > 0:
+        out.mul_(l1_norm(norms[0]) / after)
+    return out.view(delta.shape)
 
 
 def check_parameters(params: Mapping[str, Any]) -> None:
