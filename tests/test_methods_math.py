@@ -273,6 +273,12 @@ def magprune_ref(delta, density, epsilon, draws, rescale):
     return torch.from_numpy(out.astype(np.float32)).reshape(delta.shape)
 
 
+def input_draws(generator, shape, n):
+    """Each input's uniform draws: its own generator, seeded by one 62-bit draw of the tensor's generator."""
+    seeds = torch.randint(0, 1 << 62, (n,), generator=generator).tolist()
+    return [torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+
+
 def ties_ref(ds, ws, normalize=True):
     sign = torch.sign(sum(ds))
     agree = [((torch.sign(d) == sign) & (sign != 0)).double() for d in ds]
@@ -291,8 +297,7 @@ def test_della_matches_reference(shape, rescale):
     density, eps, w = [0.4, 0.6], [0.1, 0.2], [1.0, 0.5]
     out = della(base, deltas, density=density, epsilon=eps, weights=w, lambda_=0.8, rescale=rescale,
                 generator=tensor_generator(0, "m", "w"))
-    g = tensor_generator(0, "m", "w")
-    draws = [torch.rand(shape, generator=g) for _ in deltas]  # inputs draw in recipe order
+    draws = input_draws(tensor_generator(0, "m", "w"), shape, len(deltas))
     pruned = [magprune_ref(d, p, e, u, rescale) for d, p, e, u in zip(deltas, density, eps, draws)]
     close(out, base.double() + 0.8 * ties_ref(pruned, w))
     lin = della_linear(base, deltas, density=density, epsilon=eps, weights=w, rescale=rescale,

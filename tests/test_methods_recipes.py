@@ -8,6 +8,7 @@ import torch
 from conftest import load_tensors, read_folder, write_recipe
 from test_methods_math import (
     arcee_ref,
+    input_draws,
     karcher_ref,
     magprune_ref,
     model_stock_ref,
@@ -82,9 +83,8 @@ def test_model_stock_recipe(tmp_path, models, weights, filter_wise):
 
 def della_expected(b, m, c, seed, density, epsilon, weights, rescale):
     def expected(n):
-        g = tensor_generator(seed, "m", n)
         deltas = [m[n] - b[n], c[n] - b[n]]
-        draws = [torch.rand(b[n].shape, generator=g) for _ in deltas]
+        draws = input_draws(tensor_generator(seed, "m", n), b[n].shape, len(deltas))
         pruned = [magprune_ref(d, p, epsilon, u, rescale) for d, p, u in zip(deltas, density, draws)]
         return b[n].double() + ties_ref(pruned, weights)
     return expected
