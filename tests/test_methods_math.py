@@ -14,6 +14,7 @@ import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.rng import tensor_generator
+from mergeengine.methods._checks import expect_inputs
 from mergeengine.methods.arcee_fusion import arcee_fusion
 from mergeengine.methods.breadcrumbs_ties import breadcrumbs_ties
 from mergeengine.methods.della import della, della_linear
@@ -24,7 +25,7 @@ from mergeengine.methods.nearswap import nearswap
 from mergeengine.methods.nuslerp import nuslerp
 from mergeengine.methods.passthrough import passthrough
 from mergeengine.methods.sce import sce
-from mergeengine.methods.slerp import slerp
+from mergeengine.methods.slerp import slerp, slerp_coefficients
 
 SHAPES = [(12, 20), (33,)]
 
@@ -57,23 +58,30 @@ def slerp_ref(t, v0, v1, threshold=0.9995, eps=1e-8):
     return np.sin((1 - t) * th) / np.sin(th) * a + np.sin(t * th) / np.sin(th) * b
 
 
+def slerp_tensor(base, models, t):
+    """The method on a whole tensor: its coefficients (the engine's prepare pass), then the combination."""
+    expect_inputs("slerp", models, 1)
+    s_base, s_model = slerp_coefficients(t, base, models[0])
+    return slerp.function(base, models, t=t, s_base=s_base, s_model=s_model)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
 def test_slerp_matches_reference(shape, t):
     base, (model,) = fine_tunes(shape, 1)
     model = model + rand(*shape, seed=9)  # a real angle
-    close(slerp(base, [model], t=t), slerp_ref(t, base, model))
+    close(slerp_tensor(base, [model], t), slerp_ref(t, base, model))
 
 
 def test_slerp_identical_colinear_antipodal_and_zero():
     a = rand(5, 7)
-    close(slerp(a, [a.clone()], t=0.4), a)
-    close(slerp(a, [2 * a], t=0.25), 1.25 * a)  # colinear: linear
-    close(slerp(a, [-a], t=0.25), 0.5 * a)  # antipodal: linear, (1 - t) a - t a
+    close(slerp_tensor(a, [a.clone()], 0.4), a)
+    close(slerp_tensor(a, [2 * a], 0.25), 1.25 * a)  # colinear: linear
+    close(slerp_tensor(a, [-a], 0.25), 0.5 * a)  # antipodal: linear, (1 - t) a - t a
     zero = torch.zeros(5, 7)
-    close(slerp(zero, [a], t=0.5), slerp_ref(0.5, zero, a))  # zero norm: cos = 0
+    close(slerp_tensor(zero, [a], 0.5), slerp_ref(0.5, zero, a))  # zero norm: cos = 0
     with pytest.raises(ExecutionError, match="exactly 1 input"):
-        slerp(a, [a, a], t=0.5)
+        slerp_tensor(a, [a, a], 0.5)
 
 
 def nuslerp_ref(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
@@ -265,6 +273,12 @@ def magprune_ref(delta, density, epsilon, draws, rescale):
     return torch.from_numpy(out.astype(np.float32)).reshape(delta.shape)
 
 
+def input_draws(generator, shape, n):
+    """Each input's uniform draws: its own generator, seeded by one 62-bit draw of the tensor's generator."""
+    seeds = torch.randint(0, 1 << 62, (n,), generator=generator).tolist()
+    return [torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+
+
 def ties_ref(ds, ws, normalize=True):
     sign = torch.sign(sum(ds))
     agree = [((torch.sign(d) == sign) & (sign != 0)).double() for d in ds]
@@ -283,8 +297,7 @@ def test_della_matches_reference(shape, rescale):
     density, eps, w = [0.4, 0.6], [0.1, 0.2], [1.0, 0.5]
     out = della(base, deltas, density=density, epsilon=eps, weights=w, lambda_=0.8, rescale=rescale,
                 generator=tensor_generator(0, "m", "w"))
-    g = tensor_generator(0, "m", "w")
-    draws = [torch.rand(shape, generator=g) for _ in deltas]  # inputs draw in recipe order
+    draws = input_draws(tensor_generator(0, "m", "w"), shape, len(deltas))
     pruned = [magprune_ref(d, p, e, u, rescale) for d, p, e, u in zip(deltas, density, eps, draws)]
     close(out, base.double() + 0.8 * ties_ref(pruned, w))
     lin = della_linear(base, deltas, density=density, epsilon=eps, weights=w, rescale=rescale,
@@ -423,7 +436,7 @@ def _every_method(base, models):
     deltas = [m - base for m in models]
     two = [1.0, 1.0]
     return [
-        slerp(base, models[:1], t=0.4),
+        slerp_tensor(base, models[:1], 0.4),
         nuslerp(base, models, weights=[0.3, 0.7], nuslerp_flatten=False),
         multislerp(base, models, weights=two),
         karcher(None, models),
@@ -452,3 +465,14 @@ def test_sign_elections_reject_negative_weights():
     base = rand(3, 4)
     with pytest.raises(ExecutionError, match=">= 0"):
         breadcrumbs_ties(base, [rand(3, 4, seed=1)] * 2, density=[0.5, 0.5], gamma=[0.0, 0.0], weights=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("rescale", ["per_element", "l1"])
+def test_della_row_blocks_give_the_whole_tensor_bytes(monkeypatch, rescale):
+    import mergeengine.methods.della as della_module
+
+    delta = rand(300, 96)
+    whole = della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w"))
+    monkeypatch.setattr(della_module, "BLOCK_ENTRIES", 4096)  # blocks of 128 rows: 3 blocks, the last short
+    assert della_module.block_rows(96) == 128
+    assert torch.equal(della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w")), whole)

@@ -8,6 +8,7 @@ import torch
 from conftest import load_tensors, read_folder, write_recipe
 from test_methods_math import (
     arcee_ref,
+    input_draws,
     karcher_ref,
     magprune_ref,
     model_stock_ref,
@@ -82,9 +83,8 @@ def test_model_stock_recipe(tmp_path, models, weights, filter_wise):
 
 def della_expected(b, m, c, seed, density, epsilon, weights, rescale):
     def expected(n):
-        g = tensor_generator(seed, "m", n)
         deltas = [m[n] - b[n], c[n] - b[n]]
-        draws = [torch.rand(b[n].shape, generator=g) for _ in deltas]
+        draws = input_draws(tensor_generator(seed, "m", n), b[n].shape, len(deltas))
         pruned = [magprune_ref(d, p, epsilon, u, rescale) for d, p, u in zip(deltas, density, draws)]
         return b[n].double() + ties_ref(pruned, weights)
     return expected
@@ -219,3 +219,21 @@ def test_normalize_and_int8_mask_on_ties_dare_and_breadcrumbs(tmp_path, models, 
         plain = run(tmp_path, models, merge, out=f"{method}_p")
         masked = run(tmp_path, models, merge + ", int8_mask: true", out=f"{method}_i")
         assert all(torch.equal(plain[n], masked[n]) for n in b), method
+
+
+def test_slerp_per_layer_t_follows_mergekit_filters_and_gradients(tmp_path, models, weights):
+    b, m, _ = weights
+    out = run(tmp_path, models, "method: slerp, base: base, inputs: [math], "
+                                "t: [{filter: self_attn, value: [0.2, 0.8]}, {filter: mlp, value: [1, 0.5, 0]}, {value: 0.3}]")
+
+    def t_of(n):  # two layers: layer 0 at position 0, layer 1 at position 1
+        layer = 1 if ".layers.1." in n else 0
+        if "self_attn" in n:
+            return [0.2, 0.8][layer]
+        if "mlp" in n:
+            return [1.0, 0.0][layer]
+        return 0.3
+
+    check(out, lambda n: slerp_ref(t_of(n), b[n], m[n]), b)
+    gradient = run(tmp_path, models, "method: slerp, base: base, inputs: [math], t: [0, 0.5, 1]", out="g")
+    check(gradient, lambda n: slerp_ref(float(".layers.1." in n) if ".layers." in n else 0.0, b[n], m[n]), b)

@@ -60,21 +60,42 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.sqrt(_exact_total(parts))
 
 
+class Gram:
+    """All dot products ``<x_i, x_j>`` of a few tensors, accumulated chunk by chunk (chunks of a
+    whole number of :data:`BLOCK` entries, in order, as the engine's merge chunks are): the same
+    floats as :func:`gram` on the whole tensors."""
+
+    def __init__(self, count: int) -> None:
+        self.pairs = [(i, j) for i in range(count) for j in range(i, count)]
+        self.parts: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in self.pairs}
+        self.count = count
+        self._buf: torch.Tensor | None = None
+
+    def add(self, chunk: list[torch.Tensor]) -> None:
+        """Add one chunk of every tensor (flat, same length)."""
+        n = chunk[0].numel()
+        if self._buf is None or self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=torch.float32, device=chunk[0].device)
+        for i, j in self.pairs:
+            for s, e in chunks(n):
+                self.parts[i, j].append(_block_sums(torch.mul(chunk[i][s:e], chunk[j][s:e], out=self._buf[: e - s])))
+
+    def matrix(self) -> list[list[float]]:
+        """The symmetric matrix of exactly summed dot products."""
+        out = [[0.0] * self.count for _ in range(self.count)]
+        for (i, j), ps in self.parts.items():
+            out[i][j] = out[j][i] = _exact_total(ps)
+        return out
+
+
 def gram(tensors: list[torch.Tensor]) -> list[list[float]]:
     """All dot products ``<x_i, x_j>`` of the tensors (a symmetric matrix) in one pass over them
     (see :func:`dot`)."""
     flat = [x.reshape(-1) for x in tensors]
-    n = len(flat)
-    buf = torch.empty(min(CHUNK, max(flat[0].numel(), 1)), dtype=torch.float32, device=flat[0].device)
-    pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    parts: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
+    acc = Gram(len(flat))
     for s, e in chunks(flat[0].numel()):
-        for i, j in pairs:
-            parts[i, j].append(_block_sums(torch.mul(flat[i][s:e], flat[j][s:e], out=buf[: e - s])))
-    matrix = [[0.0] * n for _ in range(n)]
-    for (i, j), ps in parts.items():
-        matrix[i][j] = matrix[j][i] = _exact_total(ps)
-    return matrix
+        acc.add([x[s:e] for x in flat])
+    return acc.matrix()
 
 
 def norm(a: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ from mergeengine.methods._ties import elect_and_merge
 from mergeengine.methods.ties import non_negative_weights
 
 
-@merge_method(name="breadcrumbs_ties", inputs="deltas", compute_bound=True, validate=non_negative_weights)
+@merge_method(name="breadcrumbs_ties", inputs="deltas", validate=non_negative_weights)
 def breadcrumbs_ties(
     base: torch.Tensor,
     deltas: list[torch.Tensor],

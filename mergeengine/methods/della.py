@@ -12,15 +12,17 @@ survivors as they are. ``density: 1`` keeps everything.
 Then ``della`` is ``base + lambda · ties(pruned, weights)`` (sign election ``vote: unweighted``,
 the paper, or ``weighted``, mergekit; divide by the agreeing weights unless ``normalize:
 false``), and ``della_linear`` is ``base + lambda · Σ w_i pruned_i`` (``/ Σ w_i`` with
-``normalize: true``). The draws come from the engine's per-(step, tensor) generator, inputs in
-recipe order.
+``normalize: true``). Each input draws from its own generator, seeded by one draw of the
+engine's per-(step, tensor) generator (in recipe order); pruning and merging run a block of rows
+at a time, so no whole pruned delta is ever held.
 
 ```yaml
 - {id: m, op: merge, method: della, base: base, inputs: [d_math, d_code], density: 0.4, epsilon: 0.1}
 ```
 """
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -28,20 +30,23 @@ import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
-from mergeengine.kernels.sparsify import block_sums, l1_norm
+from mergeengine.kernels.sparsify import SUM_BLOCK, block_sums, l1_norm
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
+from mergeengine.runtime import all_cores
 
 Rescale = Literal["per_element", "l1", "none"]
 
 
-def _sorted_keys(bits: np.ndarray, width: int) -> np.ndarray:
-    keys = bits.astype(np.int64) << width
+def _sort_rows(bits: np.ndarray, keys: np.ndarray, width: int) -> None:
+    """Into ``keys``: per row, the columns by ascending ``|x|`` (``bits``: the float32 bit patterns)."""
+    keys[...] = bits
+    keys &= 0x7FFFFFFF  # the bit pattern of |x|, which orders like |x|
+    keys <<= width
     keys |= np.arange(bits.shape[1], dtype=np.int64)
     keys.sort(axis=1)
     keys &= (1 << width) - 1
-    return keys
 
 
 def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
@@ -50,16 +55,20 @@ def magnitude_order(rows: torch.Tensor) -> torch.Tensor:
     One value sort of int64 keys ``(bits of |x|) << w | column`` (numpy's SIMD sort): the bit
     pattern of a non-negative float orders like the float, the column breaks ties, and the low
     ``w`` bits give the order back; about twice as fast as a stable argsort. The rows are split
-    among torch's threads (numpy releases the GIL while it sorts).
+    among the cores (numpy releases the GIL while it sorts), each thread writing its own rows.
     """
     width = max(1, (rows.shape[1] - 1).bit_length())
-    bits = rows.abs().cpu().numpy().view(np.int32)
-    parts = min(torch.get_num_threads(), max(1, rows.shape[0] // 64))
+    bits = rows.detach().cpu().contiguous().numpy().view(np.int32)
+    keys = np.empty(bits.shape, dtype=np.int64)
+    parts = min(all_cores(), max(1, rows.shape[0] // 64))
+    bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if parts == 1:
-        return torch.from_numpy(_sorted_keys(bits, width)).to(rows.device)
-    with ThreadPoolExecutor(parts) as pool:
-        blocks = list(pool.map(lambda b: _sorted_keys(b, width), np.array_split(bits, parts)))
-    return torch.from_numpy(np.concatenate(blocks)).to(rows.device)
+        _sort_rows(bits, keys, width)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            list(pool.map(lambda sl: _sort_rows(bits[sl], keys[sl], width), slices))
+    return torch.from_numpy(keys).to(rows.device)
 
 
 def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -72,25 +81,99 @@ def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> to
     return keep.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
 
 
+#: entries per block of rows pruned at once (keys, probabilities and draws exist for one block)
+BLOCK_ENTRIES = 1 << 20
+
+
+def block_rows(columns: int) -> int:
+    """Rows per block: about :data:`BLOCK_ENTRIES` entries, a whole number of ``SUM_BLOCK``s so the
+    L1 norms' block sums are the whole tensor's."""
+    align = SUM_BLOCK // math.gcd(columns, SUM_BLOCK)
+    return max(align, BLOCK_ENTRIES // max(columns, 1) // align * align)
+
+
+class Pruner:
+    """MAGPRUNE of one delta (see the module docstring), a block of rows at a time, drawing in row
+    order from its own generator: any blocking gives the bytes of one whole-tensor draw.
+
+    With ``rescale: l1`` the survivors of every block are drawn (and kept, 1 byte per entry) up
+    front, since the L1 factor needs the whole tensor.
+    """
+
+    def __init__(self, delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
+                 generator: torch.Generator) -> None:
+        if density < 1.0 and not (0.0 < density - epsilon and density + epsilon <= 1.0):
+            raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, "
+                                 f"epsilon {epsilon}")
+        self.rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+        self.density, self.epsilon, self.rescale, self.generator = density, epsilon, rescale, generator
+        self.step = block_rows(self.rows.shape[1])
+        self.masks: dict[int, torch.Tensor] = {}
+        self.factor = 1.0
+        if rescale == "l1" and density < 1.0:
+            self._l1_pass()
+
+    def _draw(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep probabilities, 1.0 where the entry survives) of one block of rows."""
+        keep = keep_probabilities(block, self.density, self.epsilon)
+        survive = torch.rand(block.shape, generator=self.generator, device=self.generator.device).to(block.device)
+        return keep, survive.lt_(keep)
+
+    def _l1_pass(self) -> None:
+        before, after = [], []
+        for start in range(0, self.rows.shape[0], self.step):
+            block = self.rows[start:start + self.step]
+            scratch, survive = self._draw(block)
+            self.masks[start] = survive.bool()
+            before.append(block_sums(torch.abs(block, out=scratch)))
+            after.append(block_sums(torch.mul(block, survive, out=scratch).abs_()))
+        kept = l1_norm(after)
+        self.factor = l1_norm(before) / kept if kept > 0 else 1.0
+
+    def block(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """The pruned rows ``[start, start + len(out))`` into ``out`` (2-D, float32); returns it."""
+        block = self.rows[start:start + out.shape[0]]
+        if self.density >= 1.0:
+            return out.copy_(block)
+        if self.rescale == "l1":
+            return torch.where(self.masks[start], block, block.new_zeros(()), out=out).mul_(self.factor)
+        keep, survive = self._draw(block)
+        if self.rescale == "per_element":
+            return torch.div(block, keep, out=out).mul_(survive)
+        return torch.mul(block, survive, out=out)
+
+
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
              generator: torch.Generator) -> torch.Tensor:
-    """One delta, MAGPRUNEd (see the module docstring); a new float32 tensor of its shape."""
-    if density >= 1.0:
-        return delta.clone()
-    if not (0.0 < density - epsilon and density + epsilon <= 1.0):
-        raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, epsilon {epsilon}")
-    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
-    keep = keep_probabilities(rows, density, epsilon)
-    survive = torch.rand(rows.shape, generator=generator, device=generator.device).to(rows.device)
-    survive.lt_(keep)  # 1.0 where the entry survives, else 0.0
-    if rescale == "per_element":
-        return torch.div(rows, keep, out=keep).mul_(survive).view(delta.shape)
-    kept = torch.mul(rows, survive, out=keep).view(delta.shape)
-    if rescale == "l1":
-        after = l1_norm([block_sums(kept.abs())])
-        if after > 0:
-            kept.mul_(l1_norm([block_sums(delta.abs())]) / after)
-    return kept
+    """One whole delta, MAGPRUNEd; a new float32 tensor of its shape."""
+    pruner = Pruner(delta, density, epsilon, rescale, generator)
+    out = torch.empty_like(pruner.rows)
+    for start in range(0, out.shape[0], pruner.step):
+        pruner.block(start, out[start:start + pruner.step])
+    return out.view(delta.shape)
+
+
+def merge_pruned(base: torch.Tensor, deltas: list[torch.Tensor], params: Mapping[str, Any],
+                 generator: torch.Generator, combine: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+                 ) -> torch.Tensor:
+    """``combine(base rows, pruned rows)`` block of rows by block: no whole pruned delta is kept.
+
+    Each input draws from its own generator, seeded from the engine's per-(step, tensor) one
+    (one 62-bit seed per input, in recipe order).
+    """
+    require_finite("della", labelled(deltas, kind="delta"))
+    seeds = torch.randint(0, 1 << 62, (len(deltas),), generator=generator, device=generator.device).tolist()
+    pruners = [Pruner(d, p, e, params["rescale"], torch.Generator(device=generator.device).manual_seed(seed))
+               for d, p, e, seed in zip(deltas, params["density"], params["epsilon"], seeds, strict=True)]
+    base_rows = base.reshape(pruners[0].rows.shape)
+    out = torch.empty_like(base_rows)
+    step = pruners[0].step
+    scratch = [torch.empty((min(step, out.shape[0]), out.shape[1]), device=out.device) for _ in pruners]
+    for start in range(0, out.shape[0], step):
+        end = min(start + step, out.shape[0])
+        blocks = [p.block(start, b[: end - start]) for p, b in zip(pruners, scratch, strict=True)]
+        out[start:end] = combine(base_rows[start:end], blocks)
+    return out.view(base.shape)
 
 
 def check_parameters(params: Mapping[str, Any]) -> None:
@@ -102,13 +185,7 @@ def check_parameters(params: Mapping[str, Any]) -> None:
         raise ValueError("weights must be >= 0 for sign election (use della_linear to subtract a delta)")
 
 
-def _pruned(deltas: list[torch.Tensor], density: list[float], epsilon: list[float], rescale: Rescale,
-            generator: torch.Generator) -> list[torch.Tensor]:
-    require_finite("della", labelled(deltas, kind="delta"))
-    return [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, density, epsilon, strict=True)]
-
-
-@merge_method(name="della", inputs="deltas", compute_bound=True, validate=check_parameters)
+@merge_method(name="della", inputs="deltas", validate=check_parameters)
 def della(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -141,11 +218,13 @@ def della(
     Returns:
         The merged tensor.
     """
-    pruned = _pruned(deltas, density, epsilon, rescale, generator)
-    return elect_and_merge(base, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
+    def combine(b: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
+        return elect_and_merge(b, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
+
+    return merge_pruned(base, deltas, {"density": density, "epsilon": epsilon, "rescale": rescale}, generator, combine)
 
 
-@merge_method(name="della_linear", inputs="deltas", compute_bound=True, validate=check_parameters)
+@merge_method(name="della_linear", inputs="deltas", validate=check_parameters)
 def della_linear(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -176,11 +255,13 @@ def della_linear(
     Returns:
         The merged tensor.
     """
-    pruned = _pruned(deltas, density, epsilon, rescale, generator)
-    merged = torch.zeros_like(base)
-    for w, d in zip(weights, pruned, strict=True):
-        merged.add_(d, alpha=w)
     total = sum(weights)
-    if normalize and abs(total) > 1e-8:
-        merged.div_(total)
-    return merged.mul_(lambda_).add_(base)
+    scale = lambda_ / total if normalize and abs(total) > 1e-8 else lambda_
+
+    def combine(b: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
+        merged = torch.zeros_like(b)
+        for w, d in zip(weights, pruned, strict=True):
+            merged.add_(d, alpha=w)
+        return merged.mul_(scale).add_(b)
+
+    return merge_pruned(base, deltas, {"density": density, "epsilon": epsilon, "rescale": rescale}, generator, combine)

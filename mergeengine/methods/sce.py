@@ -18,35 +18,45 @@ import torch
 from mergeengine.kernels.selection import keep_count, topk_abs_mask
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
-from mergeengine.methods._reduce import dot
+from mergeengine.methods._reduce import CHUNK, chunks, dot
 from mergeengine.methods._ties import elect_and_merge
 
 
 def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor:
-    """Bool mask of the top ``select_topk`` fraction of the entries by variance across the deltas."""
-    mean = torch.zeros_like(deltas[0])
-    for d in deltas:
-        mean.add_(d)
-    mean.div_(len(deltas))
-    variance = torch.zeros_like(mean)
-    for d in deltas:
-        centred = d - mean
-        variance.addcmul_(centred, centred)
-    del mean
+    """Bool mask of the top ``select_topk`` fraction of the entries by variance across the deltas
+    (population variance, two passes per chunk: the mean, then the squared deviations)."""
+    flat = [d.reshape(-1) for d in deltas]
+    variance = torch.empty_like(flat[0])
+    mean, centred = (torch.empty(min(CHUNK, max(variance.numel(), 1)), device=variance.device) for _ in range(2))
+    for s, e in chunks(variance.numel()):
+        m, c, v = mean[: e - s].zero_(), centred[: e - s], variance[s:e].zero_()
+        for d in flat:
+            m.add_(d[s:e])
+        m.div_(len(flat))
+        for d in flat:
+            torch.sub(d[s:e], m, out=c)
+            v.addcmul_(c, c)
     k = keep_count(int(torch.count_nonzero(variance)), select_topk)
-    return topk_abs_mask(variance, k)
+    return topk_abs_mask(variance, k).view(deltas[0].shape)
 
 
-def square_weights(deltas: list[torch.Tensor]) -> list[float]:
-    """``mean(D_i²)`` normalised to sum 1 (equal weights when every delta is zero)."""
-    squares = [dot(d, d) / max(d.numel(), 1) for d in deltas]
+def square_weights(deltas: list[torch.Tensor], keep: torch.Tensor | None) -> list[float]:
+    """``mean(D_i²)`` over the selected entries (the others count as 0), normalised to sum 1
+    (equal weights when every selected delta is zero)."""
+    if keep is None:
+        squares = [dot(d, d) for d in deltas]
+    else:
+        squares = []
+        for d in deltas:
+            selected = torch.where(keep, d, 0.0)
+            squares.append(dot(selected, selected))
     total = sum(squares)
     if total == 0:
         return [1.0 / len(deltas)] * len(deltas)
-    return [s / total for s in squares]
+    return [sq / total for sq in squares]
 
 
-@merge_method(name="sce", inputs="deltas", compute_bound=True)
+@merge_method(name="sce", inputs="deltas")
 def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0,
         int8_mask: bool = False) -> torch.Tensor:
     """Select by variance, calculate weights by squared magnitude, erase minority signs.
@@ -61,10 +71,8 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction
         The merged tensor.
     """
     require_finite("sce", labelled(deltas, kind="delta"))
-    if select_topk < 1.0:
-        keep = variance_mask(deltas, select_topk)
-        zero = torch.zeros((), dtype=base.dtype, device=base.device)
-        deltas = [torch.where(keep, d, zero) for d in deltas]
-    else:
-        deltas = [d.clone() for d in deltas]  # the merge below overwrites its deltas
-    return elect_and_merge(base, deltas, square_weights(deltas))
+    keep = variance_mask(deltas, select_topk) if select_topk < 1.0 else None
+    weights = square_weights(deltas, keep)
+    if keep is None:
+        keep = torch.ones(base.shape, dtype=torch.bool, device=base.device)  # read, never overwrite, the deltas
+    return elect_and_merge(base, deltas, weights, keep=keep)
