@@ -302,6 +302,8 @@ def output_config(plan: Plan, save: str) -> dict[str, Any] | None:
     if cfg is None:
         return None
     cfg = dict(cfg)
+    for sid in plan.steps.needed([save]):  # e.g. slices: num_hidden_layers
+        cfg = plan.ops[sid].adjust_config(plan.step_plans[sid], cfg)
     dtype = str(plan.step_plans[save].emit_dtype).removeprefix("torch.")
     if "dtype" in cfg and "torch_dtype" not in cfg:
         cfg["dtype"] = dtype
@@ -324,6 +326,15 @@ def _finish_folder(plan: Plan, save: str, tmp: Path) -> None:
     origin = plan.steps.kinds[save].origin
     tok_from = op.step.tokenizer_from or origin
     plan.checkpoints[tok_from].write_support_files(tmp)
+    for sid in plan.steps.needed([save]):  # e.g. vocab_align: the union tokenizer
+        plan.ops[sid].write_files(plan.step_plans[sid], tmp)
+    if op.step.chat_template is not None:
+        from mergeengine.io.chat_template import resolve_chat_template, write_chat_template
+
+        inputs = [plan.checkpoints[s] for s in plan.steps.needed([save]) if s in plan.checkpoints]
+        template = resolve_chat_template(op.step.chat_template, inputs)
+        if template is not None:
+            write_chat_template(tmp, template)
     for target, src in copy_file_sources(plan, save).items():
         shutil.copyfile(src, tmp / target)
 

@@ -1,4 +1,4 @@
-"""Command line: ``mergeengine run | validate | plan``. Errors become one line and exit code 1.
+"""Command line: ``mergeengine run | validate | plan | convert | search | eval``. Errors become one line and exit code 1.
 
 A traceback is shown only with ``-vv`` or ``MERGEENGINE_DEBUG=1``.
 """
@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from mergeengine import __version__
 from mergeengine.errors import MergeEngineError, RecipeError
@@ -51,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("recipe")
     pl.add_argument("--out", help="output folder (as for run)")
     pl.add_argument("--format", default="text", choices=["text", "json", "dot"])
+    pl.add_argument("--explain", metavar="TENSOR", help="print every step's parameters as resolved for one tensor")
     common(pl)
+
+    cv = sub.add_parser("convert", help="translate a mergekit config into a mergeengine recipe")
+    cv.add_argument("config", help="mergekit YAML (mergekit-yaml's config file)")
+    cv.add_argument("-o", "--output", required=True, help="recipe file to write")
+    common(cv)
 
     from mergeengine.search.cli import add_search_arguments
 
@@ -181,9 +188,35 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """``convert``: a mergekit config written out as the equivalent recipe."""
+    from mergeengine.recipe.mergekit import convert_file
+
+    convert_file(Path(args.config), Path(args.output))
+    if not args.quiet:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``plan`` (and ``run --dry-run``): the plan as text, JSON or dot, or one tensor's parameters."""
+    from mergeengine import api
+    from mergeengine.graph.report import explain_text, plan_dot, plan_json, plan_text
+
+    plan = api.plan_recipe(args.recipe, out=args.out)
+    if getattr(args, "explain", None):
+        print(explain_text(plan, args.explain))
+        return 0
+    fmt = getattr(args, "format", "text")
+    print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return _validate(args)
+    if args.command == "convert":
+        return _convert(args)
     from mergeengine import api
 
     if args.command in ("eval", "search"):  # the math must not fight the I/O threads (see runtime.py)
@@ -200,12 +233,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_search_command(args)
     if args.command == "plan" or (args.command == "run" and args.dry_run):
-        from mergeengine.graph.report import plan_dot, plan_json, plan_text
-
-        plan = api.plan_recipe(args.recipe, out=args.out)
-        fmt = getattr(args, "format", "text")
-        print({"text": plan_text, "json": plan_json, "dot": plan_dot}[fmt](plan))
-        return 0
+        return _plan(args)
     from mergeengine.runtime import reuse_freed_memory, set_threads
 
     reuse_freed_memory()

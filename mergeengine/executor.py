@@ -179,7 +179,7 @@ class _Run:
         op = self.plan.ops[key.step]
         ctx = self.context(key)
         use_threads(op.is_compute_bound(ctx.plan))
-        out = op.compute(inputs, ctx)
+        out = self.plan.op_for(key).compute(inputs, ctx)  # scheduled parameters resolved for the tensor
         if ctx.checked_finite:
             self.checked.add(key)
         size = self._hold(key, out)

@@ -35,5 +35,8 @@ def test_example_recipe_runs(recipe, example_dir):
 def test_there_is_an_example_per_method():
     text = "\n".join(p.read_text() for p in EXAMPLES)
     for method in ["task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                   "magnitude_prune", "op: dare,", "dp_prune", "dpa_amplify", "trim_scope: model"]:
+                   "magnitude_prune", "op: dare,", "dp_prune", "dpa_amplify", "trim_scope: model",
+                   "method: slerp", "method: nuslerp", "method: multislerp", "method: karcher", "method: model_stock",
+                   "method: della\n", "method: della_linear", "method: breadcrumbs_ties", "method: sce",
+                   "method: nearswap", "method: passthrough", "method: arcee_fusion"]:
         assert method in text, method

@@ -15,6 +15,7 @@ next tensor is loaded. Values are freed after their last consumer.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import networkx as nx
 import torch
 
 from mergeengine.errors import MergeEngineError, RecipeError
+from mergeengine.graph.params import TensorParams, resolve_schedules
 from mergeengine.graph.steps import StepGraph
 from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.io.resolve import open_checkpoint
@@ -49,6 +51,8 @@ class TaskKey:
             0 for the main pass.
         pass_of: while the plan is built, the (step, reduction) a statistics pass's compute task
             feeds (replaced by ``stats_pass`` once the phases are known).
+        copy_for: for a main-pass value two output tensors need (a layer that ``slices`` repeat
+            or move), the output tensor this copy is computed again for (empty: the first).
     """
 
     step: str
@@ -57,13 +61,15 @@ class TaskKey:
     reduction: str = ""
     stats_pass: int = 0
     pass_of: tuple[str, str] = ("", "")
+    copy_for: str = ""
 
     def __str__(self) -> str:
         if self.kind == "reduce":
             return f"reduce {self.step}/{self.reduction}"
         where = f" [{self.step}/{self.reduction}]" if self.kind == "map" else (
             f" [pass {self.stats_pass}]" if self.stats_pass else "")
-        return f"{self.kind} {self.step}:{self.tensor}{where}"
+        again = f" [for {self.copy_for}]" if self.copy_for else ""
+        return f"{self.kind} {self.step}:{self.tensor}{where}{again}"
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Plan:
         save_order: save step id -> tensor names in the order they will be written.
         checkpoints: load step id -> opened checkpoint.
         estimate: bytes read/written and peak live memory.
+        params: (step, tensor) -> the step's scheduled fields resolved for that tensor.
     """
 
     steps: StepGraph
@@ -112,10 +119,17 @@ class Plan:
     save_paths: dict[str, Path] = field(default_factory=dict)
     estimate: Estimate = field(default_factory=Estimate)
     prefetch_bytes: int = 0
+    params: TensorParams = field(default_factory=dict)
 
     @property
     def ops(self) -> dict[str, Op]:
         return self.steps.ops
+
+    def op_for(self, key: TaskKey) -> Op:
+        """The op that computes ``key``: its step's, with scheduled parameters resolved for the tensor."""
+        op = self.steps.ops[key.step]
+        values = self.params.get((key.step, key.tensor))
+        return op if values is None else op.with_params(values)
 
     def phase_labels(self) -> list[str]:
         """A label per pass, e.g. ``["statistics p_math/module outliers", "merge"]``."""
@@ -174,6 +188,7 @@ def build_plan(
         plans[sid] = steps.ops[sid].fuse_deltas(plans[sid], steps.ops, plans, users)
     _emit_stored_dtypes(steps, active, plans, users)
     plan = _expand(steps, active, plans, roots)
+    plan.params = resolve_schedules(steps, active, plans)
     plan.checkpoints = ckpts
     plan.save_paths = save_paths
     plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0
@@ -218,7 +233,7 @@ def _plan_steps(steps: StepGraph, active: list[str], ckpts: dict[str, Checkpoint
                 ckpts[sid] = open_checkpoint(op.step.model, base_dir=loaded.base_dir, revision=op.step.revision,
                                              allow_pickle=op.step.allow_pickle)
             dtype = _model_dtype(ckpts[steps.kinds[sid].origin]) if isinstance(op, SaveOp) else None
-            inputs = PlanInputs({r: plans[r].metas for r in refs}, steps.kinds, ckpts.get(sid), dtype)
+            inputs = PlanInputs({r: plans[r].metas for r in refs}, steps.kinds, ckpts.get(sid), dtype, dict(ckpts))
             plans[sid] = op.plan_step(inputs)
         except MergeEngineError as exc:
             exc.step = exc.step or sid
@@ -276,10 +291,10 @@ def _expand(steps: StepGraph, active: list[str], plans: dict[str, StepPlan], roo
     save_roots = [r for r in roots if r in metas]
     for r in save_roots:
         for name in sorted(metas[r], key=natural_key):
-            tasks.need(r, name, ("", ""))
+            tasks.need(r, name, ("", ""), name)
     phase = _phases(tasks.graph)
     graph, sources, phase = _share_statistics_passes(tasks.graph, tasks.sources, phase)
-    order = _schedule(graph, phase, list(steps.ops))
+    order = _schedule(graph, phase, list(steps.ops), tasks.anchor)
     save_order = {r: [k.tensor for k in order if k.step == r and k.kind == "compute"] for r in save_roots}
     return Plan(steps, active, plans, metas, graph, order, sources, tasks.reductions, phase, save_order, {})
 
@@ -292,25 +307,38 @@ class _TaskGraph:
         self.graph = nx.DiGraph()
         self.sources: dict[TaskKey, list[TaskKey]] = {}
         self.reductions = {(sid, red.name): red for sid in active for red in ops[sid].reductions(plans[sid])}
+        self.anchor: dict[TaskKey, str | None] = {}  # main-pass task -> the output tensor it is computed for
 
-    def _inputs(self, key: TaskKey, pass_of: tuple[str, str]) -> None:
-        """Wire ``key`` to the tasks of its sources (in ``pass_of``'s pass)."""
-        srcs = [self.need(s, n, pass_of) for s, n in self.ops[key.step].sources(key.tensor, self.plans[key.step])]
+    def _inputs(self, key: TaskKey, pass_of: tuple[str, str], root: str | None = None) -> None:
+        """Wire ``key`` to the tasks of its sources (in ``pass_of``'s pass, for output tensor ``root``)."""
+        srcs = [self.need(s, n, pass_of, root) for s, n in self.ops[key.step].sources(key.tensor, self.plans[key.step])]
         self.sources[key] = srcs
         for s in srcs:
             self.graph.add_edge(s, key)
 
-    def need(self, step: str, name: str, pass_of: tuple[str, str]) -> TaskKey:
-        """The compute task of ``step``'s tensor ``name`` in the pass feeding ``pass_of`` (main: empty)."""
-        key = TaskKey(step, name, pass_of=pass_of)
+    def need(self, step: str, name: str, pass_of: tuple[str, str], root: str | None = None) -> TaskKey:
+        """The compute task of ``step``'s tensor ``name`` in the pass feeding ``pass_of`` (main: empty),
+        for the output tensor ``root`` (main pass only: a task runs when the tensor it serves is made)."""
+        key = self._copy_for(TaskKey(step, name, pass_of=pass_of), root)
         if key in self.graph:
             return key
         self.graph.add_node(key)
-        self._inputs(key, pass_of)
+        self.anchor[key] = root
+        self._inputs(key, pass_of, root)
         waits_for = {step, *self.ops[step].stats_steps(self.plans[step])}
         for (rstep, rname) in self.reductions:
             if rstep in waits_for:
                 self.graph.add_edge(self.reduce_node(rstep, rname), key)
+        return key
+
+    def _copy_for(self, key: TaskKey, root: str | None) -> TaskKey:
+        """``key``, or its copy for output tensor ``root`` when the value is already planned for another one.
+
+        A value two output tensors need (a layer that ``slices`` repeat or move) is computed again
+        for the second rather than held in memory from one to the other.
+        """
+        if key in self.graph and root is not None and self.anchor.get(key) != root:
+            return dataclasses.replace(key, copy_for=root)
         return key
 
     def reduce_node(self, step: str, rname: str) -> TaskKey:
@@ -363,16 +391,18 @@ def _share_statistics_passes(graph: nx.DiGraph, sources: dict[TaskKey, list[Task
     return graph, sources, {merged.get(k, k): ph for k, ph in phase.items()}
 
 
-def _schedule(graph: nx.DiGraph, phase: dict[TaskKey, int], steps: list[str]) -> list[TaskKey]:
+def _schedule(graph: nx.DiGraph, phase: dict[TaskKey, int], steps: list[str],
+              anchor: dict[TaskKey, str | None]) -> list[TaskKey]:
     """The lexicographic topological order keyed by (pass, tensor, step): each tensor's chain
-    finishes before the next tensor's starts."""
+    finishes before the next tensor's starts (a main-pass task ranks as the output tensor it
+    serves, ``anchor``)."""
     names = sorted({k.tensor for k in graph if k.kind != "reduce"}, key=natural_key)
     tensor_rank = {n: i for i, n in enumerate(names)}
     step_rank = {s: i for i, s in enumerate(steps)}
     last = len(names) + 1
 
-    def sort_key(k: TaskKey) -> tuple:
-        t = last if k.kind == "reduce" else tensor_rank[k.tensor]
+    def sort_key(k: TaskKey) -> tuple:  # a main-pass task runs when the output tensor needing it is made
+        t = last if k.kind == "reduce" else tensor_rank[anchor.get(k) or k.tensor]
         return (phase[k], t, step_rank[k.step], k.kind == "map")
 
     return list(nx.lexicographical_topological_sort(graph, key=sort_key))
@@ -520,7 +550,7 @@ def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
     sources = {k: v for k, v in plan.sources.items() if k in keep}
     new = Plan(plan.steps, plan.active, plan.step_plans, plan.metas, graph, order, sources, plan.reductions,
                {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths,
-               prefetch_bytes=plan.prefetch_bytes)
+               prefetch_bytes=plan.prefetch_bytes, params=plan.params)
     new.estimate = simulate(new, new.prefetch_bytes)
     new.estimate.bytes_read_unique = plan.estimate.bytes_read_unique
     return new

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mergeengine.graph.plan import Plan
+from mergeengine.graph.params import schedule_rows
+from mergeengine.graph.plan import Plan, TaskKey
 
 
 def _fmt(n: float) -> str:
@@ -33,6 +34,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
                 "bytes": sum(m.nbytes for m in metas.values()),
                 "params": op.describe(),
                 "notes": op.plan_notes(plan.step_plans[sid]),
+                "schedule": schedule_rows(op, plan.params, sid),
             }
         )
     unused = [s for s in plan.ops if s not in plan.active]
@@ -69,6 +71,7 @@ def plan_text(plan: Plan) -> str:
         lines.append(f"  {s['id']:<{width}}  {op:<22} {s['kind']:<5}  {s['tensors']:>5} tensors  "
                      f"{_fmt(s['bytes']):>10}  <- {uses}")
         lines.extend(f"      {n}" for n in s["notes"])
+        lines.extend(f"      schedule: {row}" for row in s["schedule"])
     if d["unused_steps"]:
         lines.append(f"unused steps (not needed by any save): {', '.join(d['unused_steps'])}")
     lines.append(f"passes: {len(d['passes'])} ({'; '.join(d['passes'])})")
@@ -95,3 +98,32 @@ def plan_dot(plan: Plan) -> str:
             lines.append(f'  "{a}" -> "{b}";')
     lines.append("}")
     return "\n".join(lines)
+
+
+def explain_text(plan: Plan, tensor: str) -> str:
+    """Every active step's parameters as they apply to one tensor (``mergeengine plan --explain``).
+
+    Raises:
+        MergeEngineError: no step produces ``tensor``.
+    """
+    from mergeengine.errors import MergeEngineError
+
+    lines = [f"tensor '{tensor}':"]
+    for sid in plan.active:
+        if tensor not in plan.metas[sid]:
+            continue
+        op = plan.op_for(TaskKey(sid, tensor))
+        params = {k: v for k, v in op.describe().items() if k not in ("id", "op")}
+        scheduled = {k for (s, t), vals in plan.params.items() if s == sid and t == tensor for k in vals}
+        shown = ", ".join(f"{k}={v}" + (" (scheduled)" if _attr(op, k) in scheduled else "")
+                          for k, v in params.items() if v is not None)
+        lines.append(f"  {sid} ({op.name}): {shown}")
+    if len(lines) == 1:
+        known = sorted({n for m in plan.metas.values() for n in m})
+        raise MergeEngineError(f"no step produces tensor '{tensor}' (e.g. {', '.join(known[:3])})")
+    return "\n".join(lines)
+
+
+def _attr(op: object, yaml_name: str) -> str:
+    fields = type(op.step).model_fields  # type: ignore[attr-defined]
+    return next((a for a, f in fields.items() if yaml_name in (a, f.alias)), yaml_name)

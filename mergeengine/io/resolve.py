@@ -131,7 +131,8 @@ def open_checkpoint(
 
     Args:
         model: a local folder, a ``.safetensors``/``.gguf``/``.bin`` file, or a hub repo id
-            ``org/name``; relative paths are resolved against ``base_dir`` (the recipe's folder).
+            ``org/name``, optionally followed by ``+ADAPTER`` (a peft LoRA adapter folder,
+            applied per tensor by :class:`mergeengine.io.lora.LoraCheckpoint`); relative paths are resolved against ``base_dir`` (the recipe's folder).
         base_dir: folder relative paths are resolved against.
         revision: hub revision: branch, tag or commit sha (hub ids only).
         allow_pickle: read PyTorch ``.bin`` checkpoints (``torch.load(weights_only=True)``).
@@ -143,6 +144,16 @@ def open_checkpoint(
     Raises:
         ModelError: the model cannot be found, fetched or read, or is pickle without ``allow_pickle``.
     """
+    from mergeengine.io.lora import LoraCheckpoint, split_lora_reference
+
+    base, adapter = split_lora_reference(model)
+    if adapter is not None and not (Path(base_dir) / Path(model).expanduser()).exists():
+        # mergekit's ``model+lora``: the base model with a peft LoRA adapter applied per tensor
+        resolved = resolve_model(base, base_dir=base_dir, revision=revision, allow_pickle=allow_pickle)
+        lora_path = resolve_model(adapter, base_dir=base_dir).path
+        ckpt: Checkpoint = LoraCheckpoint(_open_path(resolved.path, allow_pickle=allow_pickle), lora_path)
+        ckpt.resolved = resolved  # type: ignore[attr-defined]
+        return ckpt
     resolved = resolve_model(model, base_dir=base_dir, revision=revision, allow_pickle=allow_pickle)
     ckpt = _open_path(resolved.path, allow_pickle=allow_pickle)
     ckpt.resolved = resolved  # type: ignore[attr-defined]

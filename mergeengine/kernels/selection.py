@@ -29,6 +29,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,16 +65,22 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf; larger patterns are NaN
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0
 
 
-def keep_count(numel: int, fraction: float) -> int:
+KeepCount = Literal["round", "truncate"]
+
+
+def keep_count(numel: int, fraction: float, rounding: KeepCount = "round") -> int:
     """How many of ``numel`` entries a keep fraction means: ``floor(fraction * numel + 0.5)``.
 
-    Round half up, not ``int()``: ``int(0.3 * 10)`` is 2 because ``0.3 * 10`` is
-    2.9999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
+    ``rounding="truncate"`` gives mergekit's count instead, ``int(fraction * numel)``.
+
+    Round half up, not ``int()``: ``int(0.29 * 100)`` is 28 because ``0.29 * 100`` is
+    28.999999999999996 in floating point. Rounding to nearest also keeps the realised fraction
     within ``0.5 / numel`` of the requested one.
 
     Args:
         numel: number of entries, >= 0.
         fraction: keep fraction in [0, 1].
+        rounding: ``round`` (to nearest, half up) or ``truncate`` (toward zero, mergekit's).
 
     Returns:
         An int in ``[0, numel]``.
@@ -84,6 +91,8 @@ def keep_count(numel: int, fraction: float) -> int:
     check_fraction(fraction, "density")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
+    if rounding == "truncate":
+        return min(numel, int(fraction * numel))
     return min(numel, math.floor(fraction * numel + 0.5))
 
 

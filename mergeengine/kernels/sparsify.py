@@ -142,7 +142,7 @@ def dare_mask(
     return torch.rand(shape, generator=generator, device=generator.device).to(device) < density
 
 
-def breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float, rounding: str = "round") -> torch.Tensor:
     """Model Breadcrumbs: drop the largest ``gamma`` fraction (outliers), keep the next ``density``.
 
     With entries ranked by magnitude (descending, ties by flat index ascending), the top
@@ -151,13 +151,14 @@ def breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tens
     magnitudes) are zeroed. When ``gamma + density`` exceeds 1 the kept band is clipped at the
     bottom: everything below the top ``n_top`` is kept. No rescaling.
 
-    ``gamma == 0`` is exactly :func:`magnitude_prune` (mergekit's ``tensor[n_bot:-0]`` slicing
-    zeroes the whole tensor in that case; this does not).
+    ``gamma == 0`` is exactly :func:`magnitude_prune`. ``rounding="truncate"`` counts both
+    fractions as mergekit does, ``int(fraction * numel)`` (see :func:`keep_count`).
 
     Args:
         delta: delta tensor (converted to float32).
         density: fraction of entries kept, in [0, 1].
         gamma: fraction of largest-magnitude entries dropped, in [0, 1].
+        rounding: ``round`` or ``truncate`` (mergekit's counts).
 
     Returns:
         A new float32 tensor of ``delta``'s shape.
@@ -172,8 +173,8 @@ def breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tens
     check_fraction(gamma, "gamma")
     values = delta.detach().to(torch.float32)
     numel = values.numel()
-    n_top = keep_count(numel, gamma)
-    n_end = min(numel, n_top + keep_count(numel, density))
+    n_top = keep_count(numel, gamma, rounding)
+    n_end = min(numel, n_top + keep_count(numel, density, rounding))
     mask = topk_abs_mask(values, n_end)
     if n_top > 0:
         mask &= ~topk_abs_mask(values, n_top)  # nested masks: this removes exactly n_top entries

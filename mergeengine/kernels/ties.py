@@ -21,6 +21,7 @@ from mergeengine.kernels.sparsify import magnitude_prune
 
 VoteMode = Literal["unweighted", "weighted"]
 VOTE_MODES: tuple[str, ...] = ("unweighted", "weighted")
+ZeroVote = Literal["zero", "positive"]
 
 
 def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -42,17 +43,20 @@ def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return magnitude_prune(delta, density)
 
 
-def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+               zero_vote: ZeroVote = "zero") -> torch.Tensor:
     """Sign election: ``sign(sum_i D_i)``, or ``sign(sum_i w_i D_i)`` when ``weights`` are given.
 
     Args:
         deltas: trimmed deltas of one tensor, all of the same shape.
         weights: per-delta weights for a weighted vote (mergekit), or None for the paper's
             unweighted vote.
+        zero_vote: what a sum of exactly 0 elects: ``zero`` (nothing agrees) or ``positive``
+            (mergekit: ``sum >= 0`` elects +).
 
     Returns:
         A float32 tensor of -1, 0 and +1; 0 where the (weighted) sum is exactly 0, including
-        where every delta is 0.
+        where every delta is 0 (+1 there with ``zero_vote="positive"``).
 
     Raises:
         ValueError: on an empty list, mismatched shapes or bad weights.
@@ -61,7 +65,12 @@ def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None =
     total = torch.zeros(deltas[0].shape, dtype=torch.float32, device=deltas[0].device)
     for delta, weight in zip(deltas, vote_weights, strict=True):
         total.add_(delta.detach().to(torch.float32), alpha=weight)
-    return total.sign_()
+    return _zero_vote(total.sign_(), zero_vote)
+
+
+def _zero_vote(sign: torch.Tensor, zero_vote: ZeroVote) -> torch.Tensor:
+    """``positive``: a sum of exactly 0 elects + (zeros still never agree with it)."""
+    return sign.masked_fill_(sign == 0, 1.0) if zero_vote == "positive" else sign
 
 
 def disjoint_mean(
@@ -119,6 +128,7 @@ def ties_merge(
     weights: Sequence[float],
     vote: VoteMode = "unweighted",
     normalize: bool = True,
+    zero_vote: ZeroVote = "zero",
 ) -> torch.Tensor:
     """TIES sign election and disjoint mean of already-trimmed deltas of one tensor.
 
@@ -144,6 +154,7 @@ def ties_merge(
         vote: ``"unweighted"`` or ``"weighted"``.
         normalize: False gives ``sum_i w_i D_i [agree_i]`` without the division (mergekit's
             ``normalize: false``).
+        zero_vote: ``positive`` elects + where the vote is exactly 0 (mergekit).
 
     Returns:
         The merged delta, a new float32 tensor of the deltas' shape.
@@ -158,7 +169,7 @@ def ties_merge(
     """
     if vote not in VOTE_MODES:
         raise ValueError(f"vote must be one of {', '.join(VOTE_MODES)}; got {vote!r}")
-    elected = elect_sign(deltas, weights if vote == "weighted" else None)
+    elected = elect_sign(deltas, weights if vote == "weighted" else None, zero_vote)
     return disjoint_mean(deltas, weights, elected, normalize=normalize)
 
 
@@ -168,8 +179,10 @@ def ties_merge_into(
     out: torch.Tensor,
     scratch: Sequence[torch.Tensor],
     vote: VoteMode = "unweighted",
+    normalize: bool = True,
+    zero_vote: ZeroVote = "zero",
 ) -> torch.Tensor:
-    """:func:`ties_merge` (normalized) of float32 chunks into ``out``, with no allocation.
+    """:func:`ties_merge` of float32 chunks into ``out``, with no allocation.
 
     Same bytes as :func:`ties_merge`. Instead of masking each delta by ``sign(D_i) == elected``,
     it accumulates ``w_i * max(D_i * s, 0)`` (``s`` the elected sign, -1/0/+1), which is
@@ -184,24 +197,14 @@ def ties_merge_into(
         out: float32 chunk for the result.
         scratch: two float32 chunks of the same shape (the elected sign and the denominator).
         vote: ``"unweighted"`` or ``"weighted"``.
+        normalize: divide by the agreeing weights (the disjoint mean) or not (mergekit's ``normalize: false``).
+        zero_vote: ``positive`` elects + where the vote is exactly 0 (mergekit).
 
     Returns:
         ``out``.
     """
     sign, denominator = scratch[0], scratch[1]
-    weighted = vote == "weighted"
-    if weighted:  # 0 + w*D rounds like w*D: the same floats as summing from zero
-        torch.mul(deltas[0], weights[0], out=sign)
-        summed = 1
-    elif len(deltas) > 1:  # D_0 + D_1 in one op (0 + D_0 is D_0, exactly)
-        torch.add(deltas[0], deltas[1], out=sign)
-        summed = 2
-    else:
-        sign.copy_(deltas[0])
-        summed = 1
-    for delta, weight in zip(deltas[summed:], weights[summed:], strict=True):
-        sign.add_(delta, alpha=weight if weighted else 1.0)
-    sign.sign_()
+    _zero_vote(_vote_sum(deltas, weights, vote == "weighted", sign).sign_(), zero_vote)
     torch.mul(deltas[0], sign, out=out).clamp_(min=0.0)  # |D_0| where it agrees, else 0: the first terms
     torch.sign(out, out=denominator)
     if weights[0] != 1.0:
@@ -212,11 +215,30 @@ def ties_merge_into(
         out.add_(agreeing, alpha=weight)
         denominator.add_(agreeing.sign_(), alpha=weight)
     out.mul_(sign)
+    if not normalize:
+        return out.add_(0.0)
     # Where nothing agrees the numerator is 0 and so is the result. A non-zero denominator is a
     # sum of positive weights, so it is >= the smallest positive weight: clamping to that weight
     # changes only the zeros (a division by 1 there would need a compare and a masked fill).
     denominator.clamp_(min=min((w for w in weights if w > 0), default=1.0))
     return out.div_(denominator).add_(0.0)  # + 0.0 turns the -0.0 of "nothing agrees" into 0.0
+
+
+def _vote_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], weighted: bool,
+              out: torch.Tensor) -> torch.Tensor:
+    """The sign vote's sum into ``out``: ``sum w_i D_i`` (weighted) or ``sum D_i``."""
+    if weighted:  # 0 + w*D rounds like w*D: the same floats as summing from zero
+        torch.mul(deltas[0], weights[0], out=out)
+        summed = 1
+    elif len(deltas) > 1:  # D_0 + D_1 in one op (0 + D_0 is D_0, exactly)
+        torch.add(deltas[0], deltas[1], out=out)
+        summed = 2
+    else:
+        out.copy_(deltas[0])
+        summed = 1
+    for delta, weight in zip(deltas[summed:], weights[summed:], strict=True):
+        out.add_(delta, alpha=weight if weighted else 1.0)
+    return out
 
 
 def _check(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[float]:

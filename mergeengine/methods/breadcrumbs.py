@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 
 from mergeengine.kernels import sparsify
+from mergeengine.kernels.selection import KeepCount
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 
 
 @merge_method(name="breadcrumbs", inputs="deltas", compute_bound=True)
 def breadcrumbs(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[Density],
                 gamma: PerInput[Fraction] = 0.01, weights: PerInput[float] = 1.0,
-                lambda_: float = 1.0) -> torch.Tensor:
+                lambda_: float = 1.0, normalize: bool = False, int8_mask: bool = False,
+                keep_count: KeepCount = "round") -> torch.Tensor:
     """Per tensor: the breadcrumbs band of each delta, then ``base + lambda * sum_i w_i delta_i``.
 
     Args:
@@ -25,8 +27,13 @@ def breadcrumbs(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerI
         gamma: Fraction of largest magnitudes dropped (one value, or one per input).
         weights: One weight per input (default 1 each).
         lambda_: Scale of the merged delta added to the base.
+        normalize: divide the weighted sum by the sum of the weights (when it is not about 0).
+        int8_mask: Accepted for mergekit configs; no effect (masks are never materialised at model scale).
+        keep_count: round: counts round(fraction * n); truncate: int(fraction * n), mergekit's counts.
     """
     merged = torch.zeros_like(deltas[0])
     for w, d, p, g in zip(weights, deltas, density, gamma, strict=True):
-        merged.add_(sparsify.breadcrumbs(d, p, g), alpha=w)
+        merged.add_(sparsify.breadcrumbs(d, p, g, keep_count), alpha=w)
+    if normalize and abs(sum(weights)) > 1e-8:
+        merged.div_(sum(weights))
     return base.add(merged, alpha=lambda_)

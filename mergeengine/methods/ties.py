@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import bits_to_float, float_to_bits, keep_count, top_k_streamed
-from mergeengine.kernels.ties import ties_merge_into
+from mergeengine.kernels.selection import KeepCount, bits_to_float, float_to_bits, top_k_streamed
+from mergeengine.kernels.selection import keep_count as count_kept
+from mergeengine.kernels.ties import ZeroVote, ties_merge, ties_merge_into
 from mergeengine.methods import Density, MergeStep, PerInput, merge_method
 from mergeengine.ops.base import Reduction
 from mergeengine.ops.chunks import TensorStream
@@ -55,12 +56,13 @@ def keep_at_least(threshold: float) -> Trim:
     return lambda chunk, bits, drop: torch.hardshrink(chunk, lambd, out=chunk)
 
 
-def _trims(stream: TensorStream, *, density: list[float], trim_scope: str, **_: Any) -> dict[str, Any]:
+def _trims(stream: TensorStream, *, density: list[float], trim_scope: str, keep_count: KeepCount = "round",
+           **_: Any) -> dict[str, Any]:
     """Each input's trim for this tensor (its exact top-k, or the model-wide threshold) and scratch."""
     if trim_scope == "model":
         trims = [keep_at_least(t) for t in stream.stats["trim_low"]]
     else:
-        keeps = [keep_count(stream.numel, p) for p in density]
+        keeps = [count_kept(stream.numel, p, keep_count) for p in density]
 
         def magnitudes() -> Any:  # |delta| of every input over one slice of the base
             return ([d.abs_() for d in ds] for _, _, _, ds in stream.chunks())
@@ -109,8 +111,9 @@ def _report(step: MergeStep, stats: Mapping[str, Any]) -> dict[str, Any]:
               prepare=_trims, provides=("trims", "scratch"), statistics=_model_thresholds, report=_report)
 def ties(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[Density],
          trim_scope: Literal["tensor", "model"] = "tensor", vote: Vote = "unweighted",
-         weights: PerInput[float] = 1.0, lambda_: float = 1.0, trims: list[Trim],
-         scratch: list[torch.Tensor]) -> torch.Tensor:
+         weights: PerInput[float] = 1.0, lambda_: float = 1.0, normalize: bool = True, int8_mask: bool = False,
+         zero_vote: ZeroVote = "zero", keep_count: KeepCount = "round",
+         trims: list[Trim], scratch: list[torch.Tensor]) -> torch.Tensor:
     """Trim each delta to its top ``density``, elect the sign, average the agreeing entries.
 
     Args:
@@ -119,9 +122,15 @@ def ties(base: torch.Tensor, deltas: list[torch.Tensor], *, density: PerInput[De
         vote: unweighted: sign(sum D_i) (paper); weighted: sign(sum w_i D_i) (mergekit).
         weights: One weight per input (default 1 each; >= 0).
         lambda_: Scale of the merged delta added to the base.
+        normalize: true: divide by the summed weights of the agreeing inputs (paper); false: do not (mergekit's normalize: false).
+        int8_mask: Accepted for mergekit configs; no effect (masks are never materialised at model scale).
+        zero_vote: What a vote of exactly 0 elects: zero (nothing agrees), or positive (mergekit).
+        keep_count: round: k = round(density * n); truncate: int(density * n), mergekit's count.
     """
     n = base.numel()
     bits, drop, acc, sign, denominator = (s[:n] for s in scratch)
     trimmed = [trim(d, bits, drop) for trim, d in zip(trims, deltas, strict=True)]
-    merged = ties_merge_into(trimmed, weights, acc, [sign, denominator], vote)
+    if not normalize:
+        return base.add(ties_merge(trimmed, weights, vote, normalize=False, zero_vote=zero_vote), alpha=lambda_)
+    merged = ties_merge_into(trimmed, weights, acc, [sign, denominator], vote, zero_vote=zero_vote)
     return torch.add(base, merged, alpha=lambda_, out=merged)

@@ -55,6 +55,8 @@ def _load_all() -> None:
         magnitude_prune,
         merge,
         save,
+        slices,
+        vocab_align,
     )
 
     load_methods()

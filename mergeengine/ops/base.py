@@ -8,8 +8,10 @@ computes one output tensor at a time. Ops that need whole-model statistics decla
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -118,12 +120,15 @@ class PlanInputs:
         kinds: every validated step's kind, by step id.
         checkpoint: the opened input of a load step (None for other ops).
         model_dtype: for a save, the dtype most of the origin model's floating bytes are stored in.
+        checkpoints: the opened checkpoints of the load steps planned so far, by step id
+            (``vocab_align`` reads the models' tokenizers from them).
     """
 
     metas: Mapping[str, Mapping[str, TensorMeta]]
     kinds: Mapping[str, StepKind]
     checkpoint: Any = None
     model_dtype: torch.dtype | None = None
+    checkpoints: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +234,16 @@ class Op:
         """The input tensors ``compute`` receives for output tensor ``name``, in order."""
         raise NotImplementedError
 
+    def write_files(self, plan: StepPlan, dest: Path) -> None:  # noqa: B027 - optional hook
+        """Write files of this step's making into an output folder that depends on it, after the
+        origin's tokenizer files (``vocab_align``: the union tokenizer, from ``plan.details``).
+        Default: nothing."""
+
+    def adjust_config(self, plan: StepPlan, config: dict[str, Any]) -> dict[str, Any]:
+        """The output's config.json as this step changes it, a new dict (default: unchanged;
+        ``slices`` sets ``num_hidden_layers``)."""
+        return config
+
     def stats_steps(self, plan: StepPlan) -> list[str]:
         """Other steps whose reductions must finish before this step's tasks (their results
         arrive in ``TaskContext.stats_of``). Default: none."""
@@ -250,6 +265,16 @@ class Op:
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor | None:
         """Compute output tensor ``ctx.tensor`` from its sources."""
         raise NotImplementedError
+
+    def with_params(self, values: Mapping[str, Any]) -> Op:
+        """This op for one tensor whose scheduled fields take ``values`` (python field names).
+
+        The planner's per-tensor values (see :mod:`mergeengine.graph.params`) flow in here: the
+        returned op is a new one over the updated step; ``self`` is unchanged.
+        """
+        view = copy.copy(self)
+        view.step = self.step.model_copy(update=dict(values))
+        return view
 
     def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any] | None:
         """This step's entry of ``dppa_report.json`` from its statistics; None: nothing to report."""

@@ -51,6 +51,12 @@ class MergeOp(Op):
         self.merge_method = get_method(step.method)
         self.params = step.parameters()
 
+    def with_params(self, values: Mapping[str, Any]) -> Op:
+        """This merge for one tensor whose scheduled parameters take ``values`` (see :meth:`Op.with_params`)."""
+        view = super().with_params(values)
+        view.params = view.step.parameters()  # type: ignore[attr-defined]
+        return view
+
     @property
     def label(self) -> str:
         return self.step.method

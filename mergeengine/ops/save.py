@@ -54,6 +54,17 @@ class SaveStep(StepModel):
     max_shard_bytes: int = Field(5 * 10**9, gt=0, description="Largest shard file, e.g. 5GB, 500MB.")
     tokenizer_from: str | None = Field(None, description="Load step whose tokenizer files are copied (default: the origin model).")
     copy_files: list[str] = Field(default_factory=list, description="Extra files copied from the origin model's folder.")
+    chat_template: str | None = Field(
+        None, description="Chat template written into tokenizer_config.json: auto (the inputs' most common), "
+        "chatml, llama3, mistral, alpaca, or a Jinja template string."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        from mergeengine.io.chat_template import check_chat_template
+
+        return None if v is None else check_chat_template(v)
 
     @field_validator("max_shard_bytes", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from mergeengine.errors import RecipeError
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS
+from mergeengine.recipe.mergekit_schema import is_mergekit_config
+from mergeengine.recipe.schedule import StepSchedules, schedule_probes
 from mergeengine.recipe.schema import Recipe, out_of_range_numbers, recipe_model, step_fields
 
 
@@ -62,6 +65,7 @@ class LoadedRecipe:
         path: the YAML file (``<string>`` for text).
         positions: line:column lookup for messages.
         raw: the parsed YAML data (for provenance).
+        schedules: step id -> its per-tensor parameter schedules (see :mod:`mergeengine.recipe.schedule`).
     """
 
     recipe: Recipe
@@ -69,6 +73,7 @@ class LoadedRecipe:
     positions: Positions
     raw: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    schedules: dict[str, StepSchedules] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -172,15 +177,32 @@ def parse_recipe(text: str, path: str = "<string>") -> LoadedRecipe:
     positions = Positions(root)
     if not isinstance(data, dict):
         raise RecipeError([f"{path}:1:1: a recipe is a mapping with a 'steps' list, got {type(data).__name__}"])
+    if is_mergekit_config(data):  # a mergekit config runs as the recipe it converts to
+        from mergeengine.recipe.mergekit import mergekit_recipe
+
+        return mergekit_recipe(data, positions, path)
+    return validate_data(data, positions, path, text)
+
+
+def validate_data(data: dict[str, Any], positions: Positions, path: str, text: str = "") -> LoadedRecipe:
+    """Validate parsed recipe data; ``positions`` place errors in the file at ``path``.
+
+    Raises:
+        RecipeError: one line per problem, each with ``file:line:col``.
+    """
+    found, probes = schedule_probes(data)  # per-tensor schedules (gradients, filters) out of the fields
     try:
-        recipe = recipe_model().model_validate(data)
+        model = recipe_model()
+        recipes = [model.model_validate(p) for p in probes]  # each anchor value meets its field's bounds
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
-    problems = [_located(path, positions, data, loc, msg) for loc, msg in out_of_range_numbers(recipe)]
-    problems += _save_path_problems(recipe, positions, path)
+    recipe = recipes[0]
+    problems = [_located(path, positions, data, loc, msg) for r in recipes for loc, msg in out_of_range_numbers(r)]
+    problems = list(dict.fromkeys(problems)) + _save_path_problems(recipe, positions, path)
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(recipe, path, positions, data, text)
+    schedules = {recipe.steps[i].id: fields for i, fields in found.items()}
+    return LoadedRecipe(recipe, path, positions, data, text, schedules)
 
 
 def _step_prefix(data: dict[str, Any], loc: tuple[Any, ...]) -> str:
@@ -221,7 +243,7 @@ def _save_path_problems(recipe: Recipe, positions: Positions, path: str) -> list
 
 def _union_label(part: Any) -> bool:
     """True for the parts of an error location that name a union member (``float``, ``list[float]``)."""
-    return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part or part.startswith("function-"))
+    return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part or part.startswith(("function-", "constrained-")))
 
 
 def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -249,7 +271,8 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
             step = steps[loc[1]] if loc[1] < len(steps) and isinstance(steps[loc[1]], dict) else {}
             sid = step.get("id")
             prefix = f"step '{sid}': " if sid else f"step #{loc[1] + 1}: "
-        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in {*OPS, *METHODS}), None)
+        field_name = next((p for p in reversed(loc) if isinstance(p, str) and p not in _TAGS and not _BRANCH.search(p)),
+                          None)
         if kind == "extra_forbidden":
             allowed = step_fields(step) if step else list(Recipe.model_fields)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -285,3 +308,6 @@ def _format_errors(exc: ValidationError, data: dict[str, Any], positions: Positi
 
 
 _TYPE_LABELS = {"float", "int", "str", "bool", "list", "dict"}
+_TAGS = {*OPS, *METHODS}
+# pydantic's names of union branches in error locations ("constrained-float", "list[float]")
+_BRANCH = re.compile(r"[\[\-]|^(float|int|str|bool|none)$")

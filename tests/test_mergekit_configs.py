@@ -1,0 +1,378 @@
+"""tests/mergekit_configs/: each config runs directly and after ``convert`` (same bytes), on four layouts,
+and matches mergekit's formulas, computed here independently of the engine (in float64)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergeengine.api import run_recipe
+from mergeengine.kernels.rng import tensor_generator
+from mergeengine.recipe.mergekit import convert_file
+from tests.conftest import read_folder
+
+CONFIGS = sorted((Path(__file__).parent / "mergekit_configs").glob("*.yml"))
+LAYOUTS = ["llama", "mistral", "qwen2", "gemma"]
+LAYERS = 4
+LORA_R, LORA_ALPHA = 2, 4.0
+
+
+def _read(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write_like(base: Path, dest: Path, tensors: dict[str, torch.Tensor]) -> None:
+    dest.mkdir(parents=True)
+    shutil.copy(base / "config.json", dest / "config.json")
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model of the layout, three fine-tunes of it and a LoRA adapter of ft_a (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, head_dim=8)
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(request.param, **kw))
+    model.save_pretrained(root / "base", safe_serialization=True)
+    base = _read(root / "base")
+    g = torch.Generator().manual_seed(1)
+    for name in ("ft_a", "ft_b", "ft_c"):
+        _write_like(root / "base", root / name, {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    lora = {}
+    for k, v in base.items():
+        if k.endswith(("q_proj.weight", "v_proj.weight")):
+            module = k.removesuffix(".weight")
+            lora[f"base_model.model.{module}.lora_A.weight"] = 0.1 * torch.randn(LORA_R, v.shape[1], generator=g)
+            lora[f"base_model.model.{module}.lora_B.weight"] = 0.1 * torch.randn(v.shape[0], LORA_R, generator=g)
+    (root / "lora_a").mkdir()
+    save_file(lora, str(root / "lora_a" / "adapter_model.safetensors"))
+    (root / "lora_a" / "adapter_config.json").write_text(json.dumps({"r": LORA_R, "lora_alpha": LORA_ALPHA}))
+    for name, extra, added in (("base", [], []), ("ft_a", ["tok_a1", "tok_a2"], ["<tool>"]), ("ft_b", ["tok_b"], []),
+                               ("ft_c", [], [])):
+        _write_tokenizer(root / name, extra, added)
+    return root
+
+
+SPECIAL, WORDS = ["<unk>", "<s>", "</s>"], [f"w{i}" for i in range(80)]
+
+
+def _write_tokenizer(folder: Path, extra: list[str], added: list[str]) -> None:
+    """A WordLevel tokenizer (the `tokenizers` library): 83 shared tokens, then the model's own."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS + extra)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False) for t in added])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
+    """A model's token -> id as transformers loads its tokenizer (mergekit's view), and its added tokens in id order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return tok.get_vocab(), [a.content for _, a in sorted(tok.added_tokens_decoder.items())]
+
+
+def _fill(t: str, names: list[str], vocabs: dict[str, Any], old: dict[str, torch.Tensor], zero: set[str]) -> torch.Tensor:
+    holders = [n for n in names if t in vocabs[n][0]]
+    if t in zero:
+        return torch.zeros(old[names[0]].shape[1], dtype=torch.float64)
+    if names[0] in holders or len(holders) == 1:
+        donor = names[0] if names[0] in holders else holders[0]
+        return old[donor][vocabs[donor][0][t]]
+    return torch.stack([old[n][vocabs[n][0][t]] for n in holders]).mean(0)
+
+
+def union_rows(root: Path, cfg: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """mergekit's union vocabulary: the base's tokens, then each model's new tokens, then added tokens;
+    a missing row from the base, its only holder, or the holders' mean; zero overrides; padding rows the mean."""
+    block = cfg["tokenizer"]
+    names = list(tensors)
+    vocabs = {n: _vocab(root / n) for n in names}
+    order = sorted(vocabs[names[0]][0], key=vocabs[names[0]][0].get)
+    added = {t for n in names[1:] for t in vocabs[n][1]}
+    for n in names[1:]:
+        order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
+    for n in names[1:]:
+        order += [t for t in vocabs[n][1] if t not in order]
+    size = -(-len(order) // block["pad_to_multiple_of"]) * block["pad_to_multiple_of"]
+    zero = {t for t, v in (block.get("tokens") or {}).items() if v["source"] == {"kind": "zero"}}
+    for key in [k for k in tensors[names[0]] if "embed_tokens" in k or "lm_head" in k]:
+        old = {n: tensors[n][key] for n in names}
+        new = {n: torch.zeros(size, old[n].shape[1], dtype=torch.float64) for n in names}
+        for i, t in enumerate(order):
+            fill = _fill(t, names, vocabs, old, zero)
+            for n in names:
+                new[n][i] = old[n][vocabs[n][0][t]] if t in vocabs[n][0] else fill
+        for n in names:
+            new[n][len(order):] = new[n][:len(order)].mean(0)
+            tensors[n][key] = new[n]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+# ---- mergekit's rules, restated from its documentation and code (float64) ----------------------
+
+def _t(name: str) -> float:
+    parts = name.split(".")
+    if "layers" not in parts:
+        return 0.0
+    return int(parts[parts.index("layers") + 1]) / (LAYERS - 1)
+
+
+def _evaluate(setting: Any, name: str) -> Any:
+    """mergekit's evaluate_setting: scalar, gradient, or first matching {filter, value}."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(e, (int, float)) for e in setting):
+        scaled = _t(name) * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        return (1 - (scaled - i0)) * setting[i0] + (scaled - i0) * setting[i1]
+    for cond in setting:
+        if cond.get("filter") in (None, "*") or cond["filter"] in name:
+            return _evaluate(cond["value"], name)
+    return None
+
+
+def _param(cfg: dict[str, Any], model: dict[str, Any] | None, key: str, name: str, default: Any = None) -> Any:
+    for source in ((model or {}).get("parameters") or {}, cfg.get("parameters") or {}):
+        if key in source:
+            value = _evaluate(source[key], name)
+            if value is not None:
+                return value
+    return default
+
+
+def _load(root: Path, ref: str) -> dict[str, torch.Tensor]:
+    model, _, adapter = ref.partition("+")
+    tensors = {k: v.double() for k, v in _read(root / model).items()}
+    if adapter:
+        with safe_open(str(root / adapter / "adapter_model.safetensors"), framework="pt") as f:
+            for k in list(tensors):
+                a = f"base_model.model.{k.removesuffix('.weight')}.lora_A.weight"
+                if a in f.keys():
+                    b = a.replace("lora_A", "lora_B")
+                    tensors[k] = tensors[k] + f.get_tensor(b).double() @ f.get_tensor(a).double() * (LORA_ALPHA / LORA_R)
+    return tensors
+
+
+def _topk_mask(d: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(d.numel(), dtype=torch.bool)
+    mask[torch.argsort(d.float().abs().reshape(-1), descending=True)[:k]] = True
+    return mask.reshape(d.shape)
+
+
+def _sparsify(method: str, d: torch.Tensor, density: float, gamma: float, gen: torch.Generator | None) -> torch.Tensor:
+    if density >= 1:
+        return d
+    n = d.numel()
+    if method == "ties":
+        return d * _topk_mask(d, int(density * n))
+    if method.startswith("breadcrumbs"):  # mergekit 0.1.5: drop the top int(gamma n), keep the next int(density n)
+        keep, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - keep - top)
+        order = torch.argsort(d.float().abs().reshape(-1))
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[bottom:bottom + keep]] = True
+        return d * mask.reshape(d.shape)
+    kept = (torch.rand(n, generator=gen) < density).reshape(d.shape)  # DARE, rescaled to the same L1 norm
+    masked = d * kept
+    before, after = d.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+def _slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp: the angle between the normalised tensors, linear when nearly colinear."""
+    n0, n1 = v0.norm(), v1.norm()
+    dot = float(((v0 / n0 if n0 > 1e-8 else v0) * (v1 / n1 if n1 > 1e-8 else v1)).sum())
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def _renamed(name: str, layer: int) -> str:
+    parts = name.split(".")
+    parts[parts.index("layers") + 1] = str(layer)
+    return ".".join(parts)
+
+
+def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """mergekit's slices: each slice's layers (merged across its sources, ``t`` over the slice) in order;
+    embeddings from the first slice, the other non-layer tensors from the last."""
+    out: dict[str, torch.Tensor] = {}
+    first_last: list[dict[str, torch.Tensor]] = []
+    position = 0
+    for sl in cfg["slices"]:
+        start, end = sl["sources"][0]["layer_range"]
+        if len(sl["sources"]) == 1:
+            merged = _load(root, sl["sources"][0]["model"])
+        else:  # the slice's layers as a sub-model of end - start layers, merged as mergekit merges a slice
+            sub = {**cfg, "parameters": {**(cfg.get("parameters") or {}), **(sl.get("parameters") or {})},
+                   "slices": [{"sources": [{"model": s["model"], "layer_range": [0, LAYERS]} for s in sl["sources"]]}]}
+            merged = _merge_window(root, sub, start, end)
+        first_last.append(merged)
+        for name, t in merged.items():
+            layer = _layer_of(name)
+            if layer is not None and (len(sl["sources"]) > 1 or start <= layer < end):
+                index = layer if len(sl["sources"]) > 1 else layer - start
+                out[_renamed(name, position + index)] = t
+        position += end - start
+    for name, t in first_last[0].items():
+        if _layer_of(name) is None and "embed" in name:
+            out[name] = t
+    for name, t in first_last[-1].items():
+        if _layer_of(name) is None and "embed" not in name:
+            out[name] = t
+    return out
+
+
+def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int) -> dict[str, torch.Tensor]:
+    """mergekit's merge of layers [start, end) of every source, renumbered from 0, t over end - start layers."""
+    global LAYERS
+    saved, LAYERS = LAYERS, end - start
+    try:
+        models = cfg["slices"][0]["sources"]
+        window = {}
+        for name in _read(root / "base"):
+            layer = _layer_of(name)
+            if layer is None or start <= layer < end:
+                window[name if layer is None else _renamed(name, layer - start)] = name
+        tensors = {m["model"]: _load(root, m["model"]) for m in models}
+        base = tensors[cfg["base_model"]]
+        other = next(m["model"] for m in models if m["model"] != cfg["base_model"])
+        return {new: _slerp(_param(cfg, None, "t", new), base[old], tensors[other][old]) for new, old in window.items()}
+    finally:
+        LAYERS = saved
+
+
+def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The merge mergekit's formulas give, tensor by tensor."""
+    if "slices" in cfg and (len(cfg["slices"]) > 1 or len(cfg["slices"][0]["sources"]) == 1):
+        return stacked_result(root, cfg)
+    if "slices" in cfg:  # one slice over every layer: mergekit's models form
+        cfg = {**cfg, "models": [{"model": s["model"], "parameters": s.get("parameters")}
+                                 for s in cfg.pop("slices")[0]["sources"]]}
+    method, models = cfg["merge_method"], cfg["models"]
+    if method == "slerp":
+        base, other = _load(root, cfg["base_model"]), _load(root, models[1]["model"])
+        return {name: _slerp(_param(cfg, None, "t", name), base[name], other[name]) for name in base}
+    tensors = {m["model"]: _load(root, m["model"]) for m in models}
+    if method == "linear":
+        out = {}
+        for name in tensors[models[0]["model"]]:
+            ws = [_param(cfg, m, "weight", name) for m in models]
+            out[name] = sum(w * tensors[m["model"]][name] for w, m in zip(ws, models)) / sum(ws)
+        return out
+    base = _load(root, cfg["base_model"])
+    members = [m for m in models if m["model"] != cfg["base_model"]]
+    if "tokenizer" in cfg:
+        everything = {cfg["base_model"]: base, **{m["model"]: tensors[m["model"]] for m in members}}
+        union_rows(root, cfg, everything)
+        base = everything[cfg["base_model"]]
+    defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
+                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True)}[method]
+    normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])
+    return {name: _gta(method, cfg, base[name], [(m, tensors[m["model"]][name]) for m in members], name, normalize,
+                       members) for name in base}
+
+
+def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tuple[dict, torch.Tensor]], name: str,
+         normalize: bool, members: list[dict]) -> torch.Tensor:
+    deltas, weights = [], []
+    for i, (m, x) in enumerate(inputs):
+        d = (x.float() - base.float()).double()  # the float32 delta both engines select from
+        if method != "task_arithmetic":
+            gen = tensor_generator(0, f"merge/{i}", name) if method.startswith("dare") else None
+            d = _sparsify(method, d, _param(cfg, m, "density", name, 1.0), _param(cfg, m, "gamma", name, 0.01), gen)
+        deltas.append(d)
+        weights.append(_param(cfg, m, "weight", name))
+    weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
+    w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base.dim()))
+    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
+        mask = (weighted.sign() == majority).double()
+        mixed, divisor = (weighted * mask).sum(0), (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = weighted.sum(0), w.sum(0).expand_as(base).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return base.double() + _param(cfg, None, "lambda", name, 1.0) * mixed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_direct_and_converted_match_mergekit(family: Path, config: Path, tmp_path: Path) -> None:
+    cfg_path = family / config.name
+    shutil.copy(config, cfg_path)
+    out = tmp_path / "out"
+    run_recipe(cfg_path, out=out)
+    direct = _hashes(out)
+    recipe = convert_file(cfg_path, family / f"{config.stem}.recipe.yaml")
+    assert recipe.startswith("# Converted from a mergekit config") and ("op: merge" in recipe or "op: slices" in recipe)
+    run_recipe(family / f"{config.stem}.recipe.yaml", out=out, overwrite=True)
+    assert _hashes(out) == direct  # the same bytes, every file
+    got = read_folder(out)
+    want = mergekit_result(family, yaml.safe_load(config.read_text()))
+    assert set(got) == set(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name].double(), t, rtol=1e-5, atol=2e-6, msg=f"{config.stem}: {name}")
+
+
+def test_merged_output_loads_in_transformers(family: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = family / "ties_density_gradient.yml"
+    shutil.copy(CONFIGS[[c.name for c in CONFIGS].index(cfg_path.name)], cfg_path)
+    run_recipe(cfg_path, out=tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 96) and math.isfinite(float(logits.abs().sum()))
+
+
+def test_stacked_output_config_and_transformers_load(family: Path, tmp_path: Path) -> None:
+    """A passthrough stack of 3 + 3 layers: num_hidden_layers 6, and transformers runs it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = family / "passthrough_stack.yml"
+    shutil.copy(Path(__file__).parent / "mergekit_configs" / "passthrough_stack.yml", cfg_path)
+    run_recipe(cfg_path, out=tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    for key, value in config.items():  # per-layer lists (e.g. layer_types) follow the stack
+        assert not (isinstance(value, list) and len(value) == LAYERS), key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+    with torch.no_grad():
+        assert math.isfinite(float(model(torch.tensor([[1, 2, 3]])).logits.abs().sum()))
