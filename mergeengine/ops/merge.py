@@ -217,7 +217,7 @@ class MergeOp(Op):
         fills = {k: self.fused[s].chunk_amplifier(xs[k], base, tensor, ctx.stats_of[s])  # type: ignore[attr-defined, union-attr]
                  for k, s in enumerate(self.step.inputs) if s in self.fused}
         return TensorStream(base.reshape(-1) if base is not None else None, [x.reshape(-1) for x in xs],
-                            conversions, fills, ctx)  # type: ignore[arg-type]
+                            conversions, fills, ctx, tuple(inputs[0].shape))  # type: ignore[arg-type]
 
     def _conversion(self, step: str) -> Conversion:
         kind = self.input_kinds.get(step)
