@@ -19,7 +19,7 @@ from mergeengine.methods.arcee_fusion import arcee_fusion
 from mergeengine.methods.breadcrumbs_ties import breadcrumbs_ties
 from mergeengine.methods.della import della, della_linear
 from mergeengine.methods.karcher import karcher
-from mergeengine.methods.model_stock import model_stock
+from mergeengine.methods.model_stock import model_stock, stock_ratio
 from mergeengine.methods.multislerp import multislerp
 from mergeengine.methods.nearswap import nearswap
 from mergeengine.methods.nuslerp import nuslerp
@@ -234,6 +234,17 @@ def model_stock_ref(w0, ws, filter_wise=False):
     return (t * avg + (1 - t) * w0.double()).reshape(shape)
 
 
+def model_stock_tensor(base, deltas, filter_wise=False):
+    """The method on a whole tensor: its ratio (the engine's prepare pass), then the chunk function."""
+    from mergeengine.methods._checks import expect_at_least
+
+    expect_at_least("model_stock", deltas, 2)
+    rows = [d.reshape(-1, d.shape[-1]) if filter_wise and d.dim() > 1 else d.reshape(1, -1) for d in deltas]
+    ratio = stock_ratio(rows).float().expand(rows[0].shape).reshape(-1)
+    out = model_stock.function(base.reshape(-1), [d.reshape(-1) for d in deltas], filter_wise=filter_wise, ratio=ratio)
+    return out.view(base.shape)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("filter_wise", [False, True])
 @pytest.mark.parametrize("n", [2, 3])
@@ -241,18 +252,18 @@ def test_model_stock_matches_reference(shape, filter_wise, n):
     base, models = fine_tunes(shape, n)
     shared = rand(*shape, seed=50, scale=0.1)  # a common direction: cos > 0
     models = [m + shared for m in models]
-    out = model_stock(base, [m - base for m in models], filter_wise=filter_wise)
+    out = model_stock_tensor(base, [m - base for m in models], filter_wise=filter_wise)
     close(out, model_stock_ref(base, models, filter_wise))
 
 
 def test_model_stock_identical_zero_and_opposed_deltas():
     base = rand(6, 5)
     d = rand(6, 5, seed=4, scale=0.1)
-    close(model_stock(base, [d, d.clone()]), base + d)  # cos 1: t = 1, the average
-    close(model_stock(base, [torch.zeros(6, 5), torch.zeros(6, 5)]), base)
-    close(model_stock(base, [d, -d]), base)  # cos -1: clamped to 0, t = 0
+    close(model_stock_tensor(base, [d, d.clone()]), base + d)  # cos 1: t = 1, the average
+    close(model_stock_tensor(base, [torch.zeros(6, 5), torch.zeros(6, 5)]), base)
+    close(model_stock_tensor(base, [d, -d]), base)  # cos -1: clamped to 0, t = 0
     with pytest.raises(ExecutionError, match="at least 2"):
-        model_stock(base, [d])
+        model_stock_tensor(base, [d])
 
 
 # ----------------------------------------------------------------------------- DELLA
@@ -440,7 +451,7 @@ def _every_method(base, models):
         nuslerp(base, models, weights=[0.3, 0.7], nuslerp_flatten=False),
         multislerp(base, models, weights=two),
         karcher(None, models),
-        model_stock(base, deltas),
+        model_stock_tensor(base, deltas),
         della(base, deltas, density=[0.4, 0.4], epsilon=[0.1, 0.1], weights=two, rescale="l1",
               generator=tensor_generator(0, "m", "w")),
         sce(base, deltas, select_topk=0.5),

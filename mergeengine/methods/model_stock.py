@@ -17,11 +17,17 @@ negative ``t`` (keeping the base only at the singular ``cos θ = −1/(N − 1)`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
+from mergeengine.errors import NonFiniteError
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_at_least, labelled, require_finite
-from mergeengine.methods._reduce import gram, row_dots
+from mergeengine.methods._reduce import Gram, gram, row_dots
+from mergeengine.ops.chunks import PerChunk, merge_chunk
 
 NORM_PRODUCT_FLOOR = 1e-6
 
@@ -31,6 +37,16 @@ def _row_gram(rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     if rows[0].shape[0] == 1:
         return [[torch.tensor([v], dtype=torch.float64) for v in line] for line in gram(rows)]
     return [[row_dots(a, b) for b in rows] for a in rows]
+
+
+def stock_ratio_of_gram(g: list[list[float]]) -> float:
+    """``t`` from the dot products of the deltas (one vector each)."""
+    n = len(g)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = sum(max(-1.0, min(1.0, g[i][j] / max(math.sqrt(g[i][i] * g[j][j]), NORM_PRODUCT_FLOOR)))
+              for i, j in pairs) / len(pairs)
+    cos = max(cos, 0.0)
+    return n * cos / (1 + (n - 1) * cos)
 
 
 def stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -44,24 +60,46 @@ def stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
     return (n * cos / (1 + (n - 1) * cos)).reshape(-1, 1)
 
 
-@merge_method(name="model_stock", inputs="deltas")
-def model_stock(base: torch.Tensor, deltas: list[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
-    """``base + t · mean(deltas)`` with Model Stock's angle-based ratio ``t``.
+def _ratio(stream: Any, *, filter_wise: bool, **_: Any) -> dict[str, Any]:
+    """A first pass over the tensor: the ratio ``t`` (one number, or per row a chunk of per-entry values)."""
+    n = len(stream.inputs)
+    expect_at_least("model_stock", stream.inputs, 2)
+    if filter_wise and len(stream.shape) > 1:  # per-row dots: the rows, whole
+        _, deltas = stream.whole()
+        require_finite("model_stock", labelled(deltas, kind="delta"))
+        rows = stream.shape[-1]
+        t = stock_ratio([d.reshape(-1, rows) for d in deltas]).float().reshape(-1)
+
+        def per_entry() -> Iterator[torch.Tensor]:
+            for start in range(0, stream.numel, merge_chunk()):
+                end = min(start + merge_chunk(), stream.numel)
+                yield t[torch.arange(start, end, device=t.device) // rows]
+        return {"ratio": PerChunk(per_entry())}
+    acc = Gram(n)
+    for _, _, _, chunk in stream.chunks():
+        acc.add(chunk)
+    g = acc.matrix()
+    for i in range(n):
+        if not math.isfinite(g[i][i]):
+            raise NonFiniteError(f"model_stock: delta {i + 1} has NaN or Inf values")
+    return {"ratio": float(stock_ratio_of_gram(g))}
+
+
+@merge_method(name="model_stock", inputs="deltas", elementwise=True, prepare=_ratio, provides=("ratio",))
+def model_stock(base: torch.Tensor, deltas: list[torch.Tensor], *, filter_wise: bool = False,
+                ratio: Any) -> torch.Tensor:
+    """``base + t · mean(deltas)`` with Model Stock's angle-based ratio ``t``, chunk by chunk.
 
     Args:
-        base: the base's tensor.
-        deltas: two or more deltas.
+        base: a chunk of the base.
+        deltas: the same chunk of two or more deltas.
         filter_wise: one ratio per row (output filter) instead of one per tensor.
+        ratio: ``t`` for this tensor, or for each entry of the chunk (from the prepare pass).
 
     Returns:
-        The merged tensor.
+        The merged chunk.
     """
-    expect_at_least("model_stock", deltas, 2)
-    require_finite("model_stock", labelled(deltas, kind="delta"))
-    rows = [d.reshape(-1, d.shape[-1]) if filter_wise and d.dim() > 1 else d.reshape(1, -1) for d in deltas]
-    t = stock_ratio(rows).float()
-    mean = torch.zeros_like(rows[0])
-    for d in rows:
+    mean = deltas[0].clone()
+    for d in deltas[1:]:
         mean.add_(d)
-    mean.mul_(t / len(rows))
-    return mean.view(base.shape).add_(base)
+    return mean.mul_(ratio).div_(len(deltas)).add_(base)

@@ -84,6 +84,7 @@ class TensorStream:
         conversions: how each input becomes the method's input.
         fills: amplifiers of the fused inputs, by position.
         ctx: the task (step, tensor, seed, device, statistics).
+        shape: the tensor's shape (the inputs are flat), for methods whose statistics are per row.
     """
 
     base: torch.Tensor | None
@@ -91,6 +92,7 @@ class TensorStream:
     conversions: list[Conversion]
     fills: Mapping[int, Fill]
     ctx: TaskContext
+    shape: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:

@@ -222,7 +222,8 @@ class MergeOp(Op):
         fills = {k: op.chunk_amplifier(op_plan, xs[k], base, tensor, ctx.stats_of[s])  # type: ignore[union-attr]
                  for k, s in enumerate(self.step.inputs) if s in amplifiers for op, op_plan in [amplifiers[s]]}
         return TensorStream(base.reshape(-1) if base is not None else None, [x.reshape(-1) for x in xs],
-                            [self._conversion(plan, i) for i in self.step.inputs], fills, ctx)  # type: ignore[arg-type]
+                            [self._conversion(plan, i) for i in self.step.inputs], fills, ctx,  # type: ignore[arg-type]
+                            tuple(inputs[0].shape))
 
     def _conversion(self, plan: StepPlan, step: str) -> Conversion:
         kind = plan.input_kinds.get(step)
