@@ -211,23 +211,8 @@ def _batches(tokenizer: Any, records: list[dict], tc: train_mod.ExpertTraining) 
     from mergeengine.eval.evaluate import _encode_pair
 
     encoded = [_encode_pair(tokenizer, r["prompt"], r["answer"] + END) for r in records]
-    rng = random.Random(tc.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chosen = [encoded[rng.randrange(len(encoded))] for _ in range(tc.batch_size)]
-        width = max(len(p) + len(a) for p, a in chosen)
-        x = torch.full((tc.batch_size, width), pad, dtype=torch.long)
-        y = torch.full((tc.batch_size, width), -100, dtype=torch.long)
-        m = torch.zeros((tc.batch_size, width), dtype=torch.long)
-        for i, (p, a) in enumerate(chosen):
-            n = len(p) + len(a)
-            x[i, :n] = torch.tensor(p + a)
-            y[i, len(p) : n] = torch.tensor(a)
-            m[i, :n] = 1
-        return x, y, m
-
-    return batches
+    return train_mod.answer_batches(encoded, tc, pad)
 
 
 def _answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

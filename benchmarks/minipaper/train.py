@@ -290,8 +290,13 @@ def _expert_batches(tokenizer: Any, records: list[dict], tc: ExpertTraining) -> 
         p = tokenizer(r["prompt"])["input_ids"]
         a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + newline
         encoded.append((p, a))
+    return answer_batches(encoded, tc, tokenizer.pad_token_id)
+
+
+def answer_batches(encoded: list[tuple[list[int], list[int]]], tc: ExpertTraining, pad: int) -> Any:
+    """``batches(step)`` -> (input_ids, labels, attention_mask) of random (prompt, answer) pairs,
+    padded to the longest; only the answer tokens are labelled."""
     rng = random.Random(tc.seed)
-    pad = tokenizer.pad_token_id
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen = [encoded[rng.randrange(len(encoded))] for _ in range(tc.batch_size)]
