@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 
 from mergeengine.errors import MergeEngineError, RecipeError
-from mergeengine.graph.params import TensorParams, resolve_schedules
+from mergeengine.graph.params import resolve_schedules
 from mergeengine.graph.steps import StepGraph
 from mergeengine.io.checkpoint import Checkpoint
 from mergeengine.io.resolve import open_checkpoint
@@ -102,7 +102,6 @@ class Plan:
         save_order: save step id -> tensor names in the order they will be written.
         checkpoints: load step id -> opened checkpoint.
         estimate: bytes read/written and peak live memory.
-        params: (step, tensor) -> the step's scheduled fields resolved for that tensor.
     """
 
     steps: StepGraph
@@ -119,7 +118,6 @@ class Plan:
     save_paths: dict[str, Path] = field(default_factory=dict)
     estimate: Estimate = field(default_factory=Estimate)
     prefetch_bytes: int = 0
-    params: TensorParams = field(default_factory=dict)
 
     @property
     def ops(self) -> dict[str, Op]:
@@ -127,9 +125,7 @@ class Plan:
 
     def op_for(self, key: TaskKey) -> Op:
         """The op that computes ``key``: its step's, with scheduled parameters resolved for the tensor."""
-        op = self.steps.ops[key.step]
-        values = self.params.get((key.step, key.tensor))
-        return op if values is None else op.with_params(values)
+        return self.steps.ops[key.step].for_tensor(self.step_plans[key.step], key.tensor)
 
     def phase_labels(self) -> list[str]:
         """A label per pass, e.g. ``["statistics p_math/module outliers", "merge"]``."""
@@ -181,6 +177,8 @@ def build_plan(
     active = steps.needed(roots)
     ckpts = dict(checkpoints or {})
     plans = _plan_steps(steps, active, ckpts)
+    for sid, values in resolve_schedules(steps, active, plans).items():  # what reductions and fusions read
+        plans[sid] = dataclasses.replace(plans[sid], params=values)
     users = _users(steps, active)
     for sid in active:  # merges read fine-tunes directly instead of materialised deltas
         plans[sid] = steps.ops[sid].fuse_diffs(plans[sid], steps.ops)
@@ -188,7 +186,6 @@ def build_plan(
         plans[sid] = steps.ops[sid].fuse_deltas(plans[sid], steps.ops, plans, users)
     _emit_stored_dtypes(steps, active, plans, users)
     plan = _expand(steps, active, plans, roots)
-    plan.params = resolve_schedules(steps, active, plans)
     plan.checkpoints = ckpts
     plan.save_paths = save_paths
     plan.prefetch_bytes = default_prefetch_bytes(plan) if prefetch else 0

@@ -34,7 +34,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
                 "bytes": sum(m.nbytes for m in metas.values()),
                 "params": op.describe(),
                 "notes": op.plan_notes(plan.step_plans[sid]),
-                "schedule": schedule_rows(op, plan.params, sid),
+                "schedule": schedule_rows(op, plan.step_plans[sid]),
             }
         )
     unused = [s for s in plan.ops if s not in plan.active]
@@ -114,10 +114,11 @@ def explain_text(plan: Plan, tensor: str) -> str:
             continue
         op = plan.op_for(TaskKey(sid, tensor))
         params = {k: v for k, v in op.describe().items() if k not in ("id", "op")}
-        scheduled = {k for (s, t), vals in plan.params.items() if s == sid and t == tensor for k in vals}
+        scheduled = {k.split(".")[0] for k in plan.step_plans[sid].params.get(tensor, {})}
         shown = ", ".join(f"{k}={v}" + (" (scheduled)" if _attr(op, k) in scheduled else "")
                           for k, v in params.items() if v is not None)
         lines.append(f"  {sid} ({op.name}): {shown}")
+        lines.extend(f"      {n}" for n in op.explain(plan.step_plans[sid], tensor))
     if len(lines) == 1:
         known = sorted({n for m in plan.metas.values() for n in m})
         raise MergeEngineError(f"no step produces tensor '{tensor}' (e.g. {', '.join(known[:3])})")

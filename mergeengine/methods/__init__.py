@@ -133,8 +133,9 @@ class MergeMethod:
         prepare: per tensor, before the chunks: ``prepare(stream, **parameters)`` returns the
             values of the parameters named in ``provides`` (see :class:`mergeengine.ops.chunks.TensorStream`).
         provides: keyword-only parameters filled by ``prepare`` (not recipe fields).
-        statistics: ``statistics(parameters, tensors)`` -> whole-model reductions whose ``map`` gets
-            the method's inputs of one tensor; their results reach ``prepare`` as ``stream.stats``.
+        statistics: ``statistics(parameters_of, tensors)`` -> whole-model reductions whose ``map``
+            gets the method's inputs of one tensor; their results reach ``prepare`` as
+            ``stream.stats``. ``parameters_of(tensor)`` is the parameters as scheduled for that tensor.
         report: ``report(step, stats)`` -> the step's entry of ``dppa_report.json``.
     """
 
@@ -148,7 +149,7 @@ class MergeMethod:
     validate: Callable[[Mapping[str, Any]], None] | None = None
     prepare: Callable[..., Mapping[str, Any]] | None = None
     provides: tuple[str, ...] = ()
-    statistics: Callable[[Mapping[str, Any], list[str]], list[Reduction]] | None = None
+    statistics: Callable[[Callable[[str], Mapping[str, Any]], list[str]], list[Reduction]] | None = None
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None
 
     @property
@@ -170,7 +171,7 @@ def merge_method(
     validate: Callable[[Mapping[str, Any]], None] | None = None,
     prepare: Callable[..., Mapping[str, Any]] | None = None,
     provides: tuple[str, ...] = (),
-    statistics: Callable[[Mapping[str, Any], list[str]], list[Reduction]] | None = None,
+    statistics: Callable[[Callable[[str], Mapping[str, Any]], list[str]], list[Reduction]] | None = None,
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: register ``function`` as the merge method ``name``.

@@ -10,7 +10,7 @@ is at most 1e-8 counts as cos θ = 0.
 
 ```yaml
 - {id: m, op: merge, method: slerp, base: base, inputs: [chat], t: 0.3}
-- id: m2                      # mergekit's per-layer t: filters and gradients over the layers
+- id: m2                      # mergekit's per-layer t: a parameter schedule (docs/recipes.md)
   op: merge
   method: slerp
   base: base
@@ -25,7 +25,6 @@ is at most 1e-8 counts as cos θ = 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -33,9 +32,7 @@ import torch
 from mergeengine.errors import NonFiniteError
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_inputs
-from mergeengine.methods._gradients import Setting, is_layered, layer_count, resolve
 from mergeengine.methods._reduce import Gram, gram
-from mergeengine.ops.base import Reduction
 
 #: |cos θ| above this interpolates linearly (mergekit's DOT_THRESHOLD).
 COLINEAR_COS = 0.9995
@@ -59,11 +56,7 @@ def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[floa
     return coefficients(t, aa, bb, ab)
 
 
-def _layers(params: Mapping[str, Any], tensors: list[str]) -> list[Reduction]:
-    return [layer_count("layers", tensors)] if is_layered(params["t"]) else []
-
-
-def _coefficients_of_tensor(stream: Any, *, t: Setting, **_: Any) -> dict[str, float]:
+def _coefficients_of_tensor(stream: Any, *, t: float, **_: Any) -> dict[str, float]:
     """A first pass over the tensor's chunks: its dot products, then this tensor's two coefficients."""
     expect_inputs("slerp", stream.inputs, 1)
     acc = Gram(2)
@@ -73,13 +66,13 @@ def _coefficients_of_tensor(stream: Any, *, t: Setting, **_: Any) -> dict[str, f
     for label, value in (("the base", aa), ("model 1", bb)):
         if not math.isfinite(value):
             raise NonFiniteError(f"slerp: {label} has NaN or Inf values")
-    s_base, s_model = coefficients(resolve("t", t, stream.ctx.tensor, stream.stats), aa, bb, ab)
+    s_base, s_model = coefficients(t, aa, bb, ab)
     return {"s_base": s_base, "s_model": s_model}
 
 
-@merge_method(name="slerp", inputs="models", elementwise=True, statistics=_layers,
+@merge_method(name="slerp", inputs="models", elementwise=True,
               prepare=_coefficients_of_tensor, provides=("s_base", "s_model"))
-def slerp(base: torch.Tensor, models: list[torch.Tensor], *, t: Setting, s_base: float,
+def slerp(base: torch.Tensor, models: list[torch.Tensor], *, t: float, s_base: float,
           s_model: float) -> torch.Tensor:
     """Spherical interpolation between the base (``t = 0``) and the one input model (``t = 1``).
 
@@ -89,7 +82,7 @@ def slerp(base: torch.Tensor, models: list[torch.Tensor], *, t: Setting, s_base:
     Args:
         base: a chunk of the base.
         models: the same chunk of the one model.
-        t: weight of the input model: a number, a gradient over the layers, or a list of {filter, value}.
+        t: weight of the input model (per layer as any parameter: a gradient, or a list of {filter, value}).
         s_base: the base's coefficient for this tensor (from the prepare pass).
         s_model: the model's coefficient for this tensor (from the prepare pass).
 

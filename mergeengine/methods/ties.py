@@ -60,7 +60,7 @@ def _trims(stream: TensorStream, *, density: list[float], trim_scope: str, keep_
            **_: Any) -> dict[str, Any]:
     """Each input's trim for this tensor (its exact top-k, or the model-wide threshold) and scratch."""
     if trim_scope == "model":
-        trims = [keep_at_least(t) for t in stream.stats["trim_low"]]
+        trims = [keep_at_least(t[d]) for t, d in zip(stream.stats["trim_low"], density, strict=True)]
     else:
         keeps = [count_kept(stream.numel, p, keep_count) for p in density]
 
@@ -74,26 +74,40 @@ def _trims(stream: TensorStream, *, density: list[float], trim_scope: str, keep_
     return {"trims": trims, "scratch": scratch}
 
 
-def _model_thresholds(params: Mapping[str, Any], tensors: list[str]) -> list[Reduction]:
-    """``trim_scope: model``: one magnitude threshold per input over every tensor (two passes)."""
-    if params["trim_scope"] != "model":
+def _model_thresholds(params_of: Callable[[str], Mapping[str, Any]], tensors: list[str]) -> list[Reduction]:
+    """``trim_scope: model``: one magnitude threshold per input over every tensor (two passes).
+
+    With a scheduled ``density``, the tensors that share an input's value share one threshold:
+    it keeps that fraction of their entries (each layer of a gradient is ranked over its own
+    tensors, each filter's tensors over theirs). ``stats["trim_low"]``: per input, density ->
+    threshold.
+    """
+    if not tensors or params_of(tensors[0])["trim_scope"] != "model":
         return []
-    quantiles = [MagnitudeQuantile(d) for d in params["density"]]
+    densities = {name: params_of(name)["density"] for name in tensors}
+    quantiles = {(i, d): MagnitudeQuantile(d) for ds in densities.values() for i, d in enumerate(ds)}
 
-    def fold(acc: Any, name: str, partial: list[torch.Tensor]) -> list[torch.Tensor]:
-        return partial if not acc else [a + p for a, p in zip(acc, partial, strict=True)]
+    def fold(acc: dict[Any, torch.Tensor], name: str, partial: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+        for key, hist in partial.items():
+            acc[key] = acc[key] + hist if key in acc else hist
+        return acc
 
-    def map1(name: str, deltas: list[torch.Tensor], stats: Mapping[str, Any]) -> list[torch.Tensor]:
-        return [q.stage1_partial(d) for q, d in zip(quantiles, deltas, strict=True)]
+    def map1(name: str, deltas: list[torch.Tensor], stats: Mapping[str, Any]) -> dict[Any, torch.Tensor]:
+        return {(i, d): quantiles[(i, d)].stage1_partial(x) for i, (d, x) in enumerate(zip(densities[name], deltas,
+                                                                                          strict=True))}
 
-    def finish1(acc: list[torch.Tensor], stats: Mapping[str, Any]) -> list[Any]:
-        return [q.stage1_reduce(h) for q, h in zip(quantiles, acc, strict=True)]
+    def finish1(acc: dict[Any, torch.Tensor], stats: Mapping[str, Any]) -> dict[Any, Any]:
+        return {key: quantiles[key].stage1_reduce(h) for key, h in acc.items()}
 
-    def map2(name: str, deltas: list[torch.Tensor], stats: Mapping[str, Any]) -> list[torch.Tensor]:
-        return [q.stage2_partial(d, s) for q, d, s in zip(quantiles, deltas, stats["trim_high"], strict=True)]
+    def map2(name: str, deltas: list[torch.Tensor], stats: Mapping[str, Any]) -> dict[Any, torch.Tensor]:
+        return {(i, d): quantiles[(i, d)].stage2_partial(x, stats["trim_high"][(i, d)])
+                for i, (d, x) in enumerate(zip(densities[name], deltas, strict=True))}
 
-    def finish2(acc: list[torch.Tensor], stats: Mapping[str, Any]) -> list[float]:
-        return [q.stage2_reduce(h, s) for q, h, s in zip(quantiles, acc, stats["trim_high"], strict=True)]
+    def finish2(acc: dict[Any, torch.Tensor], stats: Mapping[str, Any]) -> list[dict[float, float]]:
+        out: list[dict[float, float]] = [{} for _ in next(iter(densities.values()))]
+        for (i, d), h in sorted(acc.items()):
+            out[i][d] = quantiles[(i, d)].stage2_reduce(h, stats["trim_high"][(i, d)])
+        return out
 
     return [
         Reduction("trim_high", tensors, map1, finish1, fold=fold, label="magnitude histogram"),
@@ -102,9 +116,10 @@ def _model_thresholds(params: Mapping[str, Any], tensors: list[str]) -> list[Red
 
 
 def _report(step: MergeStep, stats: Mapping[str, Any]) -> dict[str, Any]:
-    """The model-wide thresholds (``trim_scope: model``)."""
-    return {"op": "merge", "method": "ties", "thresholds": dict(zip(step.inputs, stats.get("trim_low", []),
-                                                                      strict=False))}
+    """The model-wide thresholds (``trim_scope: model``): per input, one, or one per scheduled density."""
+    shown = [next(iter(t.values())) if len(t) == 1 else {f"{d:.6g}": v for d, v in t.items()}
+             for t in stats.get("trim_low", [])]
+    return {"op": "merge", "method": "ties", "thresholds": dict(zip(step.inputs, shown, strict=False))}
 
 
 @merge_method(name="ties", inputs="deltas", elementwise=True, compute_bound=True, validate=non_negative_weights,

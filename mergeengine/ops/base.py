@@ -98,6 +98,8 @@ class StepPlan:
             None: float32.
         groups: decoder linear tensors -> (layer, module), for the ops that treat them apart.
         details: op-specific results of planning (a load's checkpoint, a diff's row mismatches).
+        params: tensor -> the step's scheduled fields resolved for it (python names, a field of
+            a list's object by its path, ``partitions.0.density``; see :mod:`mergeengine.graph.params`).
     """
 
     metas: Mapping[str, TensorMeta]
@@ -109,6 +111,7 @@ class StepPlan:
     emit_dtype: torch.dtype | None = None
     groups: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -261,20 +264,31 @@ class Op:
         """Lines ``mergeengine plan`` shows under the step. Default: none."""
         return []
 
+    def explain(self, plan: StepPlan, tensor: str) -> list[str]:
+        """Lines ``mergeengine plan --explain TENSOR`` shows under the step's parameters (what
+        they become for ``tensor`` beyond the fields themselves). Default: none."""
+        return []
+
     # ---- execution ---------------------------------------------------------------------------
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor | None:
         """Compute output tensor ``ctx.tensor`` from its sources."""
         raise NotImplementedError
 
     def with_params(self, values: Mapping[str, Any]) -> Op:
-        """This op for one tensor whose scheduled fields take ``values`` (python field names).
+        """This op for one tensor whose scheduled fields take ``values`` (python field names, or
+        the path of a field inside a list of objects: ``partitions.0.density``).
 
         The planner's per-tensor values (see :mod:`mergeengine.graph.params`) flow in here: the
         returned op is a new one over the updated step; ``self`` is unchanged.
         """
         view = copy.copy(self)
-        view.step = self.step.model_copy(update=dict(values))
+        view.step = _updated(self.step, values)
         return view
+
+    def for_tensor(self, plan: StepPlan, tensor: str) -> Op:
+        """This op with its scheduled fields at ``tensor``'s values (itself when none is scheduled)."""
+        values = plan.params.get(tensor)
+        return self.with_params(values) if values else self
 
     def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any] | None:
         """This step's entry of ``dppa_report.json`` from its statistics; None: nothing to report."""
@@ -283,6 +297,18 @@ class Op:
     def describe(self) -> dict[str, Any]:
         """Resolved parameters (defaults filled in), for plans and provenance."""
         return self.step.model_dump(by_alias=True, mode="json")
+
+
+def _updated(step: StepModel, values: Mapping[str, Any]) -> StepModel:
+    """``step`` with ``values`` set (a dotted name sets a field of one object of a list field)."""
+    flat = {k: v for k, v in values.items() if "." not in k}
+    for path, value in values.items():
+        if "." in path:
+            name, j, key = path.split(".")
+            items = list(flat.get(name, getattr(step, name)))
+            items[int(j)] = items[int(j)].model_copy(update={key: value})
+            flat[name] = items
+    return step.model_copy(update=flat)
 
 
 def same_tensors(

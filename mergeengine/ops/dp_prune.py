@@ -24,12 +24,15 @@ from mergeengine.ops import register
 from mergeengine.ops.base import Reduction, StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep
 from mergeengine.ops.dp_stats import (
+    DPSettings,
     Lamda,
     LayerThreshold,
     ModuleThreshold,
     PruneRuleField,
     density_report,
     dp_reductions,
+    dp_settings,
+    explain_dp,
     log_summary,
 )
 
@@ -55,11 +58,13 @@ class DpPrune(DeltaOp):
     Step = DpPruneStep
     step: DpPruneStep
 
+    def settings(self, plan: StepPlan) -> dict[str, DPSettings]:
+        """Each DP module's parameters (scheduled fields at its tensor's values)."""
+        return dp_settings(self, plan, self.tensor_units(plan), lambda step: (step.density,))
+
     def reductions(self, plan: StepPlan) -> list[Reduction]:
-        s = self.step
-        return dp_reductions(s.id, dict(plan.groups), [s.density], lamda=s.lamda,
-                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
-                             source=self.delta_source, units=self.tensor_units(plan))
+        return dp_reductions(self.step.id, dict(plan.groups), self.settings(plan), source=self.delta_source,
+                             units=self.tensor_units(plan))
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         delta, units = self.delta(inputs), self.tensor_units(ctx.plan)
@@ -74,8 +79,13 @@ class DpPrune(DeltaOp):
     def plan_notes(self, plan: StepPlan) -> list[str]:
         return self.group_notes(plan)
 
+    def explain(self, plan: StepPlan, tensor: str) -> list[str]:
+        """The DP formula with this tensor's values (the offsets come from the statistics passes)."""
+        return explain_dp(self.settings(plan), self.tensor_units(plan).get(tensor, []), ["density"])
+
     def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any]:
         """Per-module outlier ratio, density and planned kept count (``dppa_report.json``)."""
         numels = self.unit_numels(plan)
+        targets = {key: (s.targets[0], s.lamda) for key, s in self.settings(plan).items()}
         return {"op": self.name, "prune_rule": self.step.prune_rule,
-                **density_report(stats["layer_outliers"][0], dict(plan.groups), numels, self.step.prune_rule)}
+                **density_report(stats["layer_outliers"][0], dict(plan.groups), numels, self.step.prune_rule, targets)}

@@ -29,12 +29,15 @@ from mergeengine.ops import register
 from mergeengine.ops.base import ChunkFill, Reduction, StepPlan, TaskContext
 from mergeengine.ops.delta_op import DeltaOp, DeltaStep
 from mergeengine.ops.dp_stats import (
+    DPSettings,
     Lamda,
     LayerThreshold,
     ModuleThreshold,
     PruneRuleField,
     density_report,
     dp_reductions,
+    dp_settings,
+    explain_dp,
     log_summary,
 )
 from mergeengine.runtime import numpy_threads
@@ -86,23 +89,31 @@ class DpaAmplify(DeltaOp):
     Step = DpaAmplifyStep
     step: DpaAmplifyStep
 
-    def __init__(self, step: DpaAmplifyStep) -> None:
-        super().__init__(step)
-        scales = [p.scale for p in step.partitions]
-        self.scales = dppa.release_factors(scales)[0] if step.factors == "release" else scales
-        self.dense = max(self.scales) if step.dense_scale == "max" else float(step.dense_scale)
+    @property
+    def scales(self) -> list[float]:
+        """Each partition's factor (``factors: release``: the release's pick)."""
+        scales = [p.scale for p in self.step.partitions]
+        return dppa.release_factors(scales)[0] if self.step.factors == "release" else scales
+
+    @property
+    def dense(self) -> float:
+        """The factor of the tensors DP leaves dense."""
+        return max(self.scales) if self.step.dense_scale == "max" else float(self.step.dense_scale)
 
     @property
     def targets(self) -> list[float]:
+        """The partitions' densities."""
         return [p.density for p in self.step.partitions]
 
+    def settings(self, plan: StepPlan) -> dict[str, DPSettings]:
+        """Each DP module's parameters (scheduled fields at its tensor's values)."""
+        return dp_settings(self, plan, self.tensor_units(plan), lambda step: tuple(p.density for p in step.partitions))
+
     def reductions(self, plan: StepPlan) -> list[Reduction]:
-        s = self.step
-        if s.select != "dp":
+        if self.step.select != "dp":
             return []
-        return dp_reductions(s.id, dict(plan.groups), self.targets, lamda=s.lamda,
-                             module_threshold=s.module_threshold, layer_threshold=s.layer_threshold,
-                             source=self.delta_source, units=self.tensor_units(plan))
+        return dp_reductions(self.step.id, dict(plan.groups), self.settings(plan), source=self.delta_source,
+                             units=self.tensor_units(plan))
 
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         units = self.tensor_units(ctx.plan)
@@ -142,25 +153,51 @@ class DpaAmplify(DeltaOp):
         into ``out``. The floats are those of :meth:`compute`, and no amplified delta is ever
         stored.
         """
+        op = self.for_tensor(plan, tensor)  # this tensor's factors (they may be scheduled)
         if tensor not in self.tensor_units(plan):
-            return lambda delta, out: torch.mul(delta, self.dense, out=out)
+            return lambda delta, out: torch.mul(delta, op.dense, out=out)
         self._log_first(plan, tensor, stats)
         with numpy_threads():  # the threshold selection is numpy: torch's second thread would only spin
-            return dppa.PartitionScaler((model, base), self._densities(tensor, stats), self.scales,
+            return dppa.PartitionScaler((model, base), self._densities(tensor, stats), op.scales,
                                         rule=self.step.prune_rule).scale
 
     def plan_notes(self, plan: StepPlan) -> list[str]:
         return self.group_notes(plan)
 
+    def explain(self, plan: StepPlan, tensor: str) -> list[str]:
+        """The partitions' DP densities with this tensor's values, and its factors."""
+        op = self.for_tensor(plan, tensor)
+        units = self.tensor_units(plan)
+        if tensor not in units:
+            return [f"dense: not a decoder linear weight, multiplied by dense_scale {op.dense:.6g}"]
+        factors = [f"factors {', '.join(f'{f:.6g}' for f in op.scales)}"]
+        if self.step.select != "dp":
+            return factors + [f"partition densities {', '.join(f'{d:.6g}' for d in op.targets)} of the tensor's "
+                              "magnitude ranking"]
+        names = [f"partitions.{k}.density" for k in range(len(op.targets))]
+        return factors + explain_dp(self.settings(plan), units[tensor], names)
+
     def report(self, plan: StepPlan, stats: dict[str, Any]) -> dict[str, Any]:
-        """Per-partition DP densities and kept counts (``dppa_report.json``)."""
+        """Per-partition DP densities and kept counts (``dppa_report.json``); the factors per tensor
+        where a schedule makes them vary."""
         rule = self.step.prune_rule
-        out: dict[str, Any] = {"op": self.name, "select": self.step.select, "factors": self.scales,
-                               "dense_scale": self.dense, "prune_rule": rule}
+        factors = {n: self.for_tensor(plan, n).scales for n in plan.metas}
+        dense = {n: self.for_tensor(plan, n).dense for n in plan.metas}
+        out: dict[str, Any] = {"op": self.name, "select": self.step.select,
+                               "factors": _one_or_all(factors, self.scales),
+                               "dense_scale": _one_or_all(dense, self.dense), "prune_rule": rule}
         if self.step.select == "dp":
-            numels = self.unit_numels(plan)
-            out["partitions"] = [density_report(d, dict(plan.groups), numels, rule) for d in stats["layer_outliers"]]
+            numels, settings = self.unit_numels(plan), self.settings(plan)
+            out["partitions"] = [density_report(d, dict(plan.groups), numels, rule,
+                                                {key: (s.targets[k], s.lamda) for key, s in settings.items()})
+                                 for k, d in enumerate(stats["layer_outliers"])]
         else:
-            out["kept"] = {n: [numel - pruned_count(numel, d, rule) for d in self.targets]
+            targets = {key: self.for_tensor(plan, n).targets for n, keys in self.tensor_units(plan).items() for key in keys}
+            out["kept"] = {n: [numel - pruned_count(numel, d, rule) for d in targets[n]]
                            for n, numel in self.unit_numels(plan).items()}
         return out
+
+
+def _one_or_all(per_tensor: dict[str, Any], value: Any) -> Any:
+    """``value`` when every tensor has it, else the per-tensor values."""
+    return value if all(v == value for v in per_tensor.values()) else per_tensor

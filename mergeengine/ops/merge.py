@@ -198,8 +198,10 @@ class MergeOp(Op):
         statistics = self.merge_method.statistics
         if statistics is None:
             return []
+        params = {tensor: self.for_tensor(plan, tensor).params for tensor in plan.params}  # type: ignore[attr-defined]
         return [Reduction(red.name, red.tensors, self._whole_map(plan, red.map), red.finish, fold=red.fold,
-                          after=red.after, label=red.label) for red in statistics(self.params, list(plan.metas))]
+                          after=red.after, label=red.label)
+                for red in statistics(lambda tensor: params.get(tensor, self.params), list(plan.metas))]
 
     def _whole_map(self, plan: StepPlan, map_: Any) -> Any:
         """A reduction's map fed with the method's inputs of one tensor (whole float32 tensors)."""

@@ -18,6 +18,11 @@ On a per-input field (``weights``, ``density`` of a merge), a list of numbers ke
     density: [[0.2, 0.5, 0.8], 0.3]               # input 0: a gradient, input 1: constant
     t: [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.5}]
 
+A field that holds a list of objects (``dpa_amplify``'s ``partitions``) takes schedules in the
+objects' numeric fields; such a schedule is named by its path, ``partitions.0.density``::
+
+    partitions: [{density: [0.1, 0.2], scale: 1.8}, {density: [0.2, 0.4], scale: 1.0}]
+
 The loader (:func:`split_schedules`) takes the schedules out of the raw recipe before it is
 validated, validates the step once per anchor value (so each value meets the field's own bounds,
 before any weight is read), and hands them on in :class:`StepSchedules`. The planner resolves
@@ -66,11 +71,25 @@ Schedule = Union[float, Gradient, Filtered]  # noqa: UP007
 
 @dataclass(frozen=True)
 class FieldSchedule:
-    """One scheduled field: a single schedule, or one per input (``per_input``)."""
+    """One scheduled field: a single schedule, or one per input (``per_input``).
+
+    ``field`` is the field's YAML name, or the dotted path of a field inside a list of objects
+    (``partitions.0.density``).
+    """
 
     field: str
     schedules: tuple[Schedule, ...]
     per_input: bool
+
+    @property
+    def path(self) -> tuple[str | int, ...]:
+        """The field's YAML path inside its step: ``("density",)``, ``("partitions", 0, "density")``."""
+        return field_path(self.field)
+
+
+def field_path(name: str) -> tuple[str | int, ...]:
+    """``"partitions.0.density"`` -> ``("partitions", 0, "density")``."""
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
 StepSchedules = dict[str, FieldSchedule]  # field name -> its schedule
@@ -217,13 +236,13 @@ def resolve_field(fs: FieldSchedule, tensor: str, num_layers: int, default: Any)
 
 
 def split_schedules(
-    steps: list[Any], accepts: Callable[[dict[str, Any], str, Any], bool]
+    steps: list[Any], accepts: Callable[[dict[str, Any], tuple[str | int, ...], Any], bool]
 ) -> tuple[dict[int, StepSchedules], int]:
     """Find the schedules in a raw recipe's steps.
 
     Args:
         steps: the raw ``steps`` list.
-        accepts: (raw step, field, value) -> whether the step validates with that value.
+        accepts: (raw step, field path, value) -> whether the step validates with that value there.
 
     Returns:
         (step index -> its scheduled fields, number of validation probes needed).
@@ -233,26 +252,51 @@ def split_schedules(
     for i, step in enumerate(steps):
         if not isinstance(step, dict):
             continue
-        for name, raw in step.items():
-            if name in ("id", "op", "method") or not isinstance(raw, list):
-                continue
-            fs = field_schedule(name, raw, lambda v, s=step, n=name: accepts(s, n, v))
+        for path, raw in _candidates(step):
+            fs = field_schedule(".".join(map(str, path)), raw, lambda v, s=step, p=path: accepts(s, p, v))
             if fs is not None:
-                found.setdefault(i, {})[name] = fs
+                found.setdefault(i, {})[fs.field] = fs
                 probes = max(probes, probe_count(fs))
     return found, probes
+
+
+def _candidates(step: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any]]:
+    """The lists a raw step holds that may be schedules: its fields', and those of the objects in a
+    list-of-objects field (``partitions``), each with its path."""
+    out: list[tuple[tuple[str | int, ...], Any]] = []
+    for name, raw in step.items():
+        if name in ("id", "op", "method") or not isinstance(raw, list):
+            continue
+        if raw and all(isinstance(e, dict) and "value" not in e for e in raw):
+            out += [((name, j, key), sub) for j, e in enumerate(raw) for key, sub in e.items() if isinstance(sub, list)]
+        else:
+            out.append(((name,), raw))
+    return out
+
+
+def set_at(step: dict[str, Any], path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+    """A copy of a raw step with ``value`` at ``path`` (copying the lists and objects on the way)."""
+    if len(path) == 1:
+        return {**step, path[0]: value}
+    name, j, key = path
+    items = list(step[name])
+    items[j] = {**items[j], key: value}
+    return {**step, name: items}
 
 
 def probe_steps(steps: list[Any], found: dict[int, StepSchedules], k: int) -> list[Any]:
     """The raw steps with every scheduled field replaced by probe ``k``'s values."""
     out = list(steps)
     for i, fields in found.items():
-        out[i] = {**steps[i], **{name: probe(fs, k) for name, fs in fields.items()}}
+        step = steps[i]
+        for fs in fields.values():
+            step = set_at(step, fs.path, probe(fs, k))
+        out[i] = step
     return out
 
 
-def field_accepts(step: dict[str, Any], name: str, value: Any) -> bool:
-    """Whether the step validates with ``value`` for field ``name`` (other fields' problems aside)."""
+def field_accepts(step: dict[str, Any], path: tuple[str | int, ...], value: Any) -> bool:
+    """Whether the step validates with ``value`` at field ``path`` (other fields' problems aside)."""
     from pydantic import TypeAdapter, ValidationError
 
     from mergeengine.recipe.schema import AnyStep
@@ -261,10 +305,16 @@ def field_accepts(step: dict[str, Any], name: str, value: Any) -> bool:
     if _ADAPTER is None:
         _ADAPTER = TypeAdapter(AnyStep)
     try:
-        _ADAPTER.validate_python({**step, name: value})
+        _ADAPTER.validate_python(set_at(step, path, value))
     except ValidationError as exc:
-        return not any(name in err["loc"] for err in exc.errors())
+        return not any(_within(err["loc"], path) for err in exc.errors())
     return True
+
+
+def _within(loc: tuple[Any, ...], path: tuple[str | int, ...]) -> bool:
+    """Whether an error location lies at or under ``path`` (the union's tag may precede it)."""
+    n = len(path)
+    return any(tuple(loc[i:i + n]) == path for i in range(len(loc) - n + 1))
 
 
 _ADAPTER: Any = None
