@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeengine.kernels.selection import keep_count, topk_abs_mask
+from mergeengine.kernels.select_exact import keep_count, topk_abs_mask
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import CHUNK, chunks, dot
