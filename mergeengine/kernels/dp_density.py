@@ -126,20 +126,22 @@ class DPDensities:
     ``groups`` (layers numerically).
 
     Attributes:
-        density: the target density ``d``.
-        lamda: the offset amplitude.
+        density: the target density ``d``; None when it differs between modules (a scheduled
+            ``d``, see :func:`mergeengine.ops.dp_stats.module_densities`).
+        lamda: the offset amplitude; None when it differs between modules.
         layer_ratio: ``o_l``, percent of the layer's entries above ``L * layer mean``.
-        layer_density: ``D_l = d + lamda * c_l / max |c|``.
+        layer_density: ``D_l = d + lamda * c_l / max |c|``; None for a layer whose modules do
+            not share ``d`` and ``lamda``.
         module_ratio: ``r_lj`` as in step 3 (percent), before normalisation.
         module_offset: the step-4 offset ``lamda * r / max |r|``, in ``[-lamda, lamda]``.
         module_density: ``d_lj = D_l + offset``, clamped to [0, 1].
         clamped: tensor names whose ``d_lj`` was clamped.
     """
 
-    density: float
-    lamda: float
+    density: float | None
+    lamda: float | None
     layer_ratio: dict[str, float]
-    layer_density: dict[str, float]
+    layer_density: dict[str, float | None]
     module_ratio: dict[str, float]
     module_offset: dict[str, float]
     module_density: dict[str, float]
