@@ -547,7 +547,7 @@ def restrict(plan: Plan, skip: dict[str, set[str]]) -> Plan:
     sources = {k: v for k, v in plan.sources.items() if k in keep}
     new = Plan(plan.steps, plan.active, plan.step_plans, plan.metas, graph, order, sources, plan.reductions,
                {k: plan.phase[k] for k in order}, plan.save_order, plan.checkpoints, plan.save_paths,
-               prefetch_bytes=plan.prefetch_bytes, params=plan.params)
+               prefetch_bytes=plan.prefetch_bytes)
     new.estimate = simulate(new, new.prefetch_bytes)
     new.estimate.bytes_read_unique = plan.estimate.bytes_read_unique
     return new
