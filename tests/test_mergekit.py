@@ -78,7 +78,7 @@ def test_run_and_convert_a_mergekit_file(models: dict[str, Path], tmp_path: Path
 @pytest.mark.parametrize(("edit", "message"), [
     (("dtype: float32", "dtype: float32\nmystery: 1"), "3:1: mergekit key 'mystery' is not part of mergekit's config"),
     (("merge_method: ties", "merge_method: passthrough"), "mergekit key 'slices.0.sources': passthrough takes one"),
-    (("dtype: float32", "dtype: float32\ntokenizer_source: MATH"), "mergekit key 'tokenizer_source': a tokenizer taken"),
+    (("dtype: float32", "dtype: float32\ntokenizer_source: /elsewhere"), "'tokenizer_source': the tokenizer source must"),
     (("dtype: float32", "dtype: float32\nchat_template: chatmlx"), "mergekit key 'chat_template': 'chatmlx' is not"),
     (("dtype: float32", "dtype: int8"), "mergekit key 'dtype': dtype 'int8' is not supported"),
     (("merge_method: ties", "merge_method: frobnicate"), "merge_method 'frobnicate' has no mergeengine translation"),
@@ -114,6 +114,45 @@ def test_dare_ties_defaults_follow_mergekit(models: dict[str, Path], tmp_path: P
         "dtype: float32", "dtype: float32\nparameters: {normalize: true, rescale: false}")
     step = load_recipe(_config(tmp_path, models, body, "b.yml")).recipe.steps[3]
     assert (step.rescale, step.normalize, step.weights) == ("none", True, [1.0, 0.5])  # type: ignore[union-attr]
+
+
+def test_della_defaults_follow_mergekit(models: dict[str, Path], tmp_path: Path) -> None:
+    body = TIES.replace("merge_method: ties", "merge_method: della").replace("density: 0.3}", "density: 0.3, epsilon: 0.1}")
+    step = load_recipe(_config(tmp_path, models, body)).recipe.steps[3]
+    assert (step.method, step.rescale, step.normalize, step.vote) == ("della", "l1", True, "weighted")  # type: ignore[union-attr]
+    assert (step.density, step.epsilon, step.weights) == ([0.5, 0.3], [0.15, 0.1], [1.0, 0.5])  # type: ignore[union-attr]
+    body = TIES.replace("merge_method: ties", "merge_method: della_linear")
+    step = load_recipe(_config(tmp_path, models, body, "b.yml")).recipe.steps[3]
+    assert (step.rescale, step.normalize) == ("l1", False)  # type: ignore[union-attr]
+    text = (tmp_path / "della.yaml")
+    assert main(["convert", str(tmp_path / "mk.yml"), "-o", str(text)]) == 0
+    assert "MAGPRUNE draws from mergeengine's seeded generators" in text.read_text()
+
+
+@pytest.mark.parametrize(("method", "extra", "message"), [
+    ("karcher", "", None),
+    ("nuslerp", "", None),
+    ("arcee_fusion", "", "'models': arcee_fusion merges exactly 1 model(s) besides the base, got 2"),
+    ("sce", "parameters: {select_topk: 0.5, weight: 1}", "'parameters.weight': not a parameter of sce"),
+])
+def test_other_methods_translate_their_base(models: dict[str, Path], tmp_path: Path, method: str, extra: str,
+                                            message: str | None) -> None:
+    """karcher merges base_model as one more model; nuslerp takes it as the origin; errors name the key."""
+    body = TIES.replace("merge_method: ties", f"merge_method: {method}\n{extra}").replace(", density: 0.5", "").replace(
+        ", density: 0.3", "")
+    if method in ("karcher", "sce", "arcee_fusion"):
+        body = body.replace("    parameters: {weight: 1.0}\n", "").replace("    parameters: {weight: 0.5}\n", "")
+    cfg = _config(tmp_path, models, body)
+    if message is not None:
+        with pytest.raises(RecipeError) as exc:
+            load_recipe(cfg)
+        assert any(message in p for p in exc.value.problems), exc.value.problems
+        return
+    step = load_recipe(cfg).recipe.steps[3]
+    if method == "karcher":
+        assert (step.inputs, step.base) == (["base32", "math32", "code32"], None)  # type: ignore[union-attr]
+    else:
+        assert (step.inputs, step.base, step.weights) == (["math32", "code32"], "base32", [1.0, 0.5])  # type: ignore[union-attr]
 
 
 def test_model_with_revision_and_long_form_references(models: dict[str, Path], tmp_path: Path) -> None:

@@ -189,6 +189,7 @@ def _topk_mask(d: torch.Tensor, k: int) -> torch.Tensor:
 def _sparsify(method: str, d: torch.Tensor, density: float, gamma: float, gen: torch.Generator | None) -> torch.Tensor:
     if density >= 1:
         return d
+    assert not method.startswith("della"), "DELLA's draws are checked at density 1 only"
     n = d.numel()
     if method == "ties":
         return d * _topk_mask(d, int(density * n))
@@ -283,6 +284,8 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = {**cfg, "models": [{"model": s["model"], "parameters": s.get("parameters")}
                                  for s in cfg.pop("slices")[0]["sources"]]}
     method, models = cfg["merge_method"], cfg["models"]
+    if method in ("multislerp", "karcher"):  # the base (if any) is not the origin of models' tensors here
+        return OTHER_METHODS[method](root, cfg, None, [(m, _load(root, m["model"])) for m in models])
     if method == "slerp":
         base, other = _load(root, cfg["base_model"]), _load(root, models[1]["model"])
         return {name: _slerp(_param(cfg, None, "t", name), base[name], other[name]) for name in base}
@@ -299,8 +302,11 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         everything = {cfg["base_model"]: base, **{m["model"]: tensors[m["model"]] for m in members}}
         union_rows(root, cfg, everything)
         base = everything[cfg["base_model"]]
+    if method in OTHER_METHODS:
+        return OTHER_METHODS[method](root, cfg, base, [(m, tensors[m["model"]]) for m in members])
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
-                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True)}[method]
+                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True),
+                "della": (True, True), "della_linear": (False, True)}[method]
     normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])
     return {name: _gta(method, cfg, base[name], [(m, tensors[m["model"]][name]) for m in members], name, normalize,
                        members) for name in base}
@@ -318,7 +324,7 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
         weights.append(_param(cfg, m, "weight", name))
     weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
     w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base.dim()))
-    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
         mask = (weighted.sign() == majority).double()
         mixed, divisor = (weighted * mask).sum(0), (w * mask).sum(0)
@@ -329,6 +335,139 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
     if normalize:
         mixed = mixed / divisor
     return base.double() + _param(cfg, None, "lambda", name, 1.0) * mixed
+
+
+# ---- mergekit's other methods (float64, from mergekit 0.1.5's formulas) ---------------------
+
+Inputs = list[tuple[dict[str, Any], dict[str, torch.Tensor]]]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, -1) if x.dim() == 1 else x
+
+
+def _sce(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Keep the top select_topk entries by variance across the task vectors (int(nonzero * k) of them), erase
+    minority signs (of the plain sum, + at 0), weight each vector by its mean square."""
+    out = {}
+    for name, b in base.items():
+        tv = torch.stack([(x[name].float() - b.float()).double() for _, x in inputs])
+        k = _param(cfg, None, "select_topk", name, 1.0)
+        if k < 1:
+            var = tv.var(0, unbiased=False)
+            mask = torch.zeros(var.numel(), dtype=torch.float64)
+            mask[torch.topk(var.reshape(-1), int(torch.count_nonzero(var) * k)).indices] = 1
+            tv = tv * mask.reshape(var.shape)
+        erase = (tv.sign() == torch.where(tv.sum(0) >= 0, 1.0, -1.0)).double()
+        w = (tv ** 2).mean(dim=list(range(1, tv.dim())))
+        w = (w / w.sum()).reshape(-1, *([1] * b.dim()))
+        out[name] = b + (tv * w * erase).sum(0) / (w * erase).sum(0).clamp(min=1e-6)
+    return out
+
+
+def _nuslerp(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """SLERP of the two task vectors at t = w_2 / (w_1 + w_2), per row of the last dimension (flatten: false)."""
+    assert (cfg.get("parameters") or {}).get("nuslerp_flatten") is False
+    out = {}
+    for name, b in base.items():
+        w = [_param(cfg, m, "weight", name) for m, _ in inputs]
+        t = w[1] / sum(w)
+        v0, v1 = (_rows(x[name] - b) for _, x in inputs)
+        cos = ((v0 / v0.norm(dim=-1, keepdim=True)) * (v1 / v1.norm(dim=-1, keepdim=True))).sum(-1, keepdim=True)
+        theta = torch.acos(cos.clamp(-1, 1))
+        res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+        out[name] = b + res.reshape(b.shape)
+    return out
+
+
+def _multislerp(_root: Path, cfg: dict[str, Any], _base: None, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The weighted mean of the unit vectors, mapped back to the sphere from its tangent space, times the mean norm."""
+    out, eps = {}, 1e-8
+    for name in inputs[0][1]:
+        w = torch.tensor([_param(cfg, m, "weight", name) for m, _ in inputs], dtype=torch.float64)
+        w = w / w.sum()
+        flat = torch.stack([x[name].reshape(-1) for _, x in inputs])
+        norms = flat.norm(dim=-1, keepdim=True)
+        unit = flat / (norms + eps)
+        mean = (unit * w[:, None]).sum(0)
+        mean = mean / mean.norm()
+        tangent = ((unit - (unit * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
+        size = tangent.norm() + eps
+        res = mean * torch.cos(size) + tangent * torch.sin(size) / size
+        out[name] = (res * (norms[:, 0] * w).sum()).reshape(inputs[0][1][name].shape)
+    return out
+
+
+def _karcher_one(xs: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n for x, n in zip(xs, norms) if n > tol]
+    a = 1 / len(units)
+    u = sum(a * x for x in units)
+    u = u / u.norm()
+    for _ in range(max_iter):
+        step = torch.zeros_like(u)
+        for x in units:
+            dot = torch.clamp((u * x).sum(), -1, 1)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:
+                step += a * (theta / torch.sin(theta)) * (x - dot * u)
+        size = step.norm()
+        if float(size) < tol:
+            break
+        u = torch.cos(size) * u + torch.sin(size) * step / size
+        u = u / u.norm()
+    return sum(norms) / len(xs) * u
+
+
+def _karcher(_root: Path, cfg: dict[str, Any], _base: None, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The Karcher mean (equal weights) of the models and the base, which mergekit adds as one more model."""
+    everything = [x for _, x in inputs] + [_load(_root, cfg["base_model"])]
+    max_iter, tol = int(_param(cfg, None, "max_iter", "", 10)), _param(cfg, None, "tol", "", 1e-5)
+    return {name: _karcher_one([x[name] for x in everything], max_iter, tol) for name in everything[0]}
+
+
+def _model_stock(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """base + t (mean - base), t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the offsets (per row).
+    A negative mean cosine counts as 0 (mergeengine's rule; mergekit extrapolates, see docs/mergekit.md)."""
+    assert (cfg.get("parameters") or {}).get("filter_wise") is True
+    out = {}
+    for name, b in base.items():
+        w0, ws = _rows(b), [_rows(x[name]) for _, x in inputs]
+        offsets = [w - w0 for w in ws]
+        cos = torch.stack([(offsets[i] * offsets[j]).sum(-1) / (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
+                           for i in range(len(ws)) for j in range(i + 1, len(ws))]).mean(0).unsqueeze(-1).clamp(min=0)
+        t = len(ws) * cos / (1 + (len(ws) - 1) * cos)
+        out[name] = (t * sum(ws) / len(ws) + (1 - t) * w0).reshape(b.shape)
+    return out
+
+
+def _nearswap(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Per entry: the model's value weighted by t / |base - model| (clamped to [0, 1])."""
+    (_, model), = inputs
+    out = {}
+    for name, b in base.items():
+        w = (_param(cfg, None, "t", name) / (b - model[name]).abs().clamp(min=1e-6)).clamp(0, 1)
+        out[name] = w * model[name] + (1 - w) * b
+    return out
+
+
+def _arcee_fusion(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The model's changes whose importance |delta| * KL(softmax(model) + eps || softmax(base) + eps) (per row)
+    reaches median + 1.5 IQR (quantile q: the sorted scores' entry int(q (n - 1)))."""
+    (_, model), = inputs
+    out = {}
+    for name, b in base.items():
+        x = model[name]
+        p, q = torch.softmax(_rows(x), -1) + 1e-8, torch.softmax(_rows(b), -1) + 1e-8
+        scores = ((_rows(x) - _rows(b)).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).reshape(b.shape)
+        ranked = scores.reshape(-1).sort().values
+        median, q1, q3 = (ranked[int(f * (ranked.numel() - 1))] for f in (0.5, 0.25, 0.75))
+        out[name] = b + (x - b) * (scores >= median + 1.5 * (q3 - q1))
+    return out
+
+
+OTHER_METHODS = {"sce": _sce, "nuslerp": _nuslerp, "multislerp": _multislerp, "karcher": _karcher,
+                 "model_stock": _model_stock, "nearswap": _nearswap, "arcee_fusion": _arcee_fusion}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

@@ -34,7 +34,7 @@ from mergeengine.recipe.mergekit_schema import (
     ModelReferenceSpec,
 )
 from mergeengine.recipe.mergekit_slices import convert_slices
-from mergeengine.recipe.mergekit_vocab import vocab_steps
+from mergeengine.recipe.mergekit_vocab import slice_aligner, vocab_steps
 
 YPath = tuple[Any, ...]
 
@@ -216,16 +216,13 @@ def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Convert
     taken: set[str] = set()
     add = loader(conv, taken)
     if config.slices:
-        if config.tokenizer_source is not None or config.tokenizer is not None:
-            where = ("tokenizer",) if config.tokenizer is not None else ("tokenizer_source",)
-            raise ConvertError(where, "a vocabulary with layer slices is not supported")
-        origin, final = convert_slices(config, spec, conv, add, taken)
+        origin, final = convert_slices(config, spec, conv, add, taken, slice_aligner(config, conv, add, taken))
         _save(config, conv, origin, final)
         return conv
     if spec.ours == "passthrough":
         raise ConvertError(("merge_method",), "passthrough takes layer 'slices', not 'models'")
     base, inputs = _loads(config, conv, add)
-    base, inputs = vocab_steps(config, conv, base, inputs, add)
+    base, inputs = vocab_steps(config, conv, base, inputs, add, taken)
     fields, notes, origins = merge_fields(spec, config, base, inputs)
     merge = {"id": "merge", "op": "merge", "method": spec.ours, **fields}
     index = len(conv.data["steps"])
