@@ -3,6 +3,7 @@ and matches mergekit's formulas, computed here independently of the engine (in f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -84,6 +85,7 @@ def _write_tokenizer(folder: Path, extra: list[str], added: list[str]) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
+@functools.lru_cache(maxsize=None)
 def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
     """A model's token -> id as transformers loads its tokenizer (mergekit's view), and its added tokens in id order."""
     from transformers import AutoTokenizer
@@ -92,40 +94,88 @@ def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
     return tok.get_vocab(), [a.content for _, a in sorted(tok.added_tokens_decoder.items())]
 
 
-def _fill(t: str, names: list[str], vocabs: dict[str, Any], old: dict[str, torch.Tensor], zero: set[str]) -> torch.Tensor:
-    holders = [n for n in names if t in vocabs[n][0]]
-    if t in zero:
-        return torch.zeros(old[names[0]].shape[1], dtype=torch.float64)
-    if names[0] in holders or len(holders) == 1:
-        donor = names[0] if names[0] in holders else holders[0]
-        return old[donor][vocabs[donor][0][t]]
-    return torch.stack([old[n][vocabs[n][0][t]] for n in holders]).mean(0)
+def _referenced(cfg: dict[str, Any]) -> list[str]:
+    """The config's models, base first (the union's base), then in the order the config names them."""
+    named = [m["model"] for m in cfg.get("models") or []]
+    named += [s["model"] for sl in cfg.get("slices") or [] for s in sl["sources"]]
+    return list(dict.fromkeys(([cfg["base_model"]] if cfg.get("base_model") else []) + named))
 
 
-def union_rows(root: Path, cfg: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-    """mergekit's union vocabulary: the base's tokens, then each model's new tokens, then added tokens;
-    a missing row from the base, its only holder, or the holders' mean; zero overrides; padding rows the mean."""
-    block = cfg["tokenizer"]
-    names = list(tensors)
+def vocabulary(root: Path, cfg: dict[str, Any]) -> tuple[list[str], int]:
+    """mergekit's output tokens in id order, and the row count: the union (the base's tokens, then each
+    model's new tokens, then added tokens), the base's, or one model's own; then the tokens of ``tokens``."""
+    block = cfg.get("tokenizer") or {}
+    source = cfg.get("tokenizer_source") or block.get("source", "union")
+    names = _referenced(cfg)
     vocabs = {n: _vocab(root / n) for n in names}
-    order = sorted(vocabs[names[0]][0], key=vocabs[names[0]][0].get)
-    added = {t for n in names[1:] for t in vocabs[n][1]}
-    for n in names[1:]:
-        order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
-    for n in names[1:]:
-        order += [t for t in vocabs[n][1] if t not in order]
-    size = -(-len(order) // block["pad_to_multiple_of"]) * block["pad_to_multiple_of"]
-    zero = {t for t, v in (block.get("tokens") or {}).items() if v["source"] == {"kind": "zero"}}
-    for key in [k for k in tensors[names[0]] if "embed_tokens" in k or "lm_head" in k]:
-        old = {n: tensors[n][key] for n in names}
-        new = {n: torch.zeros(size, old[n].shape[1], dtype=torch.float64) for n in names}
+    own = names[0] if source in ("union", "base") else source
+    order = sorted(vocabs[own][0], key=vocabs[own][0].get)
+    if source == "union":
+        added = {t for n in names[1:] for t in vocabs[n][1]}
+        for n in names[1:]:
+            order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
+        for n in names[1:]:
+            order += [t for t in vocabs[n][1] if t not in order]
+    order += [t for t in block.get("tokens") or {} if t not in order]
+    multiple = block.get("pad_to_multiple_of") or 1
+    return order, -(-len(order) // multiple) * multiple
+
+
+def _default_row(root: Path, t: str, cfg: dict[str, Any], fill: list[str], base: str | None,
+                 old: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mergekit's row for a token a model lacks: the ``tokens`` source, else the only holder among the models
+    merged (``fill``), the base's (where the base is merged), the holders' mean, or zero."""
+    vocabs = {n: _vocab(root / n)[0] for n in old}
+    source = (((cfg.get("tokenizer") or {}).get("tokens") or {}).get(t) or {}).get("source")
+    if isinstance(source, dict) and source["kind"] == "model_token":
+        m = source["model"]
+        return old[m][source["token_id"] if "token_id" in source else vocabs[m][source["token"]]]
+    if source is not None:
+        return torch.zeros(next(iter(old.values())).shape[1], dtype=torch.float64) if source == {"kind": "zero"} \
+            else old[source][vocabs[source][t]]
+    holders = [n for n in fill if t in vocabs[n]]
+    if not holders:
+        return torch.zeros(next(iter(old.values())).shape[1], dtype=torch.float64)
+    if len(holders) == 1 or base in holders:
+        donor = holders[0] if len(holders) == 1 else base
+        return old[donor][vocabs[donor][t]]
+    return torch.stack([old[n][vocabs[n][t]] for n in holders]).mean(0)
+
+
+def aligned(root: Path, cfg: dict[str, Any], model: str, fill: list[str], base: str | None) -> dict[str, torch.Tensor]:
+    """A model's tensors with its embedding and lm_head rows laid out for the output vocabulary (mergekit's
+    PermutedVocabulary over the models ``fill`` merged into the tensor)."""
+    order, size = vocabulary(root, cfg)
+    tensors = _load(root, model)
+    forced = {t for t, v in ((cfg.get("tokenizer") or {}).get("tokens") or {}).items() if v.get("force")}
+    vocab = _vocab(root / model)[0]
+    for key in [k for k in tensors if "embed_tokens" in k or "lm_head" in k]:
+        old = {n: _load(root, n)[key] for n in dict.fromkeys([*fill, model, *_token_models(cfg)])}
+        new = torch.zeros(size, old[model].shape[1], dtype=torch.float64)
         for i, t in enumerate(order):
-            fill = _fill(t, names, vocabs, old, zero)
-            for n in names:
-                new[n][i] = old[n][vocabs[n][0][t]] if t in vocabs[n][0] else fill
-        for n in names:
-            new[n][len(order):] = new[n][:len(order)].mean(0)
-            tensors[n][key] = new[n]
+            new[i] = old[model][vocab[t]] if t in vocab and t not in forced else _default_row(root, t, cfg, fill, base, old)
+        new[len(order):] = new[:len(order)].mean(0)
+        tensors[key] = new
+    return tensors
+
+
+def _token_models(cfg: dict[str, Any]) -> list[str]:
+    out = []
+    for v in ((cfg.get("tokenizer") or {}).get("tokens") or {}).values():
+        src = v.get("source")
+        out += [src["model"]] if isinstance(src, dict) and "model" in src else [src] if isinstance(src, str) else []
+    return out
+
+
+def _source_loader(root: Path, cfg: dict[str, Any], k: int) -> Any:
+    """How slice ``k`` loads a model: aligned to the vocabulary (first and last slice) or as it is."""
+    if not (cfg.get("tokenizer") or cfg.get("tokenizer_source")) or k not in (0, len(cfg["slices"]) - 1):
+        return lambda model: _load(root, model)
+    sources = [s["model"] for s in cfg["slices"][k]["sources"]]
+    base = cfg["slices"][k].get("base_model") or cfg.get("base_model")
+    base = base if base in sources else None
+    fill = list(dict.fromkeys(([base] if base else []) + sources))
+    return lambda model: aligned(root, cfg, model, fill, base)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -233,14 +283,15 @@ def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     first_last: list[dict[str, torch.Tensor]] = []
     position = 0
-    for sl in cfg["slices"]:
+    for k, sl in enumerate(cfg["slices"]):
         start, end = sl["sources"][0]["layer_range"]
+        load = _source_loader(root, cfg, k)
         if len(sl["sources"]) == 1:
-            merged = _load(root, sl["sources"][0]["model"])
+            merged = load(sl["sources"][0]["model"])
         else:  # the slice's layers as a sub-model of end - start layers, merged as mergekit merges a slice
             sub = {**cfg, "parameters": {**(cfg.get("parameters") or {}), **(sl.get("parameters") or {})},
                    "slices": [{"sources": [{"model": s["model"], "layer_range": [0, LAYERS]} for s in sl["sources"]]}]}
-            merged = _merge_window(root, sub, start, end)
+            merged = _merge_window(root, sub, start, end, load)
         first_last.append(merged)
         for name, t in merged.items():
             layer = _layer_of(name)
@@ -257,18 +308,18 @@ def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int) -> dict[str, torch.Tensor]:
+def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int, load: Any) -> dict[str, torch.Tensor]:
     """mergekit's merge of layers [start, end) of every source, renumbered from 0, t over end - start layers."""
     global LAYERS
     saved, LAYERS = LAYERS, end - start
     try:
         models = cfg["slices"][0]["sources"]
         window = {}
-        for name in _read(root / "base"):
+        for name in load(cfg["base_model"]):
             layer = _layer_of(name)
             if layer is None or start <= layer < end:
                 window[name if layer is None else _renamed(name, layer - start)] = name
-        tensors = {m["model"]: _load(root, m["model"]) for m in models}
+        tensors = {m["model"]: load(m["model"]) for m in models}
         base = tensors[cfg["base_model"]]
         other = next(m["model"] for m in models if m["model"] != cfg["base_model"])
         return {new: _slerp(_param(cfg, None, "t", new), base[old], tensors[other][old]) for new, old in window.items()}
@@ -298,10 +349,10 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         return out
     base = _load(root, cfg["base_model"])
     members = [m for m in models if m["model"] != cfg["base_model"]]
-    if "tokenizer" in cfg:
-        everything = {cfg["base_model"]: base, **{m["model"]: tensors[m["model"]] for m in members}}
-        union_rows(root, cfg, everything)
-        base = everything[cfg["base_model"]]
+    if "tokenizer" in cfg or "tokenizer_source" in cfg:
+        fill = _referenced(cfg)
+        base = aligned(root, cfg, cfg["base_model"], fill, cfg["base_model"])
+        tensors = {m["model"]: aligned(root, cfg, m["model"], fill, cfg["base_model"]) for m in members}
     if method in OTHER_METHODS:
         return OTHER_METHODS[method](root, cfg, base, [(m, tensors[m["model"]]) for m in members])
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),

@@ -120,6 +120,13 @@ def layered(own: Any, fallback: Any) -> Any:
     return own + (fallback if _is_filters(fallback) else [{"value": fallback}])
 
 
+def layer_params(own: dict[str, Any] | None, fallback: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Parameters of a slice or module over the wider ones, each falling back where its filters match nothing."""
+    glob = dict(fallback or {})
+    out = {**glob, **{k: layered(v, glob.get(k)) for k, v in (own or {}).items()}}
+    return out or None
+
+
 def _check_keys(spec: MethodSpec, config: MergekitConfig, method: str) -> None:
     allowed_models = set(spec.per_model)
     allowed_global = allowed_models | set(spec.shared)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mergeengine.recipe.mergekit_methods import ConvertError, MethodSpec, merge_fields
+from mergeengine.recipe.mergekit_methods import ConvertError, MethodSpec, layer_params, merge_fields
 from mergeengine.recipe.mergekit_schema import (
     InputModel,
     InputSlice,
@@ -72,7 +72,7 @@ def _merged_slice(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add,
     part = config.model_copy(update={
         "slices": None,
         "models": [InputModel(model=s.model, parameters=s.parameters) for s in sl.sources],
-        "parameters": {**(config.parameters or {}), **(sl.parameters or {})} or None,
+        "parameters": layer_params(sl.parameters, config.parameters),
     })
     fields, notes, origins = merge_fields(spec, part, base_sub, subs)
     merge_id = _unique(f"slice{k}", taken)
@@ -89,9 +89,8 @@ def _single(sl: OutputSlice, k: int, add: Add, align: Align) -> dict[str, Any]:
     src: InputSlice = sl.sources[0]
     if src.parameters:
         raise ConvertError(("slices", k, "sources", 0, "parameters"), "a slice of one source takes no parameters")
-    if sl.base_model is not None or sl.residual_weight is not None:
-        key = "base_model" if sl.base_model is not None else "residual_weight"
-        raise ConvertError(("slices", k, key), f"a slice's own '{key}' is not supported")
+    if sl.base_model is not None:
+        raise ConvertError(("slices", k, "base_model"), "a slice's own 'base_model' is not supported")
     return {"model": align(add(src.model, ("slices", k, "sources", 0, "model")), k), "layer_range": list(src.layer_range)}
 
 
@@ -109,14 +108,16 @@ def convert_slices(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add
     align = align or (lambda sid, _k: sid)
     out = []
     for k, sl in enumerate(config.slices or []):
-        if sl.residual_weight is not None:
-            raise ConvertError(("slices", k, "residual_weight"), "residual_weight is not supported")
         out.append(_single(sl, k, add, align) if len(sl.sources) == 1
                    else _merged_slice(config, spec, conv, add, taken, k, sl, align))
     final = _unique("stack", taken)
-    _append(conv, {"id": final, "op": "slices", "slices": out}, ("slices",),
-            ["layers renumbered in order; embeddings from the first slice's model, final norm and lm_head from the "
-             "last's; config.json from the first slice's model, num_hidden_layers set"])
+    notes = ["layers renumbered in order; embeddings from the first slice's model, final norm and lm_head from the "
+             "last's; config.json from the first slice's model, num_hidden_layers set"]
+    unused = [k for k, sl in enumerate(config.slices or []) if sl.residual_weight is not None]
+    if unused:
+        notes.append(f"residual_weight of slice(s) {', '.join(map(str, unused))}: declared in mergekit's schema but "
+                     "read nowhere in mergekit 0.1.5 (no effect there), so none here")
+    _append(conv, {"id": final, "op": "slices", "slices": out}, ("slices",), notes)
     first = (config.slices or [])[0]
     merged_first = len(first.sources) > 1 and spec.needs_base and base is not None
     origin = base if merged_first else add(first.sources[0].model, ("slices", 0))

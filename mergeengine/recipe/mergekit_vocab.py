@@ -5,8 +5,8 @@ the same vocabulary fields (``models``: every model of the config, base first; `
 ``union``, ``base`` or the model whose tokenizer is taken); the merge then runs on the aligned
 models and the save writes the output tokenizer. ``fill_from`` is the set mergekit fills a
 missing row from: the models merged into that tensor (with ``models``: all of them; with
-``slices``: the first slice's sources for the embeddings, the last slice's for lm_head), plus the
-base model, whose row is preferred (``base_first``) when the config has one. ``tokens`` entries
+``slices``: the first slice's sources for the embeddings, the last slice's for lm_head); the base
+model's row is preferred (``base_first``) where the base is one of them. ``tokens`` entries
 take a model of the config, ``{kind: zero}`` or ``{kind: model_token, model, token | token_id}``.
 """
 
@@ -138,7 +138,9 @@ def slice_aligner(config: MergekitConfig, conv: Any, add: Add, taken: set[str]) 
             return sid
         sl = slices[k]
         own_base = add(sl.base_model, ("slices", k, "base_model")) if sl.base_model is not None else base
-        fill = list(dict.fromkeys(([own_base] if own_base else []) + [add(s.model, ()) for s in sl.sources]))
-        return aligner(sid, fill, own_base is not None)
+        sources = [add(s.model, ()) for s in sl.sources]
+        first = own_base in sources  # mergekit prefers the base's row only where the base is merged into the tensor
+        fill = list(dict.fromkeys(([own_base] if first else []) + sources))
+        return aligner(sid, fill, first)
 
     return align
