@@ -171,3 +171,31 @@ base_model: "{models['base32']}"
     cfg.write_text(body.replace("{model: {path:", "{override_architecture: X, model: {path:"))
     with pytest.raises(RecipeError, match="override_architecture is not supported"):
         load_recipe(cfg)
+
+
+def test_default_module_is_the_top_level_form(models: dict[str, Path], tmp_path: Path) -> None:
+    """modules: {default: ...} (mergekit's one module of a text-only model) gives the bytes of the top-level form;
+    its parameters sit over the global ones; another module name is one line naming it."""
+    lines = TIES.splitlines(keepends=True)
+    body = "modules:\n  default:\n    parameters: {normalize: false}\n    models:\n" + "".join(
+        "    " + line for line in lines[1:6]) + "".join(lines[6:])
+    run_recipe(_config(tmp_path, models, body, "mod.yml"), out=tmp_path / "a")
+    flat = TIES.replace("dtype: float32", "dtype: float32\nparameters: {normalize: false}")
+    run_recipe(_config(tmp_path, models, flat, "flat.yml"), out=tmp_path / "b")
+    a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(RecipeError, match=r"mod2.yml:2:3: mergekit key 'modules.vision': only mergekit's single"):
+        load_recipe(_config(tmp_path, models, body.replace("default:", "vision:"), "mod2.yml"))
+
+
+def test_residual_weight_has_no_effect_and_says_so(models: dict[str, Path], tmp_path: Path) -> None:
+    body = ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: BASE, layer_range: [0, 1]}\n"
+            "    residual_weight: 0.5\n  - sources:\n      - {model: MATH, layer_range: [1, 2]}\ndtype: float32\n")
+    cfg = _config(tmp_path, models, body)
+    text = tmp_path / "r.yaml"
+    assert main(["convert", str(cfg), "-o", str(text)]) == 0
+    assert "# residual_weight of slice(s) 0: declared in mergekit's schema but read nowhere" in text.read_text()
+    run_recipe(cfg, out=tmp_path / "a")
+    run_recipe(_config(tmp_path, models, body.replace("    residual_weight: 0.5\n", ""), "b.yml"), out=tmp_path / "b")
+    a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

@@ -85,7 +85,7 @@ def _write_tokenizer(folder: Path, extra: list[str], added: list[str]) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
     """A model's token -> id as transformers loads its tokenizer (mergekit's view), and its added tokens in id order."""
     from transformers import AutoTokenizer
@@ -566,3 +566,24 @@ def test_stacked_output_config_and_transformers_load(family: Path, tmp_path: Pat
     assert len(model.model.layers) == 6
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[1, 2, 3]])).logits.abs().sum()))
+
+
+def test_union_stack_loads_in_transformers_and_round_trips(family: Path, tmp_path: Path) -> None:
+    """A frankenmerge over a union vocabulary: config, rows and tokenizer agree, every added token round-trips."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg_path = family / "slices_union_slerp.yml"
+    shutil.copy(Path(__file__).parent / "mergekit_configs" / cfg_path.name, cfg_path)
+    run_recipe(cfg_path, out=tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    vocab = tok.get_vocab()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    rows = read_folder(tmp_path / "out")["model.embed_tokens.weight"].shape[0]
+    assert config["vocab_size"] == len(vocab) == rows and config["num_hidden_layers"] == LAYERS  # 87 (88: qwen2 adds a token)
+    for t in ("tok_a1", "tok_a2", "tok_b", "<tool>"):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert ids == [vocab[t]] and tok.decode(ids) == t
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        logits = model(torch.tensor([[vocab["<tool>"], vocab["tok_b"]]])).logits
+    assert logits.shape == (1, 2, rows) and math.isfinite(float(logits.abs().sum()))
