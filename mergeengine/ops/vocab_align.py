@@ -4,11 +4,13 @@
 - {id: math_u, op: vocab_align, model: math, models: [base, math, code], source: union}
 ```
 
-``models`` are the models whose tokenizers form the vocabulary, the base first (see
-:mod:`mergeengine.io.vocabulary` for the rule each missing row follows). Every model of a merge
-is aligned by its own step with the same ``models``, so their rows line up and the merge runs
-on them as usual; a save downstream writes the union tokenizer, and config.json's
-``vocab_size`` is the aligned row count. Tensors other than embeddings and lm_head pass through.
+``models`` are the models whose tokenizers form the vocabulary, the base first; ``source`` is
+``union``, ``base`` or one of them (its tokenizer as it is). A row the model lacks is filled from
+the models of ``fill_from`` (default: ``models``; see :mod:`mergeengine.io.vocabulary` for the
+rule). Every model of a merge is aligned by its own step with the same ``models``, so their rows
+line up and the merge runs on them as usual; a save downstream writes the output tokenizer, and
+config.json's ``vocab_size`` is the aligned row count. Tensors other than embeddings and lm_head
+pass through.
 """
 
 from __future__ import annotations

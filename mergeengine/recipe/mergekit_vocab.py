@@ -80,6 +80,7 @@ class Aligner:
         self.done: dict[tuple[str, tuple[str, ...], bool], str] = {}
 
     def __call__(self, sid: str, fill: list[str] | None = None, base_first: bool = True) -> str:
+        """The align step of load step ``sid`` filling from ``fill`` (default: every model)."""
         key = (sid, tuple(fill or self.models), base_first)
         if key in self.done:
             return self.done[key]
@@ -119,17 +120,17 @@ def vocab_steps(config: MergekitConfig, conv: Any, base: str | None, inputs: lis
 def slice_aligner(config: MergekitConfig, conv: Any, add: Add, taken: set[str]) -> Callable[[str, int], str] | None:
     """For a ``slices`` config that builds a vocabulary: ``align(load step, slice index)``, the step a slice
     takes a model from. The first slice's sources give the embeddings, the last slice's lm_head: their
-    models are aligned with the slice's sources (and the base) as the fill set; middle slices' layers
-    are unchanged. None when the config keeps the models' rows as they are."""
-    if config.tokenizer_source is None and config.tokenizer is None:
+    models are aligned with the slice's sources as the fill set (the slice's base first where it is
+    one of them); middle slices' layers are unchanged. None when the config keeps the models' rows
+    as they are."""
+    fields = vocab_fields(config, add)
+    if fields is None:
         return None
     slices = config.slices or []
     base = add(config.base_model, ("base_model",)) if config.base_model is not None else None
     loads = [add(src.model, ("slices", k, "sources", j, "model"))
              for k, sl in enumerate(slices) for j, src in enumerate(sl.sources)]
     loads += [add(sl.base_model, ("slices", k, "base_model")) for k, sl in enumerate(slices) if sl.base_model is not None]
-    fields = vocab_fields(config, add)
-    assert fields is not None
     models = list(dict.fromkeys(([base] if base else []) + loads))
     aligner = Aligner(config, conv, models, fields, taken)
 
