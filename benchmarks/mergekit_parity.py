@@ -3,7 +3,10 @@
 Builds the tiny family the tests use (``base``, ``ft_a``, ``ft_b``, ``ft_c`` of one layout, float32),
 runs each config with ``mergekit-yaml`` (from a separate virtual environment holding mergekit) and
 with ``mergeengine run``, and prints, per config, the largest absolute difference over every tensor
-and the tensor where it occurs. mergekit is not a dependency of mergeengine; install it apart::
+and the tensor where it occurs, then the L1 norm of each output's change from the base over every
+tensor (mergeengine's over mergekit's) and the fraction of entries each changes: for the random
+methods (DARE, DELLA below density 1) these agree in distribution. A config is a stem of
+tests/mergekit_configs/ or a path to a .yml file. mergekit is not a dependency of mergeengine; install it apart::
 
     python -m venv /work/mk-venv
     /work/mk-venv/bin/pip install torch==2.13.0
@@ -71,28 +74,36 @@ def _by_token(mk: Path, me: Path, got: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def compare(root: Path, config: str, mergekit_yaml: Path) -> tuple[float, str]:
-    """(max abs difference, tensor) between mergekit's and mergeengine's output of one config."""
-    shutil.copy(CONFIGS / f"{config}.yml", root / f"{config}.yml")
+def compare(root: Path, config: str, mergekit_yaml: Path) -> tuple[float, str, float, float, float]:
+    """(max abs difference, tensor, L1 ratio of the changes from the base, fraction changed by mergekit,
+    by mergeengine) between mergekit's and mergeengine's output of one config."""
+    src = Path(config) if config.endswith(".yml") else CONFIGS / f"{config}.yml"
+    config = src.stem
+    shutil.copy(src, root / f"{config}.yml")
     mk, me = root / f"mk_{config}", root / f"me_{config}"
     subprocess.run([str(mergekit_yaml), f"{config}.yml", str(mk), "--no-write-model-card", "--random-seed", "0"],
                    cwd=root, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     subprocess.run([sys.executable, "-m", "mergeengine", "run", f"{config}.yml", "--out", str(me)], cwd=root,
                    check=True, capture_output=True)
     want, got = read_folder(mk), read_folder(me)
-    text = (CONFIGS / f"{config}.yml").read_text()
+    text = src.read_text()
     if "tokenizer" in text:  # a vocabulary built from the tokenizers: rows compared by token
         got = _by_token(mk, me, got)
     if set(want) != set(got):
         raise SystemExit(f"{config}: tensor names differ: {sorted(set(want) ^ set(got))}")
     worst = max(want, key=lambda n: float((want[n].double() - got[n].double()).abs().max()))
-    return float((want[worst].double() - got[worst].double()).abs().max()), worst
+    base = {n: t for n, t in _read(root / "base").items() if n in want and t.shape == want[n].shape}
+    changes = [[(out[n].double() - t.double()).abs() for n, t in base.items()] for out in (want, got)]
+    l1 = [sum(float(c.sum()) for c in cs) for cs in changes]
+    changed = [sum(int((c != 0).sum()) for c in cs) / sum(t.numel() for t in base.values()) for cs in changes]
+    return (float((want[worst].double() - got[worst].double()).abs().max()), worst,
+            l1[1] / l1[0] if l1[0] else float("nan"), changed[0], changed[1])
 
 
 def main() -> None:
-    """Print one line per config: its name, the max abs difference, the tensor."""
+    """Print one line per config: its name, the max abs difference and its tensor, the change statistics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="+", help="config stems in tests/mergekit_configs/")
+    parser.add_argument("configs", nargs="+", help="config stems in tests/mergekit_configs/, or .yml paths")
     parser.add_argument("--mergekit-venv", type=Path, required=True)
     parser.add_argument("--layout", default="llama")
     args = parser.parse_args()
@@ -100,8 +111,9 @@ def main() -> None:
         root = Path(tmp)
         build_family(root, args.layout)
         for config in args.configs:
-            diff, tensor = compare(root, config, args.mergekit_venv / "bin" / "mergekit-yaml")
-            print(f"{config}\t{diff:.3g}\t{tensor}", flush=True)
+            diff, tensor, ratio, mk, me = compare(root, config, args.mergekit_venv / "bin" / "mergekit-yaml")
+            print(f"{Path(config).stem}\tmax abs {diff:.3g} ({tensor})\tL1 of the change {ratio:.4f}x mergekit's\t"
+                  f"changed {mk:.4f} (mergekit) {me:.4f}", flush=True)
 
 
 if __name__ == "__main__":
