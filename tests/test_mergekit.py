@@ -78,7 +78,8 @@ def test_run_and_convert_a_mergekit_file(models: dict[str, Path], tmp_path: Path
 @pytest.mark.parametrize(("edit", "message"), [
     (("dtype: float32", "dtype: float32\nmystery: 1"), "3:1: mergekit key 'mystery' is not part of mergekit's config"),
     (("merge_method: ties", "merge_method: passthrough"), "mergekit key 'slices.0.sources': passthrough takes one"),
-    (("dtype: float32", "dtype: float32\ntokenizer_source: /elsewhere"), "'tokenizer_source': the tokenizer source must"),
+    (("dtype: float32", "dtype: float32\ntokenizer: {tokens: {x: {source: /elsewhere}}}"),
+     "mergekit key 'tokenizer.tokens.x.source': the source must be a model of the merge"),
     (("dtype: float32", "dtype: float32\nchat_template: chatmlx"), "mergekit key 'chat_template': 'chatmlx' is not"),
     (("dtype: float32", "dtype: int8"), "mergekit key 'dtype': dtype 'int8' is not supported"),
     (("merge_method: ties", "merge_method: frobnicate"), "merge_method 'frobnicate' has no mergeengine translation"),

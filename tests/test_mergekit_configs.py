@@ -107,8 +107,8 @@ def vocabulary(root: Path, cfg: dict[str, Any]) -> tuple[list[str], int]:
     block = cfg.get("tokenizer") or {}
     source = cfg.get("tokenizer_source") or block.get("source", "union")
     names = _referenced(cfg)
-    vocabs = {n: _vocab(root / n) for n in names}
-    own = names[0] if source in ("union", "base") else source
+    own = names[0] if source in ("union", "base") else source  # a model's own tokenizer, merged or not
+    vocabs = {n: _vocab(root / n) for n in dict.fromkeys([*names, own])}
     order = sorted(vocabs[own][0], key=vocabs[own][0].get)
     if source == "union":
         added = {t for n in names[1:] for t in vocabs[n][1]}

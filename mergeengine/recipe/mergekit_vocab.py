@@ -2,7 +2,7 @@
 
 Every model whose embedding or lm_head rows reach the output gets a ``vocab_align`` step with
 the same vocabulary fields (``models``: every model of the config, base first; ``source``:
-``union``, ``base`` or the model whose tokenizer is taken); the merge then runs on the aligned
+``union``, ``base`` or the model whose tokenizer is taken, which need not be merged); the merge then runs on the aligned
 models and the save writes the output tokenizer. ``fill_from`` is the set mergekit fills a
 missing row from: the models merged into that tensor (with ``models``: all of them; with
 ``slices``: the first slice's sources for the embeddings, the last slice's for lm_head); the base
@@ -68,8 +68,6 @@ class Aligner:
 
     def __init__(self, config: MergekitConfig, conv: Any, models: list[str], fields: dict[str, Any],
                  taken: set[str]) -> None:
-        if fields["source"] not in ("union", "base", *models):
-            raise ConvertError(_where(config), "the tokenizer source must be a model of the merge")
         named = [t["source"]["model"] if isinstance(t["source"], dict) else t["source"]
                  for t in fields.get("tokens", {}).values()]
         for i, model in enumerate(named):
@@ -111,10 +109,18 @@ def vocab_steps(config: MergekitConfig, conv: Any, base: str | None, inputs: lis
     fields = vocab_fields(config, add)
     if fields is None:
         return base, inputs
-    models = list(dict.fromkeys(([base] if base else []) + inputs))
+    merged = list(dict.fromkeys(([base] if base else []) + inputs))
+    models = _with_source(merged, fields)
     align = Aligner(config, conv, models, fields, taken)
+    fill = merged if models != merged else None  # a tokenizer-only model gives no rows
     first = base is not None  # mergekit prefers the base model's row; without one, no model is preferred
-    return (align(base, None, first) if base else None), [align(s, None, first) for s in inputs]
+    return (align(base, fill, first) if base else None), [align(s, fill, first) for s in inputs]
+
+
+def _with_source(models: list[str], fields: dict[str, Any]) -> list[str]:
+    """The vocabulary's models: those merged, then the model whose tokenizer is taken if it is not merged."""
+    source = fields["source"]
+    return models if source in ("union", "base", *models) else [*models, source]
 
 
 def slice_aligner(config: MergekitConfig, conv: Any, add: Add, taken: set[str]) -> Callable[[str, int], str] | None:
@@ -131,7 +137,7 @@ def slice_aligner(config: MergekitConfig, conv: Any, add: Add, taken: set[str]) 
     loads = [add(src.model, ("slices", k, "sources", j, "model"))
              for k, sl in enumerate(slices) for j, src in enumerate(sl.sources)]
     loads += [add(sl.base_model, ("slices", k, "base_model")) for k, sl in enumerate(slices) if sl.base_model is not None]
-    models = list(dict.fromkeys(([base] if base else []) + loads))
+    models = _with_source(list(dict.fromkeys(([base] if base else []) + loads)), fields)
     aligner = Aligner(config, conv, models, fields, taken)
 
     def align(sid: str, k: int) -> str:
