@@ -78,7 +78,8 @@ def test_run_and_convert_a_mergekit_file(models: dict[str, Path], tmp_path: Path
 @pytest.mark.parametrize(("edit", "message"), [
     (("dtype: float32", "dtype: float32\nmystery: 1"), "3:1: mergekit key 'mystery' is not part of mergekit's config"),
     (("merge_method: ties", "merge_method: passthrough"), "mergekit key 'slices.0.sources': passthrough takes one"),
-    (("dtype: float32", "dtype: float32\ntokenizer_source: MATH"), "mergekit key 'tokenizer_source': a tokenizer taken"),
+    (("dtype: float32", "dtype: float32\ntokenizer: {tokens: {x: {source: /elsewhere}}}"),
+     "mergekit key 'tokenizer.tokens.x.source': the source must be a model of the merge"),
     (("dtype: float32", "dtype: float32\nchat_template: chatmlx"), "mergekit key 'chat_template': 'chatmlx' is not"),
     (("dtype: float32", "dtype: int8"), "mergekit key 'dtype': dtype 'int8' is not supported"),
     (("merge_method: ties", "merge_method: frobnicate"), "merge_method 'frobnicate' has no mergeengine translation"),
@@ -116,6 +117,45 @@ def test_dare_ties_defaults_follow_mergekit(models: dict[str, Path], tmp_path: P
     assert (step.rescale, step.normalize, step.weights) == ("none", True, [1.0, 0.5])  # type: ignore[union-attr]
 
 
+def test_della_defaults_follow_mergekit(models: dict[str, Path], tmp_path: Path) -> None:
+    body = TIES.replace("merge_method: ties", "merge_method: della").replace("density: 0.3}", "density: 0.3, epsilon: 0.1}")
+    step = load_recipe(_config(tmp_path, models, body)).recipe.steps[3]
+    assert (step.method, step.rescale, step.normalize, step.vote) == ("della", "l1", True, "weighted")  # type: ignore[union-attr]
+    assert (step.density, step.epsilon, step.weights) == ([0.5, 0.3], [0.15, 0.1], [1.0, 0.5])  # type: ignore[union-attr]
+    body = TIES.replace("merge_method: ties", "merge_method: della_linear")
+    step = load_recipe(_config(tmp_path, models, body, "b.yml")).recipe.steps[3]
+    assert (step.rescale, step.normalize) == ("l1", False)  # type: ignore[union-attr]
+    text = (tmp_path / "della.yaml")
+    assert main(["convert", str(tmp_path / "mk.yml"), "-o", str(text)]) == 0
+    assert "MAGPRUNE draws from mergeengine's seeded generators" in text.read_text()
+
+
+@pytest.mark.parametrize(("method", "extra", "message"), [
+    ("karcher", "", None),
+    ("nuslerp", "", None),
+    ("arcee_fusion", "", "'models': arcee_fusion merges exactly 1 model(s) besides the base, got 2"),
+    ("sce", "parameters: {select_topk: 0.5, weight: 1}", "'parameters.weight': not a parameter of sce"),
+])
+def test_other_methods_translate_their_base(models: dict[str, Path], tmp_path: Path, method: str, extra: str,
+                                            message: str | None) -> None:
+    """karcher merges base_model as one more model; nuslerp takes it as the origin; errors name the key."""
+    body = TIES.replace("merge_method: ties", f"merge_method: {method}\n{extra}").replace(", density: 0.5", "").replace(
+        ", density: 0.3", "")
+    if method in ("karcher", "sce", "arcee_fusion"):
+        body = body.replace("    parameters: {weight: 1.0}\n", "").replace("    parameters: {weight: 0.5}\n", "")
+    cfg = _config(tmp_path, models, body)
+    if message is not None:
+        with pytest.raises(RecipeError) as exc:
+            load_recipe(cfg)
+        assert any(message in p for p in exc.value.problems), exc.value.problems
+        return
+    step = load_recipe(cfg).recipe.steps[3]
+    if method == "karcher":
+        assert (step.inputs, step.base) == (["base32", "math32", "code32"], None)  # type: ignore[union-attr]
+    else:
+        assert (step.inputs, step.base, step.weights) == (["math32", "code32"], "base32", [1.0, 0.5])  # type: ignore[union-attr]
+
+
 def test_model_with_revision_and_long_form_references(models: dict[str, Path], tmp_path: Path) -> None:
     body = f"""\
 models:
@@ -132,3 +172,31 @@ base_model: "{models['base32']}"
     cfg.write_text(body.replace("{model: {path:", "{override_architecture: X, model: {path:"))
     with pytest.raises(RecipeError, match="override_architecture is not supported"):
         load_recipe(cfg)
+
+
+def test_default_module_is_the_top_level_form(models: dict[str, Path], tmp_path: Path) -> None:
+    """modules: {default: ...} (mergekit's one module of a text-only model) gives the bytes of the top-level form;
+    its parameters sit over the global ones; another module name is one line naming it."""
+    lines = TIES.splitlines(keepends=True)
+    body = "modules:\n  default:\n    parameters: {normalize: false}\n    models:\n" + "".join(
+        "    " + line for line in lines[1:6]) + "".join(lines[6:])
+    run_recipe(_config(tmp_path, models, body, "mod.yml"), out=tmp_path / "a")
+    flat = TIES.replace("dtype: float32", "dtype: float32\nparameters: {normalize: false}")
+    run_recipe(_config(tmp_path, models, flat, "flat.yml"), out=tmp_path / "b")
+    a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(RecipeError, match=r"mod2.yml:2:3: mergekit key 'modules.vision': only mergekit's single"):
+        load_recipe(_config(tmp_path, models, body.replace("default:", "vision:"), "mod2.yml"))
+
+
+def test_residual_weight_has_no_effect_and_says_so(models: dict[str, Path], tmp_path: Path) -> None:
+    body = ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: BASE, layer_range: [0, 1]}\n"
+            "    residual_weight: 0.5\n  - sources:\n      - {model: MATH, layer_range: [1, 2]}\ndtype: float32\n")
+    cfg = _config(tmp_path, models, body)
+    text = tmp_path / "r.yaml"
+    assert main(["convert", str(cfg), "-o", str(text)]) == 0
+    assert "# residual_weight of slice(s) 0: declared in mergekit's schema but read nowhere" in text.read_text()
+    run_recipe(cfg, out=tmp_path / "a")
+    run_recipe(_config(tmp_path, models, body.replace("    residual_weight: 0.5\n", ""), "b.yml"), out=tmp_path / "b")
+    a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

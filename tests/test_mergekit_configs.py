@@ -3,6 +3,7 @@ and matches mergekit's formulas, computed here independently of the engine (in f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -84,6 +85,7 @@ def _write_tokenizer(folder: Path, extra: list[str], added: list[str]) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
+@functools.cache
 def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
     """A model's token -> id as transformers loads its tokenizer (mergekit's view), and its added tokens in id order."""
     from transformers import AutoTokenizer
@@ -92,40 +94,88 @@ def _vocab(folder: Path) -> tuple[dict[str, int], list[str]]:
     return tok.get_vocab(), [a.content for _, a in sorted(tok.added_tokens_decoder.items())]
 
 
-def _fill(t: str, names: list[str], vocabs: dict[str, Any], old: dict[str, torch.Tensor], zero: set[str]) -> torch.Tensor:
-    holders = [n for n in names if t in vocabs[n][0]]
-    if t in zero:
-        return torch.zeros(old[names[0]].shape[1], dtype=torch.float64)
-    if names[0] in holders or len(holders) == 1:
-        donor = names[0] if names[0] in holders else holders[0]
-        return old[donor][vocabs[donor][0][t]]
-    return torch.stack([old[n][vocabs[n][0][t]] for n in holders]).mean(0)
+def _referenced(cfg: dict[str, Any]) -> list[str]:
+    """The config's models, base first (the union's base), then in the order the config names them."""
+    named = [m["model"] for m in cfg.get("models") or []]
+    named += [s["model"] for sl in cfg.get("slices") or [] for s in sl["sources"]]
+    return list(dict.fromkeys(([cfg["base_model"]] if cfg.get("base_model") else []) + named))
 
 
-def union_rows(root: Path, cfg: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-    """mergekit's union vocabulary: the base's tokens, then each model's new tokens, then added tokens;
-    a missing row from the base, its only holder, or the holders' mean; zero overrides; padding rows the mean."""
-    block = cfg["tokenizer"]
-    names = list(tensors)
-    vocabs = {n: _vocab(root / n) for n in names}
-    order = sorted(vocabs[names[0]][0], key=vocabs[names[0]][0].get)
-    added = {t for n in names[1:] for t in vocabs[n][1]}
-    for n in names[1:]:
-        order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
-    for n in names[1:]:
-        order += [t for t in vocabs[n][1] if t not in order]
-    size = -(-len(order) // block["pad_to_multiple_of"]) * block["pad_to_multiple_of"]
-    zero = {t for t, v in (block.get("tokens") or {}).items() if v["source"] == {"kind": "zero"}}
-    for key in [k for k in tensors[names[0]] if "embed_tokens" in k or "lm_head" in k]:
-        old = {n: tensors[n][key] for n in names}
-        new = {n: torch.zeros(size, old[n].shape[1], dtype=torch.float64) for n in names}
+def vocabulary(root: Path, cfg: dict[str, Any]) -> tuple[list[str], int]:
+    """mergekit's output tokens in id order, and the row count: the union (the base's tokens, then each
+    model's new tokens, then added tokens), the base's, or one model's own; then the tokens of ``tokens``."""
+    block = cfg.get("tokenizer") or {}
+    source = cfg.get("tokenizer_source") or block.get("source", "union")
+    names = _referenced(cfg)
+    own = names[0] if source in ("union", "base") else source  # a model's own tokenizer, merged or not
+    vocabs = {n: _vocab(root / n) for n in dict.fromkeys([*names, own])}
+    order = sorted(vocabs[own][0], key=vocabs[own][0].get)
+    if source == "union":
+        added = {t for n in names[1:] for t in vocabs[n][1]}
+        for n in names[1:]:
+            order += [t for t in sorted(vocabs[n][0], key=vocabs[n][0].get) if t not in order and t not in added]
+        for n in names[1:]:
+            order += [t for t in vocabs[n][1] if t not in order]
+    order += [t for t in block.get("tokens") or {} if t not in order]
+    multiple = block.get("pad_to_multiple_of") or 1
+    return order, -(-len(order) // multiple) * multiple
+
+
+def _default_row(root: Path, t: str, cfg: dict[str, Any], fill: list[str], base: str | None,
+                 old: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mergekit's row for a token a model lacks: the ``tokens`` source, else the only holder among the models
+    merged (``fill``), the base's (where the base is merged), the holders' mean, or zero."""
+    vocabs = {n: _vocab(root / n)[0] for n in old}
+    source = (((cfg.get("tokenizer") or {}).get("tokens") or {}).get(t) or {}).get("source")
+    if isinstance(source, dict) and source["kind"] == "model_token":
+        m = source["model"]
+        return old[m][source["token_id"] if "token_id" in source else vocabs[m][source["token"]]]
+    if source is not None:
+        return torch.zeros(next(iter(old.values())).shape[1], dtype=torch.float64) if source == {"kind": "zero"} \
+            else old[source][vocabs[source][t]]
+    holders = [n for n in fill if t in vocabs[n]]
+    if not holders:
+        return torch.zeros(next(iter(old.values())).shape[1], dtype=torch.float64)
+    if len(holders) == 1 or base in holders:
+        donor = holders[0] if len(holders) == 1 else base
+        return old[donor][vocabs[donor][t]]
+    return torch.stack([old[n][vocabs[n][t]] for n in holders]).mean(0)
+
+
+def aligned(root: Path, cfg: dict[str, Any], model: str, fill: list[str], base: str | None) -> dict[str, torch.Tensor]:
+    """A model's tensors with its embedding and lm_head rows laid out for the output vocabulary (mergekit's
+    PermutedVocabulary over the models ``fill`` merged into the tensor)."""
+    order, size = vocabulary(root, cfg)
+    tensors = _load(root, model)
+    forced = {t for t, v in ((cfg.get("tokenizer") or {}).get("tokens") or {}).items() if v.get("force")}
+    vocab = _vocab(root / model)[0]
+    for key in [k for k in tensors if "embed_tokens" in k or "lm_head" in k]:
+        old = {n: _load(root, n)[key] for n in dict.fromkeys([*fill, model, *_token_models(cfg)])}
+        new = torch.zeros(size, old[model].shape[1], dtype=torch.float64)
         for i, t in enumerate(order):
-            fill = _fill(t, names, vocabs, old, zero)
-            for n in names:
-                new[n][i] = old[n][vocabs[n][0][t]] if t in vocabs[n][0] else fill
-        for n in names:
-            new[n][len(order):] = new[n][:len(order)].mean(0)
-            tensors[n][key] = new[n]
+            new[i] = old[model][vocab[t]] if t in vocab and t not in forced else _default_row(root, t, cfg, fill, base, old)
+        new[len(order):] = new[:len(order)].mean(0)
+        tensors[key] = new
+    return tensors
+
+
+def _token_models(cfg: dict[str, Any]) -> list[str]:
+    out = []
+    for v in ((cfg.get("tokenizer") or {}).get("tokens") or {}).values():
+        src = v.get("source")
+        out += [src["model"]] if isinstance(src, dict) and "model" in src else [src] if isinstance(src, str) else []
+    return out
+
+
+def _source_loader(root: Path, cfg: dict[str, Any], k: int) -> Any:
+    """How slice ``k`` loads a model: aligned to the vocabulary (first and last slice) or as it is."""
+    if not (cfg.get("tokenizer") or cfg.get("tokenizer_source")) or k not in (0, len(cfg["slices"]) - 1):
+        return lambda model: _load(root, model)
+    sources = [s["model"] for s in cfg["slices"][k]["sources"]]
+    base = cfg["slices"][k].get("base_model") or cfg.get("base_model")
+    base = base if base in sources else None
+    fill = list(dict.fromkeys(([base] if base else []) + sources))
+    return lambda model: aligned(root, cfg, model, fill, base)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -189,6 +239,7 @@ def _topk_mask(d: torch.Tensor, k: int) -> torch.Tensor:
 def _sparsify(method: str, d: torch.Tensor, density: float, gamma: float, gen: torch.Generator | None) -> torch.Tensor:
     if density >= 1:
         return d
+    assert not method.startswith("della"), "DELLA's draws are checked at density 1 only"
     n = d.numel()
     if method == "ties":
         return d * _topk_mask(d, int(density * n))
@@ -232,14 +283,15 @@ def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     first_last: list[dict[str, torch.Tensor]] = []
     position = 0
-    for sl in cfg["slices"]:
+    for k, sl in enumerate(cfg["slices"]):
         start, end = sl["sources"][0]["layer_range"]
+        load = _source_loader(root, cfg, k)
         if len(sl["sources"]) == 1:
-            merged = _load(root, sl["sources"][0]["model"])
+            merged = load(sl["sources"][0]["model"])
         else:  # the slice's layers as a sub-model of end - start layers, merged as mergekit merges a slice
             sub = {**cfg, "parameters": {**(cfg.get("parameters") or {}), **(sl.get("parameters") or {})},
                    "slices": [{"sources": [{"model": s["model"], "layer_range": [0, LAYERS]} for s in sl["sources"]]}]}
-            merged = _merge_window(root, sub, start, end)
+            merged = _merge_window(root, sub, start, end, load)
         first_last.append(merged)
         for name, t in merged.items():
             layer = _layer_of(name)
@@ -256,18 +308,18 @@ def stacked_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int) -> dict[str, torch.Tensor]:
+def _merge_window(root: Path, cfg: dict[str, Any], start: int, end: int, load: Any) -> dict[str, torch.Tensor]:
     """mergekit's merge of layers [start, end) of every source, renumbered from 0, t over end - start layers."""
     global LAYERS
     saved, LAYERS = LAYERS, end - start
     try:
         models = cfg["slices"][0]["sources"]
         window = {}
-        for name in _read(root / "base"):
+        for name in load(cfg["base_model"]):
             layer = _layer_of(name)
             if layer is None or start <= layer < end:
                 window[name if layer is None else _renamed(name, layer - start)] = name
-        tensors = {m["model"]: _load(root, m["model"]) for m in models}
+        tensors = {m["model"]: load(m["model"]) for m in models}
         base = tensors[cfg["base_model"]]
         other = next(m["model"] for m in models if m["model"] != cfg["base_model"])
         return {new: _slerp(_param(cfg, None, "t", new), base[old], tensors[other][old]) for new, old in window.items()}
@@ -283,6 +335,8 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = {**cfg, "models": [{"model": s["model"], "parameters": s.get("parameters")}
                                  for s in cfg.pop("slices")[0]["sources"]]}
     method, models = cfg["merge_method"], cfg["models"]
+    if method in ("multislerp", "karcher"):  # the base (if any) is not the origin of models' tensors here
+        return OTHER_METHODS[method](root, cfg, None, [(m, _load(root, m["model"])) for m in models])
     if method == "slerp":
         base, other = _load(root, cfg["base_model"]), _load(root, models[1]["model"])
         return {name: _slerp(_param(cfg, None, "t", name), base[name], other[name]) for name in base}
@@ -295,12 +349,15 @@ def mergekit_result(root: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         return out
     base = _load(root, cfg["base_model"])
     members = [m for m in models if m["model"] != cfg["base_model"]]
-    if "tokenizer" in cfg:
-        everything = {cfg["base_model"]: base, **{m["model"]: tensors[m["model"]] for m in members}}
-        union_rows(root, cfg, everything)
-        base = everything[cfg["base_model"]]
+    if "tokenizer" in cfg or "tokenizer_source" in cfg:
+        fill = _referenced(cfg)
+        base = aligned(root, cfg, cfg["base_model"], fill, cfg["base_model"])
+        tensors = {m["model"]: aligned(root, cfg, m["model"], fill, cfg["base_model"]) for m in members}
+    if method in OTHER_METHODS:
+        return OTHER_METHODS[method](root, cfg, base, [(m, tensors[m["model"]]) for m in members])
     defaults = {"ties": (True, False), "dare_ties": (False, True), "breadcrumbs": (False, False),
-                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True)}[method]
+                "breadcrumbs_ties": (False, False), "task_arithmetic": (False, False), "dare_linear": (False, True),
+                "della": (True, True), "della_linear": (False, True)}[method]
     normalize = (cfg.get("parameters") or {}).get("normalize", defaults[0])
     return {name: _gta(method, cfg, base[name], [(m, tensors[m["model"]][name]) for m in members], name, normalize,
                        members) for name in base}
@@ -318,7 +375,7 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
         weights.append(_param(cfg, m, "weight", name))
     weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
     w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base.dim()))
-    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).double()
         mask = (weighted.sign() == majority).double()
         mixed, divisor = (weighted * mask).sum(0), (w * mask).sum(0)
@@ -329,6 +386,139 @@ def _gta(method: str, cfg: dict[str, Any], base: torch.Tensor, inputs: list[tupl
     if normalize:
         mixed = mixed / divisor
     return base.double() + _param(cfg, None, "lambda", name, 1.0) * mixed
+
+
+# ---- mergekit's other methods (float64, from mergekit 0.1.5's formulas) ---------------------
+
+Inputs = list[tuple[dict[str, Any], dict[str, torch.Tensor]]]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, -1) if x.dim() == 1 else x
+
+
+def _sce(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Keep the top select_topk entries by variance across the task vectors (int(nonzero * k) of them), erase
+    minority signs (of the plain sum, + at 0), weight each vector by its mean square."""
+    out = {}
+    for name, b in base.items():
+        tv = torch.stack([(x[name].float() - b.float()).double() for _, x in inputs])
+        k = _param(cfg, None, "select_topk", name, 1.0)
+        if k < 1:
+            var = tv.var(0, unbiased=False)
+            mask = torch.zeros(var.numel(), dtype=torch.float64)
+            mask[torch.topk(var.reshape(-1), int(torch.count_nonzero(var) * k)).indices] = 1
+            tv = tv * mask.reshape(var.shape)
+        erase = (tv.sign() == torch.where(tv.sum(0) >= 0, 1.0, -1.0)).double()
+        w = (tv ** 2).mean(dim=list(range(1, tv.dim())))
+        w = (w / w.sum()).reshape(-1, *([1] * b.dim()))
+        out[name] = b + (tv * w * erase).sum(0) / (w * erase).sum(0).clamp(min=1e-6)
+    return out
+
+
+def _nuslerp(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """SLERP of the two task vectors at t = w_2 / (w_1 + w_2), per row of the last dimension (flatten: false)."""
+    assert (cfg.get("parameters") or {}).get("nuslerp_flatten") is False
+    out = {}
+    for name, b in base.items():
+        w = [_param(cfg, m, "weight", name) for m, _ in inputs]
+        t = w[1] / sum(w)
+        v0, v1 = (_rows(x[name] - b) for _, x in inputs)
+        cos = ((v0 / v0.norm(dim=-1, keepdim=True)) * (v1 / v1.norm(dim=-1, keepdim=True))).sum(-1, keepdim=True)
+        theta = torch.acos(cos.clamp(-1, 1))
+        res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+        out[name] = b + res.reshape(b.shape)
+    return out
+
+
+def _multislerp(_root: Path, cfg: dict[str, Any], _base: None, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The weighted mean of the unit vectors, mapped back to the sphere from its tangent space, times the mean norm."""
+    out, eps = {}, 1e-8
+    for name in inputs[0][1]:
+        w = torch.tensor([_param(cfg, m, "weight", name) for m, _ in inputs], dtype=torch.float64)
+        w = w / w.sum()
+        flat = torch.stack([x[name].reshape(-1) for _, x in inputs])
+        norms = flat.norm(dim=-1, keepdim=True)
+        unit = flat / (norms + eps)
+        mean = (unit * w[:, None]).sum(0)
+        mean = mean / mean.norm()
+        tangent = ((unit - (unit * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
+        size = tangent.norm() + eps
+        res = mean * torch.cos(size) + tangent * torch.sin(size) / size
+        out[name] = (res * (norms[:, 0] * w).sum()).reshape(inputs[0][1][name].shape)
+    return out
+
+
+def _karcher_one(xs: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n for x, n in zip(xs, norms) if n > tol]
+    a = 1 / len(units)
+    u = sum(a * x for x in units)
+    u = u / u.norm()
+    for _ in range(max_iter):
+        step = torch.zeros_like(u)
+        for x in units:
+            dot = torch.clamp((u * x).sum(), -1, 1)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:
+                step += a * (theta / torch.sin(theta)) * (x - dot * u)
+        size = step.norm()
+        if float(size) < tol:
+            break
+        u = torch.cos(size) * u + torch.sin(size) * step / size
+        u = u / u.norm()
+    return sum(norms) / len(xs) * u
+
+
+def _karcher(_root: Path, cfg: dict[str, Any], _base: None, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The Karcher mean (equal weights) of the models and the base, which mergekit adds as one more model."""
+    everything = [x for _, x in inputs] + [_load(_root, cfg["base_model"])]
+    max_iter, tol = int(_param(cfg, None, "max_iter", "", 10)), _param(cfg, None, "tol", "", 1e-5)
+    return {name: _karcher_one([x[name] for x in everything], max_iter, tol) for name in everything[0]}
+
+
+def _model_stock(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """base + t (mean - base), t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the offsets (per row).
+    A negative mean cosine counts as 0 (mergeengine's rule; mergekit extrapolates, see docs/mergekit.md)."""
+    assert (cfg.get("parameters") or {}).get("filter_wise") is True
+    out = {}
+    for name, b in base.items():
+        w0, ws = _rows(b), [_rows(x[name]) for _, x in inputs]
+        offsets = [w - w0 for w in ws]
+        cos = torch.stack([(offsets[i] * offsets[j]).sum(-1) / (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
+                           for i in range(len(ws)) for j in range(i + 1, len(ws))]).mean(0).unsqueeze(-1).clamp(min=0)
+        t = len(ws) * cos / (1 + (len(ws) - 1) * cos)
+        out[name] = (t * sum(ws) / len(ws) + (1 - t) * w0).reshape(b.shape)
+    return out
+
+
+def _nearswap(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Per entry: the model's value weighted by t / |base - model| (clamped to [0, 1])."""
+    (_, model), = inputs
+    out = {}
+    for name, b in base.items():
+        w = (_param(cfg, None, "t", name) / (b - model[name]).abs().clamp(min=1e-6)).clamp(0, 1)
+        out[name] = w * model[name] + (1 - w) * b
+    return out
+
+
+def _arcee_fusion(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """The model's changes whose importance |delta| * KL(softmax(model) + eps || softmax(base) + eps) (per row)
+    reaches median + 1.5 IQR (quantile q: the sorted scores' entry int(q (n - 1)))."""
+    (_, model), = inputs
+    out = {}
+    for name, b in base.items():
+        x = model[name]
+        p, q = torch.softmax(_rows(x), -1) + 1e-8, torch.softmax(_rows(b), -1) + 1e-8
+        scores = ((_rows(x) - _rows(b)).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).reshape(b.shape)
+        ranked = scores.reshape(-1).sort().values
+        median, q1, q3 = (ranked[int(f * (ranked.numel() - 1))] for f in (0.5, 0.25, 0.75))
+        out[name] = b + (x - b) * (scores >= median + 1.5 * (q3 - q1))
+    return out
+
+
+OTHER_METHODS = {"sce": _sce, "nuslerp": _nuslerp, "multislerp": _multislerp, "karcher": _karcher,
+                 "model_stock": _model_stock, "nearswap": _nearswap, "arcee_fusion": _arcee_fusion}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -376,3 +566,24 @@ def test_stacked_output_config_and_transformers_load(family: Path, tmp_path: Pat
     assert len(model.model.layers) == 6
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[1, 2, 3]])).logits.abs().sum()))
+
+
+def test_union_stack_loads_in_transformers_and_round_trips(family: Path, tmp_path: Path) -> None:
+    """A frankenmerge over a union vocabulary: config, rows and tokenizer agree, every added token round-trips."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg_path = family / "slices_union_slerp.yml"
+    shutil.copy(Path(__file__).parent / "mergekit_configs" / cfg_path.name, cfg_path)
+    run_recipe(cfg_path, out=tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    vocab = tok.get_vocab()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    rows = read_folder(tmp_path / "out")["model.embed_tokens.weight"].shape[0]
+    assert config["vocab_size"] == len(vocab) == rows and config["num_hidden_layers"] == LAYERS  # 87 (88: qwen2 adds a token)
+    for t in ("tok_a1", "tok_a2", "tok_b", "<tool>"):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert ids == [vocab[t]] and tok.decode(ids) == t
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        logits = model(torch.tensor([[vocab["<tool>"], vocab["tok_b"]]])).logits
+    assert logits.shape == (1, 2, rows) and math.isfinite(float(logits.abs().sum()))

@@ -94,3 +94,54 @@ def test_union_vocabulary_merge(vocab_models: dict[str, Path], tmp_path: Path) -
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert model(torch.tensor([[vocab["<tool>"], vocab["m0"]]])).logits.shape == (1, 2, 128)
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ("source: elsewhere", "'elsewhere' is not union, base or one of models"),
+    ("tokens: {m0: {source: {model: math, token: nope}}}", "token 'nope' is not in the tokenizer of 'math'"),
+    ("tokens: {m0: {source: {model: math, token_id: 999}}}", "token id 999 is out of range for 'math' (128 rows)"),
+    ("tokens: {m0: {source: {model: math, token: m1, token_id: 1}}}", "give exactly one of 'token' and 'token_id'"),
+    ("fill_from: [base, other]", "'other' must be one of models"),
+])
+def test_vocab_align_errors_name_the_field(vocab_models: dict[str, Path], tmp_path: Path, field: str,
+                                           message: str) -> None:
+    """Bad sources are one line naming the step (and the field, at validation); nothing is written."""
+    from mergeengine.errors import MergeEngineError
+
+    m = vocab_models
+    recipe = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {m['base']}}}
+          - {{id: math, op: load, model: {m['math']}}}
+          - {{id: math_u, op: vocab_align, model: math, models: [base, math], {field}}}
+          - {{id: out, op: save, input: math_u, path: {tmp_path / 'out'}}}
+        """)
+    with pytest.raises(MergeEngineError) as exc:
+        run_recipe(recipe)
+    assert message in str(exc.value) and "math_u" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_source_fill_from_and_model_token(vocab_models: dict[str, Path], tmp_path: Path) -> None:
+    """source: math takes math's tokenizer; fill_from [math] without base_first: a row math alone lacks is
+    zero (no other holder merged), a model_token row is that row of the model's own vocabulary."""
+    from transformers import AutoTokenizer
+
+    m = vocab_models
+    recipe = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {m['base']}}}
+          - {{id: math, op: load, model: {m['math']}}}
+          - {{id: code, op: load, model: {m['code']}}}
+          - {{id: code_u, op: vocab_align, model: code, models: [base, math, code], source: math, fill_from: [code],
+              base_first: false, tokens: {{"<tool>": {{source: {{model: math, token: "</s>"}}}}, fresh: {{source: zero}}}}}}
+          - {{id: out, op: save, input: code_u, path: {tmp_path / 'out'}, dtype: float32}}
+        """)
+    run_recipe(recipe)
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert set(vocab) == set(SPECIAL + WORDS + ["m0", "m1", "shared", "<tool>", "fresh"])
+    got, c, mt = read_folder(tmp_path / "out"), load_tensors(m["code"], as_float=True), load_tensors(m["math"], as_float=True)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][vocab["shared"]], c[name][121])  # code's own row of a token it has
+        assert not got[name][vocab["m0"]].any() and not got[name][vocab["fresh"]].any()
+        assert torch.equal(got[name][vocab["<tool>"]], mt[name][2])  # math's "</s>"

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from mergeengine.errors import RecipeError
 from mergeengine.io.chat_template import check_chat_template
 from mergeengine.recipe.loader import _BRANCH, _TAGS, LoadedRecipe, Positions, validate_data
-from mergeengine.recipe.mergekit_methods import METHODS, ConvertError, MethodSpec, merge_fields
+from mergeengine.recipe.mergekit_methods import METHODS, ConvertError, MethodSpec, layer_params, merge_fields
 from mergeengine.recipe.mergekit_schema import (
     InputModel,
     MergekitConfig,
@@ -34,7 +34,7 @@ from mergeengine.recipe.mergekit_schema import (
     ModelReferenceSpec,
 )
 from mergeengine.recipe.mergekit_slices import convert_slices
-from mergeengine.recipe.mergekit_vocab import vocab_steps
+from mergeengine.recipe.mergekit_vocab import slice_aligner, vocab_steps
 
 YPath = tuple[Any, ...]
 
@@ -139,26 +139,44 @@ def _num_layers(ref: ModelReference, base_dir: Path) -> int | None:
         return None
 
 
+def _single_module(config: MergekitConfig) -> MergekitConfig:
+    """``modules: {default: ...}`` as the top-level form it means.
+
+    mergekit names the one module of a text-only architecture ``default``; its ``models`` or
+    ``slices`` are the config's, and its parameters sit between the slices' and the global ones
+    (each falling back to the global value where its filters match nothing).
+    """
+    if not config.modules:
+        return config
+    names = list(config.modules)
+    if names != ["default"]:
+        raise ConvertError(("modules", names[0] if names[0] != "default" else names[1]),
+                           "only mergekit's single 'default' module (a text-only architecture) has an equivalent; "
+                           "per-module merges of multi-module architectures are not supported")
+    module = config.modules["default"]
+    return config.model_copy(update={"modules": None, "models": module.models, "slices": module.slices,
+                                     "parameters": layer_params(module.parameters, config.parameters)})
+
+
 def _as_models(config: MergekitConfig, base_dir: Path) -> MergekitConfig:
     """A config of one slice whose sources all span every layer, as the ``models`` form it means.
 
     Published SLERP and TIES merges often write ``slices: [{sources: [{model: a, layer_range: [0, 32]},
     ...]}]``; mergekit's gradients then run over those 32 layers exactly as over ``models``.
     """
-    if config.modules:
-        raise ConvertError(("modules",), "'modules' (per-module merges) are not supported")
+    config = _single_module(config)
     if not config.slices:
         return config
     out = config.slices[0]
     ranges = {tuple(s.layer_range) for s in out.sources}
     whole = len(config.slices) == 1 and len(ranges) == 1 and next(iter(ranges))[0] == 0
-    if whole and all(_num_layers(s.model, base_dir) == s.layer_range[1] for s in out.sources) and len(out.sources) > 1:
-        if out.base_model is not None or out.residual_weight is not None:
-            key = "base_model" if out.base_model is not None else "residual_weight"
-            raise ConvertError(("slices", 0, key), f"a slice's own '{key}' is not supported")
-        parameters = {**(config.parameters or {}), **(out.parameters or {})}
+    whole = whole and out.residual_weight is None and len(out.sources) > 1  # residual_weight: noted by the slices path
+    if whole and all(_num_layers(s.model, base_dir) == s.layer_range[1] for s in out.sources):
+        if out.base_model is not None:
+            raise ConvertError(("slices", 0, "base_model"), "a slice's own 'base_model' is not supported")
         models = [InputModel(model=s.model, parameters=s.parameters) for s in out.sources]
-        return config.model_copy(update={"slices": None, "models": models, "parameters": parameters or None})
+        return config.model_copy(update={"slices": None, "models": models,
+                                         "parameters": layer_params(out.parameters, config.parameters)})
     return config
 
 
@@ -216,16 +234,13 @@ def convert_config(config: MergekitConfig, name: str, base_dir: Path) -> Convert
     taken: set[str] = set()
     add = loader(conv, taken)
     if config.slices:
-        if config.tokenizer_source is not None or config.tokenizer is not None:
-            where = ("tokenizer",) if config.tokenizer is not None else ("tokenizer_source",)
-            raise ConvertError(where, "a vocabulary with layer slices is not supported")
-        origin, final = convert_slices(config, spec, conv, add, taken)
+        origin, final = convert_slices(config, spec, conv, add, taken, slice_aligner(config, conv, add, taken))
         _save(config, conv, origin, final)
         return conv
     if spec.ours == "passthrough":
         raise ConvertError(("merge_method",), "passthrough takes layer 'slices', not 'models'")
     base, inputs = _loads(config, conv, add)
-    base, inputs = vocab_steps(config, conv, base, inputs, add)
+    base, inputs = vocab_steps(config, conv, base, inputs, add, taken)
     fields, notes, origins = merge_fields(spec, config, base, inputs)
     merge = {"id": "merge", "op": "merge", "method": spec.ours, **fields}
     index = len(conv.data["steps"])

@@ -31,6 +31,13 @@ class MethodSpec:
         sign_vote: the method elects a sign (mergekit: weighted by the model weights, + on a tie).
         top_k: the method keeps a top-k by magnitude (mergekit counts ``int(density * n)``).
         needs_base: the method needs ``base_model`` (and merges every other model).
+        optional_base: ``base_model``, when given, is the origin the models are taken from (left out
+            of the merged models, as in mergekit's ``nuslerp`` and ``multislerp``).
+        base_merged: ``base_model`` is merged as one more model (mergekit adds it to the inputs of
+            ``karcher``, which has no base); the merge step gets no ``base``.
+        zero_vote: the method has a ``zero_vote`` switch (mergekit elects + on a vote of exactly 0).
+        note: a comment the recipe carries for every merge of the method.
+        count: how many models (besides the base) the method merges, where it is fixed.
     """
 
     ours: str
@@ -42,11 +49,20 @@ class MethodSpec:
     sign_vote: bool = False
     top_k: bool = False
     needs_base: bool = True
+    optional_base: bool = False
+    base_merged: bool = False
+    zero_vote: bool = True
+    note: str | None = None
+    count: int | None = None
 
 
 _W = {"weight": ("weights", None)}
 _WD = {**_W, "density": ("density", 1.0)}
 _WDG = {**_WD, "gamma": ("gamma", 0.01)}
+_WDE = {**_WD, "epsilon": ("epsilon", 0.15)}
+_DELLA_NOTE = ("MAGPRUNE draws from mergeengine's seeded generators (mergekit: torch's global one): the result "
+               "agrees with mergekit's in distribution, exactly at density 1; ties between equal magnitudes are "
+               "ranked by position (mergekit: torch.argsort)")
 
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec("linear", _W, shared=(), normalize=True, needs_base=False),
@@ -58,6 +74,21 @@ METHODS: dict[str, MethodSpec] = {
     "breadcrumbs_ties": MethodSpec("breadcrumbs_ties", _WDG, normalize=False, our_normalize=True, sign_vote=True,
                                    top_k=True),
     "slerp": MethodSpec("slerp", {}, shared=("t",)),
+    "della": MethodSpec("della", _WDE, normalize=True, our_normalize=True, rescale=True, sign_vote=True,
+                        zero_vote=False, note=_DELLA_NOTE),
+    "della_linear": MethodSpec("della_linear", _WDE, normalize=False, our_normalize=False, rescale=True,
+                               note=_DELLA_NOTE),
+    "sce": MethodSpec("sce", {}, shared=("select_topk", "int8_mask"),
+                      note="sce elects signs on the plain sum of the deltas, as mergekit does; where that sum is "
+                           "exactly 0 mergekit elects + and mergeengine 0 (sce has no zero_vote switch)"),
+    "nuslerp": MethodSpec("nuslerp", _W, shared=("nuslerp_flatten", "nuslerp_row_wise"), needs_base=False,
+                          optional_base=True, count=2),
+    "multislerp": MethodSpec("multislerp", _W, shared=("normalize_weights", "eps"), needs_base=False,
+                             optional_base=True),
+    "karcher": MethodSpec("karcher", {}, shared=("max_iter", "tol"), needs_base=False, base_merged=True),
+    "model_stock": MethodSpec("model_stock", {}, shared=("filter_wise",)),
+    "nearswap": MethodSpec("nearswap", {}, shared=("t",), count=1),
+    "arcee_fusion": MethodSpec("arcee_fusion", {}, shared=(), count=1),
     "passthrough": MethodSpec("passthrough", {}, shared=(), needs_base=False),
 }
 
@@ -87,6 +118,13 @@ def layered(own: Any, fallback: Any) -> Any:
     if fallback is None or not _is_filters(own) or any("filter" not in e for e in own):
         return own
     return own + (fallback if _is_filters(fallback) else [{"value": fallback}])
+
+
+def layer_params(own: dict[str, Any] | None, fallback: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Parameters of a slice or module over the wider ones, each falling back where its filters match nothing."""
+    glob = dict(fallback or {})
+    out = {**glob, **{k: layered(v, glob.get(k)) for k, v in (own or {}).items()}}
+    return out or None
 
 
 def _check_keys(spec: MethodSpec, config: MergekitConfig, method: str) -> None:
@@ -144,12 +182,18 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
     if spec.needs_base and base is None:
         raise ConvertError(("merge_method",), f"{method} needs 'base_model'")
     # mergekit merges every listed model but the base (which it uses as the reference)
-    members = [i for i, sid in enumerate(inputs) if not (spec.needs_base and sid == base)]
+    members = [i for i, sid in enumerate(inputs) if not ((spec.needs_base or spec.optional_base) and sid == base)]
     fields: dict[str, Any] = {"inputs": [inputs[i] for i in members]}
-    if base is not None:
+    if spec.count is not None and len(members) != spec.count:
+        raise ConvertError(("models",), f"{method} merges exactly {spec.count} model(s) besides the base, "
+                           f"got {len(members)}")
+    if spec.base_merged:
+        if base is not None and base not in fields["inputs"]:
+            fields["inputs"].append(base)  # mergekit adds the base model last to the merged models
+    elif base is not None:
         fields["base"] = base
     origins: dict[YPath, YPath] = {("inputs",): ("models",), ("base",): ("base_model",)}
-    notes: list[str] = []
+    notes: list[str] = [spec.note] if spec.note else []
     _per_input(spec, config, members, fields, origins)
     for key in spec.shared:
         if key in (config.parameters or {}):
@@ -157,19 +201,30 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
             origins[(key,)] = ("parameters", key)
     _normalize(spec, config, fields, notes)
     _rescale(spec, config, fields, notes)
-    if spec.sign_vote:
+    _selection(spec, fields, notes)
+    if spec.base_merged and base is not None:
+        notes.append(f"{method} has no base: mergekit merges base_model as one more model, so does this step")
+    if fields.get("int8_mask"):
+        notes.append("int8_mask only changes mergekit's mask storage, not the result")
+    return fields, notes, origins
+
+
+def _selection(spec: MethodSpec, fields: dict[str, Any], notes: list[str]) -> None:
+    """mergekit's sign election and top-k count, written out where mergeengine's defaults differ."""
+    if spec.sign_vote and spec.zero_vote:
         fields["vote"], fields["zero_vote"] = "weighted", "positive"
         notes.append("vote: weighted, zero_vote: positive: mergekit's sign election (the sign of the weighted "
                      "sum, + where it is exactly 0; mergeengine's defaults: unweighted, 0)")
+    elif spec.sign_vote:
+        fields["vote"] = "weighted"
+        notes.append("vote: weighted: mergekit's sign election on the weighted sum (mergeengine's default: "
+                     f"unweighted); where that sum is exactly 0 mergekit elects + and {spec.ours} 0 (no zero_vote switch)")
     if spec.top_k:
         fields["keep_count"] = "truncate"
         notes.append("keep_count: truncate: mergekit's top-k count int(density * n) (mergeengine's default rounds)")
     if spec.ours.startswith("breadcrumbs"):
         notes.append("where density + gamma > 1 mergekit drops fewer outliers to keep density, and density 1 "
                      "keeps everything; mergeengine drops gamma first in both cases")
-    if fields.get("int8_mask"):
-        notes.append("int8_mask only changes mergekit's mask storage, not the result")
-    return fields, notes, origins
 
 
 def _normalize(spec: MethodSpec, config: MergekitConfig, fields: dict[str, Any], notes: list[str]) -> None:
@@ -204,6 +259,6 @@ def _rescale(spec: MethodSpec, config: MergekitConfig, fields: dict[str, Any], n
             raise ConvertError(("parameters", "rescale"), f"rescale: true has no translation for {spec.ours}")
         return
     fields["rescale"] = "l1" if rescale else "none"
-    if spec.ours.startswith("dare"):
+    if spec.ours.startswith(("dare", "della")):
         notes.append(f"rescale: {fields['rescale']} is mergekit's rescale: {str(rescale).lower()} "
                      "(mergeengine's default per_element divides by density)")

@@ -64,6 +64,20 @@ class OutputSlice(_Strict):
     parameters: dict[str, ParameterSetting] | None = None
 
 
+class OutputModule(_Strict):
+    """One entry of ``modules:`` (mergekit's per-module merge: ``models`` or ``slices``, and parameters)."""
+
+    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = None
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> OutputModule:
+        if bool(self.slices) == bool(self.models):
+            raise ValueError("a module takes exactly one of 'models' or 'slices'")
+        return self
+
+
 class TokenEmbedding(_Strict):
     """``tokenizer.tokens.<token>``: where an embedding row comes from."""
 
@@ -86,7 +100,7 @@ class MergekitConfig(_Strict):
     base_model: ModelReference | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
-    modules: dict[str, Any] | None = None
+    modules: dict[str, OutputModule] | None = None
     parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mergeengine.recipe.mergekit_methods import ConvertError, MethodSpec, merge_fields
+from mergeengine.recipe.mergekit_methods import ConvertError, MethodSpec, layer_params, merge_fields
 from mergeengine.recipe.mergekit_schema import (
     InputModel,
     InputSlice,
@@ -24,6 +24,7 @@ from mergeengine.recipe.mergekit_schema import (
 
 YPath = tuple[Any, ...]
 Add = Callable[[ModelReference, YPath], str]
+Align = Callable[[str, int], str]
 
 
 def _unique(stem: str, taken: set[str]) -> str:
@@ -47,7 +48,7 @@ def _same(a: ModelReference, b: ModelReference | None) -> bool:
 
 
 def _merged_slice(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add, taken: set[str], k: int,
-                  sl: OutputSlice) -> dict[str, Any]:
+                  sl: OutputSlice, align: Align) -> dict[str, Any]:
     """The sub-model steps and the merge of one multi-source slice; returns the output slice entry."""
     where: YPath = ("slices", k)
     if spec.ours == "passthrough":
@@ -58,8 +59,9 @@ def _merged_slice(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add,
     base_ref = sl.base_model or config.base_model
     subs, base_sub = [], None
     for j, src in enumerate(sl.sources):
-        model = add(src.model, (*where, "sources", j, "model"))
-        sub = _unique(f"{model}_{src.layer_range[0]}_{src.layer_range[1]}", taken)
+        loaded = add(src.model, (*where, "sources", j, "model"))
+        model = align(loaded, k)
+        sub = _unique(f"{loaded}_{src.layer_range[0]}_{src.layer_range[1]}", taken)
         _append(conv, {"id": sub, "op": "slices", "slices": [{"model": model, "layer_range": list(src.layer_range)}]},
                 (*where, "sources", j))
         subs.append(sub)
@@ -70,7 +72,7 @@ def _merged_slice(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add,
     part = config.model_copy(update={
         "slices": None,
         "models": [InputModel(model=s.model, parameters=s.parameters) for s in sl.sources],
-        "parameters": {**(config.parameters or {}), **(sl.parameters or {})} or None,
+        "parameters": layer_params(sl.parameters, config.parameters),
     })
     fields, notes, origins = merge_fields(spec, part, base_sub, subs)
     merge_id = _unique(f"slice{k}", taken)
@@ -83,32 +85,39 @@ def _merged_slice(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add,
     return {"model": merge_id, "layer_range": [0, sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]]}
 
 
-def _single(sl: OutputSlice, k: int, add: Add) -> dict[str, Any]:
+def _single(sl: OutputSlice, k: int, add: Add, align: Align) -> dict[str, Any]:
     src: InputSlice = sl.sources[0]
     if src.parameters:
         raise ConvertError(("slices", k, "sources", 0, "parameters"), "a slice of one source takes no parameters")
-    if sl.base_model is not None or sl.residual_weight is not None:
-        key = "base_model" if sl.base_model is not None else "residual_weight"
-        raise ConvertError(("slices", k, key), f"a slice's own '{key}' is not supported")
-    return {"model": add(src.model, ("slices", k, "sources", 0, "model")), "layer_range": list(src.layer_range)}
+    if sl.base_model is not None:
+        raise ConvertError(("slices", k, "base_model"), "a slice's own 'base_model' is not supported")
+    return {"model": align(add(src.model, ("slices", k, "sources", 0, "model")), k), "layer_range": list(src.layer_range)}
 
 
-def convert_slices(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add, taken: set[str]) -> tuple[str, str]:
+def convert_slices(config: MergekitConfig, spec: MethodSpec, conv: Any, add: Add, taken: set[str],
+                   align: Align | None = None) -> tuple[str, str]:
     """Append the steps of a ``slices`` config; returns (origin load step id, final step id).
+
+    ``align(load step, slice index)`` is the step a slice takes the model from (a ``vocab_align``
+    step where the config builds a vocabulary; default: the load step itself).
 
     Raises:
         ConvertError: a slice that cannot be translated (named by its position).
     """
     base = add(config.base_model, ("base_model",)) if config.base_model is not None else None
+    align = align or (lambda sid, _k: sid)
     out = []
     for k, sl in enumerate(config.slices or []):
-        if sl.residual_weight is not None:
-            raise ConvertError(("slices", k, "residual_weight"), "residual_weight is not supported")
-        out.append(_single(sl, k, add) if len(sl.sources) == 1 else _merged_slice(config, spec, conv, add, taken, k, sl))
+        out.append(_single(sl, k, add, align) if len(sl.sources) == 1
+                   else _merged_slice(config, spec, conv, add, taken, k, sl, align))
     final = _unique("stack", taken)
-    _append(conv, {"id": final, "op": "slices", "slices": out}, ("slices",),
-            ["layers renumbered in order; embeddings from the first slice's model, final norm and lm_head from the "
-             "last's; config.json from the first slice's model, num_hidden_layers set"])
+    notes = ["layers renumbered in order; embeddings from the first slice's model, final norm and lm_head from the "
+             "last's; config.json from the first slice's model, num_hidden_layers set"]
+    unused = [k for k, sl in enumerate(config.slices or []) if sl.residual_weight is not None]
+    if unused:
+        notes.append(f"residual_weight of slice(s) {', '.join(map(str, unused))}: declared in mergekit's schema but "
+                     "read nowhere in mergekit 0.1.5 (no effect there), so none here")
+    _append(conv, {"id": final, "op": "slices", "slices": out}, ("slices",), notes)
     first = (config.slices or [])[0]
     merged_first = len(first.sources) > 1 and spec.needs_base and base is not None
     origin = base if merged_first else add(first.sources[0].model, ("slices", 0))
