@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from conftest import write_recipe
 
 import mergeengine
 from mergeengine.errors import MergeEngineError, RecipeError
@@ -55,3 +60,42 @@ def test_convert_error_round_trips_through_pickle():
 
     back = pickle.loads(pickle.dumps(ConvertError(("models", 1, "parameters"), "unknown parameter 'x'")))
     assert (back.where, back.message) == (("models", 1, "parameters"), "unknown parameter 'x'")
+
+
+def _with_stdout_closed(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``mergeengine ARGS`` as in ``mergeengine ARGS | head -0``: the reader of its stdout is gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "mergeengine", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=cwd, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args", [["validate", "recipe.yaml"], ["plan", "recipe.yaml"],
+                                  ["plan", "recipe.yaml", "--format", "json"], ["run", "recipe.yaml", "--quiet"],
+                                  ["convert", "mergekit.yml", "-o", "converted.yaml"], ["--help"], ["--version"]],
+                         ids=" ".join)
+def test_a_closed_stdout_ends_quietly(tmp_path, models, args):
+    """``mergeengine plan recipe.yaml | head -1``: no traceback, no error line; the work itself is done."""
+    write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: {models['math']}}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft], weights: [0.5]}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    write_recipe(tmp_path, f"""
+        merge_method: linear
+        models:
+          - {{model: {models['base']}, parameters: {{weight: 1.0}}}}
+          - {{model: {models['math']}, parameters: {{weight: 1.0}}}}
+        """, name="mergekit.yml")
+    done = _with_stdout_closed(*args, cwd=tmp_path)
+    assert done.stderr == "" and done.returncode in (0, 141), (done.returncode, done.stderr)
+    if args[0] == "run":
+        assert (tmp_path / "out" / "mergeengine.json").is_file()
+    if args[0] == "convert":
+        assert (tmp_path / "converted.yaml").is_file()
