@@ -99,3 +99,38 @@ def test_a_closed_stdout_ends_quietly(tmp_path, models, args):
         assert (tmp_path / "out" / "mergeengine.json").is_file()
     if args[0] == "convert":
         assert (tmp_path / "converted.yaml").is_file()
+
+
+def test_a_vocabulary_padded_delta_saves_as_the_fine_tune(tmp_path, models):
+    """diff with ``vocab: pad_base`` keeps the fine-tune's extra rows; its save writes zero-padded base + delta."""
+    import json
+
+    import torch
+    from conftest import load_tensors, read_folder
+
+    from mergeengine.cli import main
+    from mergeengine.tiny import LlamaShape, make_weights, write_checkpoint
+
+    big = LlamaShape(vocab_size=136)
+    write_checkpoint(tmp_path / "ft", make_weights(big, 0), big, dtype=torch.float32)
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base32']}}}
+          - {{id: ft, op: load, model: ./ft}}
+          - {{id: d, op: diff, model: ft, base: base, vocab: pad_base}}
+          - {{id: p, op: dp_prune, input: d, density: 0.5}}
+          - {{id: out, op: save, input: d, path: out, dtype: float32}}
+          - {{id: out_p, op: save, input: p, path: out_p}}
+        """)
+    assert main(["run", str(r), "--quiet"]) == 0
+    ft, base = load_tensors(tmp_path / "ft"), load_tensors(models["base32"])
+    out, pruned = read_folder(tmp_path / "out"), read_folder(tmp_path / "out_p")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape == pruned[name].shape == (136, 64)
+        torch.testing.assert_close(out[name], ft[name])  # base + (ft - base); 0 + ft on the new rows
+        kept = pruned[name][128:].float() != 0  # the new rows: 0 + pruned delta, so kept entries are ft's
+        assert kept.any() and torch.equal(pruned[name][128:][kept], ft[name][128:][kept].to(pruned[name].dtype))
+    torch.testing.assert_close(out["model.norm.weight"], ft["model.norm.weight"])
+    assert base["lm_head.weight"].shape == (128, 64)
+    for folder in ("out", "out_p"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["vocab_size"] == 136

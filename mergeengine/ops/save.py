@@ -17,8 +17,10 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from mergeengine.errors import ShapeError
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
+from mergeengine.ops.vocab import is_vocab_tensor, pad_rows
 
 #: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
 WRITER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "README.md",
@@ -87,6 +89,17 @@ class SaveStep(StepModel):
         return names
 
 
+def _base_rows_for(base: torch.Tensor, delta: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+    """The base of a delta, zero-padded to the delta's rows where the delta has the fine-tune's larger
+    vocabulary (a ``diff`` with ``vocab: pad_base``)."""
+    if base.shape == delta.shape:
+        return base
+    if is_vocab_tensor(ctx.tensor) and base.shape[1:] == delta.shape[1:] and base.shape[0] < delta.shape[0]:
+        return pad_rows(base, delta.shape[0])
+    raise ShapeError(f"the delta has shape {list(delta.shape)} and its base {list(base.shape)}",
+                     step=ctx.step, tensor=ctx.tensor)
+
+
 @register
 class SaveOp(Op):
     """Per tensor: cast to the storage dtype on the CPU; the executor streams it into the writer."""
@@ -128,7 +141,7 @@ class SaveOp(Op):
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         x = inputs[0]
         if len(inputs) == 2:  # a delta: written as base + delta
-            x = inputs[1].float() + x
+            x = _base_rows_for(inputs[1], x, ctx).float() + x
         if x.dtype.is_floating_point:
             x = x.to(ctx.plan.emit_dtype)
         return x.to("cpu").contiguous()
