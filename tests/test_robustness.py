@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_recipe
 
 import mergeengine
@@ -134,3 +135,103 @@ def test_a_vocabulary_padded_delta_saves_as_the_fine_tune(tmp_path, models):
     assert base["lm_head.weight"].shape == (128, 64)
     for folder in ("out", "out_p"):
         assert json.loads((tmp_path / folder / "config.json").read_text())["vocab_size"] == 136
+
+
+class _Crash(BaseException):
+    """The process dying at a chosen point (not an error any handler catches)."""
+
+
+def _two_runs_recipe(tmp_path, models, weight):
+    return write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: {models['math']}}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft], weights: [{weight}]}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+
+
+def _crash_in_replace(monkeypatch, where: str) -> None:
+    """Die between the two renames of an overwrite (``where="second rename"``) or just after them."""
+    import shutil
+
+    from mergeengine.io import output_guard
+
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if where == "second rename" and Path(src).name == ".out.partial":
+            raise _Crash
+        return real_replace(src, dst, *args, **kwargs)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".out.old-"):
+            raise _Crash
+        return shutil.rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    if where == "removing the old output":
+        monkeypatch.setattr(output_guard.shutil, "rmtree", rmtree)
+
+
+def _messages(capsys) -> list[str]:
+    """The warning and error lines a CLI run printed (progress bars left out)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith(("WARNING:", "error:"))]
+
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.glob(".out.old-*"))
+
+
+def test_a_crash_between_the_renames_is_recovered_on_the_next_run(tmp_path, models, monkeypatch, capsys):
+    from conftest import read_folder
+
+    from mergeengine import api
+    from mergeengine.cli import main
+
+    api.run_recipe(_two_runs_recipe(tmp_path, models, 0.5))
+    first = read_folder(tmp_path / "out")
+    with monkeypatch.context() as m:
+        _crash_in_replace(m, "second rename")
+        with pytest.raises(_Crash):
+            api.run_recipe(_two_runs_recipe(tmp_path, models, 0.25), overwrite=True)
+    (old,) = _leftovers(tmp_path)
+    assert not (tmp_path / "out").exists()
+    # the next run puts the previous output back first: without --overwrite it then stops there
+    assert main(["run", str(tmp_path / "recipe.yaml")]) == 1
+    warning, error = _messages(capsys)
+    assert "restored" in warning and old in warning and str(tmp_path / "out") in warning
+    assert "output path exists" in error
+    assert _leftovers(tmp_path) == [] and read_folder(tmp_path / "out").keys() == first.keys()
+    assert all(torch.equal(t, first[n]) for n, t in read_folder(tmp_path / "out").items())
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--overwrite"]) == 0
+    assert _messages(capsys) == []
+
+
+def test_a_crash_after_the_renames_leaves_nothing_on_the_next_run(tmp_path, models, monkeypatch, capsys):
+    from mergeengine import api
+    from mergeengine.cli import main
+
+    api.run_recipe(_two_runs_recipe(tmp_path, models, 0.5))
+    with monkeypatch.context() as m:
+        _crash_in_replace(m, "removing the old output")
+        with pytest.raises(_Crash):
+            api.run_recipe(_two_runs_recipe(tmp_path, models, 0.25), overwrite=True)
+    (old,) = _leftovers(tmp_path)
+    assert (tmp_path / "out" / "mergeengine.json").is_file()
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--overwrite"]) == 0
+    (warning,) = _messages(capsys)
+    assert "removed" in warning and old in warning
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_look_alike_folder_mergeengine_did_not_write_is_never_touched(tmp_path, models, capsys):
+    from mergeengine.cli import main
+
+    mine = tmp_path / ".out.old-1234abcd"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "mergeengine.json").write_text("{}")  # not a provenance record
+    assert main(["run", str(_two_runs_recipe(tmp_path, models, 0.5))]) == 0
+    assert _messages(capsys) == []
+    assert (mine / "notes.txt").read_text() == "my notes" and (tmp_path / "out" / "mergeengine.json").is_file()

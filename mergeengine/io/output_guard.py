@@ -7,7 +7,7 @@ empty, the home folder, the current folder or the recipe's folder (or an ancesto
 and any folder that holds an input of the run. :func:`check_distinct` refuses two save steps that
 write the same or nested folders. :class:`RunLock` keeps a second run off a destination while one
 is writing it, and :func:`replace_folder` swaps a finished folder in so that, on failure, the old
-one is back in place.
+one is back in place; :func:`recover_replace` finishes a swap that a crash interrupted.
 
 Example:
     >>> check_destination(Path("out"), overwrite=True, protected={"the recipe's folder": Path(".")}, inputs={})  # doctest: +SKIP
@@ -117,6 +117,48 @@ def check_distinct(paths: dict[str, Path]) -> None:
             if any(_is_within(b, w) for w in work):
                 raise OutputError(f"save step '{sb}' writes into the work folder of save step '{sa}': "
                                   "give it another path", file=str(b))
+
+
+def _is_complete_output(folder: Path) -> bool:
+    """Whether ``folder`` is a whole mergeengine output: its provenance record, config and every weight file."""
+    if folder.is_symlink() or not folder.is_dir() or not written_by_mergeengine(folder):
+        return False
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False
+    return (folder / "config.json").is_file() and all((folder / str(s)).is_file() for s in shards)
+
+
+def recover_replace(dest: Path) -> None:
+    """Finish an ``--overwrite`` replace that a crash cut short; call it holding the destination's :class:`RunLock`.
+
+    :func:`replace_folder` renames the old output to ``.NAME.old-XXXXXXXX`` before moving the new
+    one in. Such a folder that mergeengine wrote (its ``mergeengine.json`` inside) is renamed back
+    when the destination is missing, and removed when the destination is a complete output; one
+    warning line each. Folders mergeengine did not write are never touched.
+
+    Raises:
+        OutputError: a leftover cannot be renamed back.
+    """
+    leftovers = [p for p in dest.parent.glob(f".{dest.name}.old-*")
+                 if not p.is_symlink() and p.is_dir() and written_by_mergeengine(p)]
+    leftovers.sort(key=lambda p: (p / PROVENANCE_NAME).stat().st_mtime, reverse=True)
+    if leftovers and not (dest.exists() or dest.is_symlink()) and _is_complete_output(leftovers[0]):
+        try:
+            os.replace(leftovers[0], dest)
+        except OSError as exc:
+            raise OutputError(f"cannot restore the previous output from {leftovers[0]} "
+                              f"({exc.strerror or exc})", file=str(dest)) from None
+        LOG.warning("%s: restored the previous output from %s (a run died while replacing it)", dest,
+                    leftovers[0].name)
+        leftovers = leftovers[1:]
+    if not _is_complete_output(dest):
+        return
+    for old in leftovers:
+        shutil.rmtree(old, ignore_errors=True)
+        LOG.warning("%s: removed %s, the previous output a run died before removing", dest, old.name)
 
 
 def replace_folder(new: Path, dest: Path) -> None:

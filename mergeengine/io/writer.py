@@ -29,7 +29,13 @@ import torch
 
 from mergeengine.errors import MergeEngineError, OutputError
 from mergeengine.io.checkpoint import TORCH_TO_ST
-from mergeengine.io.output_guard import RunLock, check_destination, default_protected, replace_folder
+from mergeengine.io.output_guard import (
+    RunLock,
+    check_destination,
+    default_protected,
+    recover_replace,
+    replace_folder,
+)
 from mergeengine.ops.base import TensorMeta
 from mergeengine.runtime import libc
 
@@ -474,6 +480,17 @@ class OutputFolder:
         except OSError as exc:
             raise _os_error(exc, self.dest.parent) from None
         self.lock.acquire()
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.tmp
+
+    def _prepare(self, resume: bool) -> None:
+        """Under the lock: finish a replace a crash cut short, check again, make the work folder."""
+        recover_replace(self.dest)
+        self.check()  # a recovered previous output is there again
         if self.tmp.is_symlink():
             raise OutputError("the work folder is a symbolic link; remove it", file=str(self.tmp), step=self.step)
         try:
@@ -482,7 +499,6 @@ class OutputFolder:
             self.tmp.mkdir(exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, self.tmp) from None
-        return self.tmp
 
     def restart(self) -> None:
         """Empty the temporary folder (an interrupted run's shards are not wanted)."""
