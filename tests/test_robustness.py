@@ -235,3 +235,22 @@ def test_a_look_alike_folder_mergeengine_did_not_write_is_never_touched(tmp_path
     assert main(["run", str(_two_runs_recipe(tmp_path, models, 0.5))]) == 0
     assert _messages(capsys) == []
     assert (mine / "notes.txt").read_text() == "my notes" and (tmp_path / "out" / "mergeengine.json").is_file()
+
+
+@pytest.mark.parametrize(("field", "line"), [
+    ("save path", '  - {id: out, op: save, input: base, path: "out\\nerror: all good"}'),
+    ("load model", '  - {id: other, op: load, model: "./x\\r"}'),
+    ("copy_files", '  - {id: out, op: save, input: base, path: out, copy_files: ["a\\u001b[2Jb"]}'),
+])
+def test_control_characters_in_paths_are_refused(tmp_path, models, capsys, field, line):
+    """A newline in a path would split the one-line messages that name it (and could forge one)."""
+    from mergeengine.cli import main
+
+    lines = ["steps:", f"  - {{id: base, op: load, model: {models['base']}}}", line]
+    if "op: save" not in line:
+        lines.append("  - {id: out, op: save, input: base, path: out}")
+    (tmp_path / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    assert main(["run", str(tmp_path / "recipe.yaml")]) == 1
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith(f"{tmp_path / 'recipe.yaml'}:3:") and "control character" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

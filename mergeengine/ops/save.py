@@ -21,6 +21,7 @@ from mergeengine.errors import ShapeError
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
 from mergeengine.ops.vocab import is_vocab_tensor, pad_rows
+from mergeengine.recipe.step import PathText
 
 #: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
 WRITER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "README.md",
@@ -49,13 +50,13 @@ class SaveStep(StepModel):
 
     op: Literal["save"]
     input: str = Field(description="Step id of the model (or delta) to write.")
-    path: str | None = Field(None, description="Output folder; `run --out` overrides it.")
+    path: PathText | None = Field(None, description="Output folder; `run --out` overrides it.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Storage dtype; default: the dtype of the model the output's config comes from."
     )
     max_shard_bytes: int = Field(5 * 10**9, gt=0, description="Largest shard file, e.g. 5GB, 500MB.")
     tokenizer_from: str | None = Field(None, description="Load step whose tokenizer files are copied (default: the origin model).")
-    copy_files: list[str] = Field(default_factory=list, description="Extra files copied from the origin model's folder.")
+    copy_files: list[PathText] = Field(default_factory=list, description="Extra files copied from the origin model's folder.")
     chat_template: str | None = Field(
         None, description="Chat template written into tokenizer_config.json: auto (the inputs' most common), "
         "chatml, llama3, mistral, alpaca, or a Jinja template string."
