@@ -254,3 +254,28 @@ def test_control_characters_in_paths_are_refused(tmp_path, models, capsys, field
     (message,) = capsys.readouterr().err.strip().splitlines()
     assert message.startswith(f"{tmp_path / 'recipe.yaml'}:3:") and "control character" in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_ctrl_c_between_the_renames_waits_until_the_new_output_is_in(tmp_path, models, monkeypatch):
+    """SIGINT while the old output is aside: it takes effect once the new one is in place, never in between."""
+    import signal
+
+    from conftest import read_folder
+
+    from mergeengine import api
+
+    api.run_recipe(_two_runs_recipe(tmp_path, models, 0.5))
+    first = read_folder(tmp_path / "out")
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if Path(dst).name.startswith(".out.old-"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_recipe(_two_runs_recipe(tmp_path, models, 0.25), overwrite=True)
+    second = read_folder(tmp_path / "out")
+    assert second.keys() == first.keys() and not all(torch.equal(t, first[n]) for n, t in second.items())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

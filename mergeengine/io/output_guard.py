@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -24,6 +25,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -161,15 +165,44 @@ def recover_replace(dest: Path) -> None:
         LOG.warning("%s: removed %s, the previous output a run died before removing", dest, old.name)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (main thread only; elsewhere
+    Python runs no signal handlers to hold back)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(
+            signal.getsignal(s) is None for s in signals):
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
 def replace_folder(new: Path, dest: Path) -> None:
     """Move the finished folder ``new`` to ``dest``; an existing ``dest`` is replaced only once ``new`` is in.
 
     The old folder is renamed aside, the new one renamed in, then the old one removed. When the
-    second rename fails, the old folder is renamed back.
+    second rename fails, the old folder is renamed back. Ctrl-C or SIGTERM during the renames
+    takes effect after them, so no interrupt leaves ``dest`` missing.
 
     Raises:
         OutputError: the rename failed; the message says where the old and the new folder are.
     """
+    with interrupts_deferred():
+        old = _swap(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap(new: Path, dest: Path) -> Path | None:
+    """The two renames of :func:`replace_folder`; returns where the old folder went (None: there was none)."""
     old = None
     if dest.exists() or dest.is_symlink():
         old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
@@ -192,8 +225,7 @@ def replace_folder(new: Path, dest: Path) -> None:
                               f"the previous output is in {old}, the new one in {new}", file=str(dest)) from None
         raise OutputError(f"cannot move the new output into place ({reason}); the previous output is back in "
                           f"place and the new one is in {new}", file=str(dest)) from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 class RunLock:
