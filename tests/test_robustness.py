@@ -279,3 +279,24 @@ def test_ctrl_c_between_the_renames_waits_until_the_new_output_is_in(tmp_path, m
     second = read_folder(tmp_path / "out")
     assert second.keys() == first.keys() and not all(torch.equal(t, first[n]) for n, t in second.items())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_model_of_another_size_is_one_short_line(tmp_path, models, capsys):
+    """Every tensor differs: the line shows a few and counts the rest, instead of listing the whole model."""
+    from mergeengine.cli import main
+    from mergeengine.tiny import LlamaShape, make_weights, write_checkpoint
+
+    small = LlamaShape(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    write_checkpoint(tmp_path / "small", make_weights(small, 0), small)
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: ./small}}
+          - {{id: m, op: merge, method: ties, base: base, inputs: [ft], density: 0.3}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    assert main(["run", str(r)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: step 'm': tensor 'lm_head.weight': shape [128, 32] in 'ft' vs [128, 64] in 'base'")
+    assert line.endswith("and 13 more tensors that differ") and len(line) < 1000, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "small"]
