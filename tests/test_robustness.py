@@ -300,3 +300,25 @@ def test_a_model_of_another_size_is_one_short_line(tmp_path, models, capsys):
     assert line.startswith("error: step 'm': tensor 'lm_head.weight': shape [128, 32] in 'ft' vs [128, 64] in 'base'")
     assert line.endswith("and 13 more tensors that differ") and len(line) < 1000, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "small"]
+
+
+def test_nan_in_an_input_names_the_file_it_came_from(tmp_path, models, capsys):
+    from mergeengine.cli import main
+    from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
+
+    weights = fine_tune(make_weights(LlamaShape(), 0), 1)
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    write_checkpoint(tmp_path / "ft", weights, LlamaShape(), dtype=torch.float32)
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: ./ft}}
+          - {{id: m, op: merge, method: ties, base: base, inputs: [ft], density: 0.5}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    assert main(["run", str(r), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: step 'm': tensor 'model.layers.1.mlp.up_proj.weight': result has 1 NaN/Inf")
+    assert line.endswith(f"; load step 'ft' reads NaN/Inf from {tmp_path / 'ft' / 'model.safetensors'}: "
+                         "fix that input or pass --allow-nonfinite"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "recipe.yaml"]
