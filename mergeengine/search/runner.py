@@ -13,6 +13,7 @@ the same points; a log that does not match is an error).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -302,19 +303,37 @@ def run_search(
     strategy = make_strategy(spec.strategy, dims, current_values(loaded, dims), trials=spec.trials,
                              seed=spec.seed, population=spec.population, max_steps=spec.max_steps,
                              step_size=spec.step_size, release_start=bool(spec.factors))
-    trial_log = TrialLog(Path(log) if log is not None else None, resume)
-    bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
-    owned = executor is None
-    executor = make_executor(workers, ray, device) if owned else executor
-    try:
-        driver = _Driver(loaded, dims, trial_log, executor, device, bar)
-        last = _drive(strategy, driver)
-    finally:  # also on a failed or interrupted trial
-        if owned:
-            executor.close()
-        if bar is not None:
-            bar.close()
+    with _log_lock(Path(log) if log is not None else None):
+        trial_log = TrialLog(Path(log) if log is not None else None, resume)
+        bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
+        owned = executor is None
+        executor = make_executor(workers, ray, device) if owned else executor
+        try:
+            driver = _Driver(loaded, dims, trial_log, executor, device, bar)
+            last = _drive(strategy, driver)
+        finally:  # also on a failed or interrupted trial
+            if owned:
+                executor.close()
+            if bar is not None:
+                bar.close()
     return _result(loaded, dims, driver, last)
+
+
+@contextlib.contextmanager
+def _log_lock(log: Path | None) -> Iterator[None]:
+    """One search per trial log: a second one would truncate and interleave it (``.NAME.lock``, as a run's).
+
+    Raises:
+        OutputError: another search holds the log.
+    """
+    if log is None:
+        yield
+        return
+    from mergeengine.io.output_guard import RunLock
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(log):
+        yield
 
 
 def _progress_bar(spec: Any, dims: Sequence[Dimension], done: int) -> Any:
