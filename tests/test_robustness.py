@@ -322,3 +322,34 @@ def test_nan_in_an_input_names_the_file_it_came_from(tmp_path, models, capsys):
     assert line.endswith(f"; load step 'ft' reads NaN/Inf from {tmp_path / 'ft' / 'model.safetensors'}: "
                          "fix that input or pass --allow-nonfinite"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "recipe.yaml"]
+
+
+def _disk_fills_mid_file(monkeypatch) -> None:
+    """The disk fills after half of the next text file is written."""
+    import errno
+
+    from mergeengine.io import output_guard
+
+    def write_half(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output_guard, "_write_bytes", write_half)
+
+
+def test_a_full_disk_leaves_a_converted_recipe_as_it_was(tmp_path, models, monkeypatch, capsys):
+    from mergeengine.cli import main
+
+    write_recipe(tmp_path, f"""
+        merge_method: linear
+        models:
+          - {{model: {models['base']}, parameters: {{weight: 1.0}}}}
+          - {{model: {models['math']}, parameters: {{weight: 1.0}}}}
+        """, name="mergekit.yml")
+    (tmp_path / "recipe.yaml").write_text("the previous recipe\n")
+    _disk_fills_mid_file(monkeypatch)
+    assert main(["convert", str(tmp_path / "mergekit.yml"), "-o", str(tmp_path / "recipe.yaml")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: {tmp_path / 'recipe.yaml'}: disk full while writing; free space and rerun"
+    assert (tmp_path / "recipe.yaml").read_text() == "the previous recipe\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mergekit.yml", "recipe.yaml"]

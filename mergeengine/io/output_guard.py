@@ -228,6 +228,45 @@ def _swap(new: Path, dest: Path) -> Path | None:
     return old
 
 
+def write_error(exc: OSError, path: Path) -> OutputError:
+    """The one-line error for a failed write of ``path``: disk full, permission denied, or the system's reason."""
+    if exc.errno == errno.ENOSPC:
+        return OutputError("disk full while writing; free space and rerun", file=str(path))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError("permission denied", file=str(path))
+    return OutputError(f"cannot write: {exc.strerror or exc}", file=str(path))
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: into a hidden sibling, fsynced, then renamed over ``path``.
+
+    Raises:
+        OutputError: it cannot be written (disk full, permission denied); ``path`` is as it was.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _write_bytes(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(exc, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class RunLock:
     """An exclusive lock on a destination, held while a run writes it: ``.<name>.lock`` beside it.
 

@@ -36,6 +36,7 @@ from mergeengine.io.output_guard import (
     recover_replace,
     replace_folder,
 )
+from mergeengine.io.output_guard import write_error as _os_error
 from mergeengine.ops.base import TensorMeta
 from mergeengine.runtime import libc
 
@@ -418,14 +419,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _os_error(exc: OSError, path: Path) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError("disk full while writing; free space and rerun", file=str(path))
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return OutputError("permission denied", file=str(path))
-    return OutputError(f"cannot write: {exc.strerror or exc}", file=str(path))
 
 
 class OutputFolder:

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mergeengine.errors import MergeEngineError
+from mergeengine.io.output_guard import write_text_atomic
 from mergeengine.recipe.loader import LoadedRecipe, load_recipe
 from mergeengine.search.executors import make_executor
 from mergeengine.search.space import Dimension, apply_point, current_values, dimensions
@@ -132,7 +133,7 @@ class TrialLog:
                     continue
                 self.finished[int(rec["trial"])] = rec
             # rewrite what was read, so a cut line is not left in the middle of the log
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.finished.values()))
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.finished.values()))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
@@ -376,7 +377,8 @@ def default_paths(loaded: LoadedRecipe, out: Path | None = None) -> tuple[Path, 
 
 def write_search_outputs(loaded: LoadedRecipe, result: SearchResult, out: Path | None = None,
                          log_written: bool = False) -> tuple[Path, Path]:
-    """Write the resolved recipe (reruns without searching) and, unless already written, the trial log.
+    """Write the resolved recipe (reruns without searching) and, unless already written, the trial log,
+    each whole or not at all.
 
     Returns:
         The resolved recipe's path and the log's.
@@ -385,9 +387,9 @@ def write_search_outputs(loaded: LoadedRecipe, result: SearchResult, out: Path |
     resolved, log = default_paths(loaded, out)
     header = (f"# Resolved by `mergeengine search {base.name}`: {json.dumps(result.best_params)}, "
               f"validation score {result.best_score:.4f} after {len(result.trials)} trials.\n")
-    resolved.write_text(header + yaml.safe_dump(result.resolved, sort_keys=False))
+    write_text_atomic(resolved, header + yaml.safe_dump(result.resolved, sort_keys=False))
     if not log_written:
-        log.write_text(result.to_jsonl())
+        write_text_atomic(log, result.to_jsonl())
     return resolved, log
 
 
