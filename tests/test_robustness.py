@@ -353,3 +353,23 @@ def test_a_full_disk_leaves_a_converted_recipe_as_it_was(tmp_path, models, monke
     assert line == f"error: {tmp_path / 'recipe.yaml'}: disk full while writing; free space and rerun"
     assert (tmp_path / "recipe.yaml").read_text() == "the previous recipe\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mergekit.yml", "recipe.yaml"]
+
+
+def test_a_merge_of_a_larger_vocabulary_says_which_vocab_setting_fixes_it(tmp_path, models, capsys):
+    from mergeengine.cli import main
+    from mergeengine.tiny import LlamaShape, make_weights, write_checkpoint
+
+    big = LlamaShape(vocab_size=136)
+    write_checkpoint(tmp_path / "ft", make_weights(big, 0), big)
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: ./ft}}
+          - {{id: d, op: diff, model: ft, base: base, vocab: pad_base}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [d]}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    assert main(["run", str(r)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: step 'm': tensor 'lm_head.weight': shape [136, 64] in 'd' vs [128, 64] in 'base'")
+    assert line.endswith("the vocabularies differ: set 'vocab: truncate' or 'vocab: pad_base' on this step"), line
