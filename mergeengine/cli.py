@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 import traceback
@@ -115,6 +116,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head``); if so it now points at /dev/null,
+    so nothing else fails on it. A broken pipe elsewhere (not stdout) is an error like any other."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture): not ours to judge
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mergeengine`` console script. Returns the exit code."""
     args = _parser().parse_args(_attach_optional_values(sys.argv[1:] if argv is None else argv))
@@ -138,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except OSError as exc:  # the filesystem said no (permissions, a vanished file): still one line
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return 128 + signal.SIGPIPE  # quietly, as a shell reports ``yes | head -1``'s ``yes``
         if debug:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""

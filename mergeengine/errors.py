@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MergeEngineError(Exception):
     """Base class of every error mergeengine raises on purpose.
@@ -37,6 +39,20 @@ class MergeEngineError(Exception):
             parts.append(f"tensor '{self.tensor}'")
         prefix = ": ".join(parts)
         return f"{prefix}: {self.message}" if prefix else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as class + args + fields, so the error crosses a process boundary whole (a search
+        worker, a Ray task): the default would call ``cls(*args)``, which drops the keyword fields
+        and breaks subclasses with their own constructor."""
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
+
+def _restore(cls: type[MergeEngineError], args: tuple[Any, ...], fields: dict[str, Any]) -> MergeEngineError:
+    """Rebuild a pickled :class:`MergeEngineError` without calling its constructor."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(fields)
+    return exc
 
 
 class RecipeError(MergeEngineError):

@@ -187,7 +187,7 @@ class _Run:
             return 0, 0
         verified = out is inputs[0] and self.plan.sources[key][0] in self.checked
         if not self.allow_nonfinite and out.dtype.is_floating_point and not verified:
-            _check_finite(out, op.step.input, key.tensor)
+            _check_finite(out, op.step.input, key.tensor, lambda: _nonfinite_input(self.plan, key.step, key.tensor))
         self.sinks[key.step].write(key.tensor, out)
         self.stats.bytes_written += size
         self.stats.tensors_written += 1
@@ -223,15 +223,28 @@ def _done(value: torch.Tensor) -> Future[torch.Tensor]:
     return fut
 
 
-def _check_finite(t: torch.Tensor, step: str, name: str) -> None:
+def _check_finite(t: torch.Tensor, step: str, name: str, origin: Callable[[], str | None]) -> None:
+    """Raise a :class:`NonFiniteError` when ``t`` holds NaN/Inf; ``origin`` (called only then) says
+    which input file already holds them."""
     # Fast path: NaN/Inf propagate into the sum; only a suspicious sum pays for an exact count.
     if torch.isfinite(torch.sum(t, dtype=torch.float32)):  # an overflow to inf only costs the exact count
         return
     bad = (~torch.isfinite(t)).sum().item()
     if bad:
-        raise NonFiniteError(
-            f"result has {bad} NaN/Inf value(s) of {t.numel()}; check the inputs (NaN/Inf weights?) "
-            "or pass --allow-nonfinite",
-            step=step,
-            tensor=name,
-        )
+        found = origin()
+        advice = (f"{found}: fix that input or pass --allow-nonfinite" if found
+                  else "check the inputs (NaN/Inf weights?) or pass --allow-nonfinite")
+        raise NonFiniteError(f"result has {bad} NaN/Inf value(s) of {t.numel()}; {advice}", step=step, tensor=name)
+
+
+def _nonfinite_input(plan: Plan, save: str, name: str) -> str | None:
+    """The first load step feeding ``save`` whose tensor ``name`` holds NaN/Inf, and its file (read again:
+    this runs only on the failure path)."""
+    for sid in plan.steps.needed([save]):
+        ckpt = plan.checkpoints.get(sid)
+        info = ckpt.tensors().get(name) if ckpt is not None else None
+        if info is None or not info.dtype.is_floating_point:
+            continue
+        if not torch.isfinite(ckpt.read(name)).all():
+            return f"load step '{sid}' reads NaN/Inf from {info.file or ckpt.source}"
+    return None

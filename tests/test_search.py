@@ -254,3 +254,39 @@ def test_a_log_from_another_search_is_refused_on_resume(tmp_path, char_models, m
     r = write_recipe(tmp_path, space_recipe(char_models, "grid", "[{param: 'a.partitions[0].scale', choices: [0.5, 1.3]}]"))
     with pytest.raises(MergeEngineError, match="trial 0 in .* has other parameters"):
         search.run_search(r, log=tmp_path / "recipe.search.jsonl", resume=True)
+
+
+def test_a_second_search_of_the_same_recipe_is_refused_while_one_runs(tmp_path, char_models, capsys):
+    """Two searches of one recipe would truncate and interleave one trial log: the second stops at once."""
+    import os
+
+    from mergeengine.io.output_guard import RunLock
+
+    r = write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}]", "max_steps: 2"))
+    log = tmp_path / "recipe.search.jsonl"
+    log.write_text('{"trial": 0}\n')  # what the running search has logged so far
+    with RunLock(log):
+        assert main(["search", str(r), "--quiet"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: another run (pid {os.getpid()}) is writing {log}"
+    assert log.read_text() == '{"trial": 0}\n' and not (tmp_path / "recipe.resolved.yaml").exists()
+
+
+def test_a_full_disk_leaves_no_half_resolved_recipe(tmp_path, char_models, capsys, monkeypatch):
+    import errno
+    import os
+
+    from mergeengine.io import output_guard
+
+    def write_half(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    r = write_recipe(tmp_path, recipe_text(char_models, "[{step: a, partition: 0}]", "max_steps: 1"))
+    (tmp_path / "recipe.resolved.yaml").write_text("# the previous resolved recipe\n")
+    monkeypatch.setattr(output_guard, "_write_bytes", write_half)
+    assert main(["search", str(r), "--quiet"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: {tmp_path / 'recipe.resolved.yaml'}: disk full while writing; free space and rerun"
+    assert (tmp_path / "recipe.resolved.yaml").read_text() == "# the previous resolved recipe\n"
+    assert not list(tmp_path.glob(".recipe.resolved.yaml.tmp-*"))

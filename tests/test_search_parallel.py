@@ -145,5 +145,34 @@ def test_a_failing_trial_in_a_worker_is_one_line(hf_models, tmp_path):
     data["search"]["tasks"]["include_path"] = str(tmp_path / "no_tasks")
     data["search"]["references"] = {"tiny_next": 0.5}
     recipe.write_text(yaml.safe_dump(data))
-    with pytest.raises(MergeEngineError, match=r"^.*no_tasks: lm-eval include_path is not a folder$"):
+    with pytest.raises(MergeEngineError, match=r"^.*no_tasks: lm-eval include_path is not a folder$") as info:
         run_search(recipe, workers=2)
+    assert info.value.file == str(tmp_path / "no_tasks")  # the fields cross the process boundary too
+
+
+def overflowing_search(folder: Path, hf_models: Path) -> Path:
+    """A search whose one trial overflows float32 in the merge (a NonFiniteError naming step and tensor)."""
+    recipe = write_search_recipe(folder, hf_models)
+    data = yaml.safe_load(recipe.read_text())
+    data["steps"][3]["weights"] = [1.0e38, 1.0e38]
+    data["search"] = {"tasks": data["search"]["tasks"], "references": {"tiny_next": 0.5}, "strategy": "grid",
+                      "space": [{"param": "merged.lambda", "choices": [3.0e38]}]}
+    recipe.write_text(yaml.safe_dump(data))
+    return recipe
+
+
+def test_a_trial_failing_in_a_worker_keeps_its_error_class_and_fields(hf_models, tmp_path, capsys):
+    """``mergeengine search --workers 2`` whose trial overflows float32: the worker's NonFiniteError, one line."""
+    recipe = overflowing_search(tmp_path, hf_models)
+    assert main(["search", str(recipe), "--workers", "2", "--quiet"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: step 'merged': tensor '") and "NaN/Inf" in line, line
+
+
+
+def test_a_trial_failing_on_ray_keeps_its_error_class_and_fields(hf_models, tmp_path, local_ray):
+    from mergeengine.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError) as info:
+        run_search(overflowing_search(tmp_path, hf_models), ray="local")
+    assert info.value.step == "merged" and info.value.tensor

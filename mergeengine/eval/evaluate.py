@@ -172,7 +172,7 @@ def to_json(result: EvalResult, path: str | Path | None = None, *, samples: bool
 
     Args:
         result: what :func:`evaluate` returned.
-        path: file to write (parent folders are created).
+        path: file to write, whole or not at all (parent folders are created).
         samples: include per-record details.
 
     Returns:
@@ -182,7 +182,9 @@ def to_json(result: EvalResult, path: str | Path | None = None, *, samples: bool
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="utf-8")
+        from mergeengine.io.output_guard import write_text_atomic
+
+        write_text_atomic(path, text + "\n")
     return text
 
 

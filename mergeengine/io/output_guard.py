@@ -7,7 +7,7 @@ empty, the home folder, the current folder or the recipe's folder (or an ancesto
 and any folder that holds an input of the run. :func:`check_distinct` refuses two save steps that
 write the same or nested folders. :class:`RunLock` keeps a second run off a destination while one
 is writing it, and :func:`replace_folder` swaps a finished folder in so that, on failure, the old
-one is back in place.
+one is back in place; :func:`recover_replace` finishes a swap that a crash interrupted.
 
 Example:
     >>> check_destination(Path("out"), overwrite=True, protected={"the recipe's folder": Path(".")}, inputs={})  # doctest: +SKIP
@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -24,6 +25,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -119,15 +123,86 @@ def check_distinct(paths: dict[str, Path]) -> None:
                                   "give it another path", file=str(b))
 
 
+def _is_complete_output(folder: Path) -> bool:
+    """Whether ``folder`` is a whole mergeengine output: its provenance record, config and every weight file."""
+    if folder.is_symlink() or not folder.is_dir() or not written_by_mergeengine(folder):
+        return False
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False
+    return (folder / "config.json").is_file() and all((folder / str(s)).is_file() for s in shards)
+
+
+def recover_replace(dest: Path) -> None:
+    """Finish an ``--overwrite`` replace that a crash cut short; call it holding the destination's :class:`RunLock`.
+
+    :func:`replace_folder` renames the old output to ``.NAME.old-XXXXXXXX`` before moving the new
+    one in. Such a folder that mergeengine wrote (its ``mergeengine.json`` inside) is renamed back
+    when the destination is missing, and removed when the destination is a complete output; one
+    warning line each. Folders mergeengine did not write are never touched.
+
+    Raises:
+        OutputError: a leftover cannot be renamed back.
+    """
+    leftovers = [p for p in dest.parent.glob(f".{dest.name}.old-*")
+                 if not p.is_symlink() and p.is_dir() and written_by_mergeengine(p)]
+    leftovers.sort(key=lambda p: (p / PROVENANCE_NAME).stat().st_mtime, reverse=True)
+    if leftovers and not (dest.exists() or dest.is_symlink()) and _is_complete_output(leftovers[0]):
+        try:
+            os.replace(leftovers[0], dest)
+        except OSError as exc:
+            raise OutputError(f"cannot restore the previous output from {leftovers[0]} "
+                              f"({exc.strerror or exc})", file=str(dest)) from None
+        LOG.warning("%s: restored the previous output from %s (a run died while replacing it)", dest,
+                    leftovers[0].name)
+        leftovers = leftovers[1:]
+    if not _is_complete_output(dest):
+        return
+    for old in leftovers:
+        shutil.rmtree(old, ignore_errors=True)
+        LOG.warning("%s: removed %s, the previous output a run died before removing", dest, old.name)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (main thread only; elsewhere
+    Python runs no signal handlers to hold back)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(
+            signal.getsignal(s) is None for s in signals):
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
 def replace_folder(new: Path, dest: Path) -> None:
     """Move the finished folder ``new`` to ``dest``; an existing ``dest`` is replaced only once ``new`` is in.
 
     The old folder is renamed aside, the new one renamed in, then the old one removed. When the
-    second rename fails, the old folder is renamed back.
+    second rename fails, the old folder is renamed back. Ctrl-C or SIGTERM during the renames
+    takes effect after them, so no interrupt leaves ``dest`` missing.
 
     Raises:
         OutputError: the rename failed; the message says where the old and the new folder are.
     """
+    with interrupts_deferred():
+        old = _swap(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap(new: Path, dest: Path) -> Path | None:
+    """The two renames of :func:`replace_folder`; returns where the old folder went (None: there was none)."""
     old = None
     if dest.exists() or dest.is_symlink():
         old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
@@ -150,8 +225,46 @@ def replace_folder(new: Path, dest: Path) -> None:
                               f"the previous output is in {old}, the new one in {new}", file=str(dest)) from None
         raise OutputError(f"cannot move the new output into place ({reason}); the previous output is back in "
                           f"place and the new one is in {new}", file=str(dest)) from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old
+
+
+def write_error(exc: OSError, path: Path) -> OutputError:
+    """The one-line error for a failed write of ``path``: disk full, permission denied, or the system's reason."""
+    if exc.errno == errno.ENOSPC:
+        return OutputError("disk full while writing; free space and rerun", file=str(path))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError("permission denied", file=str(path))
+    return OutputError(f"cannot write: {exc.strerror or exc}", file=str(path))
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: into a hidden sibling, fsynced, then renamed over ``path``.
+
+    Raises:
+        OutputError: it cannot be written (disk full, permission denied); ``path`` is as it was.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _write_bytes(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(exc, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class RunLock:

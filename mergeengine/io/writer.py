@@ -29,7 +29,14 @@ import torch
 
 from mergeengine.errors import MergeEngineError, OutputError
 from mergeengine.io.checkpoint import TORCH_TO_ST
-from mergeengine.io.output_guard import RunLock, check_destination, default_protected, replace_folder
+from mergeengine.io.output_guard import (
+    RunLock,
+    check_destination,
+    default_protected,
+    recover_replace,
+    replace_folder,
+)
+from mergeengine.io.output_guard import write_error as _os_error
 from mergeengine.ops.base import TensorMeta
 from mergeengine.runtime import libc
 
@@ -414,14 +421,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _os_error(exc: OSError, path: Path) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError("disk full while writing; free space and rerun", file=str(path))
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return OutputError("permission denied", file=str(path))
-    return OutputError(f"cannot write: {exc.strerror or exc}", file=str(path))
-
-
 class OutputFolder:
     """A destination folder that appears only when complete, written by one run at a time.
 
@@ -474,6 +473,17 @@ class OutputFolder:
         except OSError as exc:
             raise _os_error(exc, self.dest.parent) from None
         self.lock.acquire()
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.tmp
+
+    def _prepare(self, resume: bool) -> None:
+        """Under the lock: finish a replace a crash cut short, check again, make the work folder."""
+        recover_replace(self.dest)
+        self.check()  # a recovered previous output is there again
         if self.tmp.is_symlink():
             raise OutputError("the work folder is a symbolic link; remove it", file=str(self.tmp), step=self.step)
         try:
@@ -482,7 +492,6 @@ class OutputFolder:
             self.tmp.mkdir(exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, self.tmp) from None
-        return self.tmp
 
     def restart(self) -> None:
         """Empty the temporary folder (an interrupted run's shards are not wanted)."""

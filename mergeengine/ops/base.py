@@ -317,7 +317,8 @@ def same_tensors(
 ) -> dict[str, TensorMeta]:
     """Check that all inputs have the same tensor names and shapes; return the first's, as float32.
 
-    Every mismatch is listed in one error, so a user sees them all at once.
+    Every kind of mismatch is reported in one error, so a user sees them all at once (the first
+    few tensors whose shapes differ, and how many more: a model of another size differs in all).
 
     Raises:
         ShapeError: names or shapes differ.
@@ -331,21 +332,33 @@ def same_tensors(
             problems.append(f"'{other_id}' lacks {_names(missing)} present in '{ref_id}'")
         if extra:
             problems.append(f"'{other_id}' has {_names(extra)} absent from '{ref_id}'")
-        for n, meta in ref.items():
-            if n in other and other[n].shape != meta.shape:
-                problems.append(
-                    f"tensor '{n}': shape {list(other[n].shape)} in '{other_id}' vs {list(meta.shape)} in '{ref_id}'"
-                )
-            elif n in other and other[n].dtype != meta.dtype and not (
-                other[n].dtype.is_floating_point and meta.dtype.is_floating_point
-            ):
-                # floating dtypes mix freely (math is float32); integer buffers must agree
-                problems.append(f"tensor '{n}': dtype {other[n].dtype} in '{other_id}' vs {meta.dtype} in '{ref_id}'")
+        differ = _differences(ref_id, ref, other_id, other)
+        problems += differ[:_SHOWN_DIFFERENCES]
+        if len(differ) > _SHOWN_DIFFERENCES:
+            problems.append(f"and {len(differ) - _SHOWN_DIFFERENCES} more tensors that differ")
     if problems:
         raise ShapeError("; ".join(problems), step=step)
     import torch
 
     return {n: TensorMeta(m.shape, torch.float32) for n, m in ref.items()}
+
+
+#: Tensors with another shape or dtype that one error shows (a model of another size differs in all).
+_SHOWN_DIFFERENCES = 8
+
+
+def _differences(ref_id: str, ref: dict[str, TensorMeta], other_id: str, other: dict[str, TensorMeta]) -> list[str]:
+    """One line per tensor whose shape (or integer dtype) differs between two inputs."""
+    out = []
+    for n, meta in ref.items():
+        if n in other and other[n].shape != meta.shape:
+            out.append(f"tensor '{n}': shape {list(other[n].shape)} in '{other_id}' vs {list(meta.shape)} in '{ref_id}'")
+        elif n in other and other[n].dtype != meta.dtype and not (
+            other[n].dtype.is_floating_point and meta.dtype.is_floating_point
+        ):
+            # floating dtypes mix freely (math is float32); integer buffers must agree
+            out.append(f"tensor '{n}': dtype {other[n].dtype} in '{other_id}' vs {meta.dtype} in '{ref_id}'")
+    return out
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -15,14 +15,15 @@ from pydantic import Field
 
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
+from mergeengine.recipe.step import PathText
 
 
 class LoadStep(StepModel):
     """Read a model lazily; tensors are read one at a time when the plan needs them."""
 
     op: Literal["load"]
-    model: str = Field(min_length=1, description="Folder, .safetensors/.gguf file, or hub repo id.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    model: PathText = Field(min_length=1, description="Folder, .safetensors/.gguf file, or hub repo id.")
+    revision: PathText | None = Field(None, description="Hub revision (branch, tag or commit).")
     allow_pickle: bool = Field(False, description="Allow PyTorch .bin checkpoints (read with weights_only=True).")
 
 

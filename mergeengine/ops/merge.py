@@ -111,7 +111,9 @@ class MergeOp(Op):
         try:
             metas = same_tensors(self.step.id, named)
         except ShapeError as exc:
-            raise ShapeError(exc.message, step=self.step.id) from None
+            hint = ("; the vocabularies differ: set 'vocab: truncate' or 'vocab: pad_base' on this step"
+                    if self.step.vocab == "error" and self._target_rows(named) else "")
+            raise ShapeError(exc.message + hint, step=self.step.id) from None
         kinds = {i: inputs.kinds[i].kind for i in self.step.inputs}
         return StepPlan(metas, inputs.kinds[self.step.id], input_kinds=kinds, target_rows=rows)
 

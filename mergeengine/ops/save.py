@@ -17,8 +17,11 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from mergeengine.errors import ShapeError
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, TensorMeta
+from mergeengine.ops.vocab import is_vocab_tensor, pad_rows
+from mergeengine.recipe.step import PathText
 
 #: Files the writer produces: ``copy_files`` may not name them (they would replace the merge's own).
 WRITER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "README.md",
@@ -47,13 +50,13 @@ class SaveStep(StepModel):
 
     op: Literal["save"]
     input: str = Field(description="Step id of the model (or delta) to write.")
-    path: str | None = Field(None, description="Output folder; `run --out` overrides it.")
+    path: PathText | None = Field(None, description="Output folder; `run --out` overrides it.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Storage dtype; default: the dtype of the model the output's config comes from."
     )
     max_shard_bytes: int = Field(5 * 10**9, gt=0, description="Largest shard file, e.g. 5GB, 500MB.")
     tokenizer_from: str | None = Field(None, description="Load step whose tokenizer files are copied (default: the origin model).")
-    copy_files: list[str] = Field(default_factory=list, description="Extra files copied from the origin model's folder.")
+    copy_files: list[PathText] = Field(default_factory=list, description="Extra files copied from the origin model's folder.")
     chat_template: str | None = Field(
         None, description="Chat template written into tokenizer_config.json: auto (the inputs' most common), "
         "chatml, llama3, mistral, alpaca, or a Jinja template string."
@@ -85,6 +88,17 @@ class SaveStep(StepModel):
         if twice:
             raise ValueError(f"two files would be copied to the same name: {', '.join(twice)}")
         return names
+
+
+def _base_rows_for(base: torch.Tensor, delta: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+    """The base of a delta, zero-padded to the delta's rows where the delta has the fine-tune's larger
+    vocabulary (a ``diff`` with ``vocab: pad_base``)."""
+    if base.shape == delta.shape:
+        return base
+    if is_vocab_tensor(ctx.tensor) and base.shape[1:] == delta.shape[1:] and base.shape[0] < delta.shape[0]:
+        return pad_rows(base, delta.shape[0])
+    raise ShapeError(f"the delta has shape {list(delta.shape)} and its base {list(base.shape)}",
+                     step=ctx.step, tensor=ctx.tensor)
 
 
 @register
@@ -128,7 +142,7 @@ class SaveOp(Op):
     def compute(self, inputs: list[torch.Tensor], ctx: TaskContext) -> torch.Tensor:
         x = inputs[0]
         if len(inputs) == 2:  # a delta: written as base + delta
-            x = inputs[1].float() + x
+            x = _base_rows_for(inputs[1], x, ctx).float() + x
         if x.dtype.is_floating_point:
             x = x.to(ctx.plan.emit_dtype)
         return x.to("cpu").contiguous()

@@ -316,10 +316,12 @@ def mergekit_recipe(data: dict[str, Any], positions: Positions, path: str) -> Lo
 def convert_file(src: Path, dest: Path) -> str:
     """``mergeengine convert``: write the recipe a mergekit config translates to; returns its text.
 
-    The recipe is validated before it is written (nothing is written on error).
+    The recipe is validated before it is written (nothing is written on error), and written whole
+    or not at all.
 
     Raises:
         RecipeError: the config cannot be read, is not a mergekit config, or cannot be translated.
+        OutputError: the recipe cannot be written (the file is as it was).
     """
     from mergeengine.recipe.loader import load_recipe
     from mergeengine.recipe.mergekit_schema import is_mergekit_config
@@ -333,5 +335,7 @@ def convert_file(src: Path, dest: Path) -> str:
         raise RecipeError([f"{src}:1:1: not a mergekit config (no top-level 'merge_method')"])
     load_recipe(src)  # every check a direct run makes, with positions in the mergekit file
     conv, out = convert_data(data, Positions(root), str(src))
-    dest.write_text(out)
+    from mergeengine.io.output_guard import write_text_atomic
+
+    write_text_atomic(dest, out)
     return out

@@ -100,6 +100,10 @@ class ConvertError(Exception):
         self.where = where
         self.message = message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by its constructor's arguments (the default would call ``ConvertError(message)``)."""
+        return type(self), (self.where, self.message)
+
 
 def _as_list(value: Any) -> Any:
     """mergekit allows one ``{filter, value}`` mapping where a list of them is meant."""

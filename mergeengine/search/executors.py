@@ -13,6 +13,9 @@ so the model skeleton and the tasks are set up once per worker, not once per tri
   GPUs); a local Ray started here (``--ray``) is shut down at the end, an existing one
   (``--ray ADDRESS``, or ``ray.init`` done by the caller) is left running. The cluster's nodes need
   mergeengine installed and the recipe's models at the same paths (a shared filesystem).
+
+A trial that fails in a worker raises its own error here, class and fields included (a
+:class:`~mergeengine.errors.MergeEngineError` pickles whole), so the CLI prints the worker's line.
 """
 
 from __future__ import annotations
@@ -48,18 +51,6 @@ class InProcess:
         """Nothing to release."""
 
 
-def portable_trial(job: TrialJob) -> TrialOutcome:
-    """:func:`run_trial` for another process: an error comes back as a plain, picklable one-line error.
-
-    (A :class:`MergeEngineError` subclass with its own constructor, or the step and file it
-    carries as keywords, would not survive pickling; its rendered line does.)
-    """
-    try:
-        return run_trial(job)
-    except MergeEngineError as exc:
-        raise MergeEngineError(str(exc)) from None
-
-
 def _init_worker(threads: int, devices: Any) -> None:
     from mergeengine.runtime import set_threads
 
@@ -90,7 +81,7 @@ class Pool:
 
     def run(self, jobs: Sequence[TrialJob]) -> Iterator[TrialOutcome]:
         """Submit every job; yield outcomes as they finish."""
-        futures = [self.pool.submit(portable_trial, job) for job in jobs]
+        futures = [self.pool.submit(run_trial, job) for job in jobs]
         try:
             for f in cf.as_completed(futures):
                 yield f.result()
@@ -123,7 +114,7 @@ class RayTasks:
         resources = ray.cluster_resources()
         self.gpus = resources.get("GPU", 0) > 0
         self.workers = int(resources.get("GPU" if self.gpus else "CPU", 1))
-        self.task = ray.remote(num_cpus=1, num_gpus=1 if self.gpus else 0, max_retries=0)(portable_trial)
+        self.task = ray.remote(num_cpus=1, num_gpus=1 if self.gpus else 0, max_retries=0)(run_trial)
 
     @property
     def device(self) -> str:

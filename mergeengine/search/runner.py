@@ -13,6 +13,7 @@ the same points; a log that does not match is an error).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from mergeengine.errors import MergeEngineError
+from mergeengine.io.output_guard import write_text_atomic
 from mergeengine.recipe.loader import LoadedRecipe, load_recipe
 from mergeengine.search.executors import make_executor
 from mergeengine.search.space import Dimension, apply_point, current_values, dimensions
@@ -131,7 +133,7 @@ class TrialLog:
                     continue
                 self.finished[int(rec["trial"])] = rec
             # rewrite what was read, so a cut line is not left in the middle of the log
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.finished.values()))
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.finished.values()))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
@@ -302,19 +304,37 @@ def run_search(
     strategy = make_strategy(spec.strategy, dims, current_values(loaded, dims), trials=spec.trials,
                              seed=spec.seed, population=spec.population, max_steps=spec.max_steps,
                              step_size=spec.step_size, release_start=bool(spec.factors))
-    trial_log = TrialLog(Path(log) if log is not None else None, resume)
-    bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
-    owned = executor is None
-    executor = make_executor(workers, ray, device) if owned else executor
-    try:
-        driver = _Driver(loaded, dims, trial_log, executor, device, bar)
-        last = _drive(strategy, driver)
-    finally:  # also on a failed or interrupted trial
-        if owned:
-            executor.close()
-        if bar is not None:
-            bar.close()
+    with _log_lock(Path(log) if log is not None else None):
+        trial_log = TrialLog(Path(log) if log is not None else None, resume)
+        bar = _progress_bar(spec, dims, len(trial_log.finished)) if progress else None
+        owned = executor is None
+        executor = make_executor(workers, ray, device) if owned else executor
+        try:
+            driver = _Driver(loaded, dims, trial_log, executor, device, bar)
+            last = _drive(strategy, driver)
+        finally:  # also on a failed or interrupted trial
+            if owned:
+                executor.close()
+            if bar is not None:
+                bar.close()
     return _result(loaded, dims, driver, last)
+
+
+@contextlib.contextmanager
+def _log_lock(log: Path | None) -> Iterator[None]:
+    """One search per trial log: a second one would truncate and interleave it (``.NAME.lock``, as a run's).
+
+    Raises:
+        OutputError: another search holds the log.
+    """
+    if log is None:
+        yield
+        return
+    from mergeengine.io.output_guard import RunLock
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(log):
+        yield
 
 
 def _progress_bar(spec: Any, dims: Sequence[Dimension], done: int) -> Any:
@@ -357,7 +377,8 @@ def default_paths(loaded: LoadedRecipe, out: Path | None = None) -> tuple[Path, 
 
 def write_search_outputs(loaded: LoadedRecipe, result: SearchResult, out: Path | None = None,
                          log_written: bool = False) -> tuple[Path, Path]:
-    """Write the resolved recipe (reruns without searching) and, unless already written, the trial log.
+    """Write the resolved recipe (reruns without searching) and, unless already written, the trial log,
+    each whole or not at all.
 
     Returns:
         The resolved recipe's path and the log's.
@@ -366,9 +387,9 @@ def write_search_outputs(loaded: LoadedRecipe, result: SearchResult, out: Path |
     resolved, log = default_paths(loaded, out)
     header = (f"# Resolved by `mergeengine search {base.name}`: {json.dumps(result.best_params)}, "
               f"validation score {result.best_score:.4f} after {len(result.trials)} trials.\n")
-    resolved.write_text(header + yaml.safe_dump(result.resolved, sort_keys=False))
+    write_text_atomic(resolved, header + yaml.safe_dump(result.resolved, sort_keys=False))
     if not log_written:
-        log.write_text(result.to_jsonl())
+        write_text_atomic(log, result.to_jsonl())
     return resolved, log
 
 
