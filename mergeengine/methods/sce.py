@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from mergeengine.kernels.chunking import spans
 from mergeengine.kernels.select_exact import keep_count, topk_abs_mask
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
-from mergeengine.methods._reduce import CHUNK, chunks, dot
+from mergeengine.methods._reduce import CHUNK, dot
 from mergeengine.methods._ties import elect_and_merge
 
 
@@ -30,7 +31,7 @@ def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tenso
     flat = [d.reshape(-1) for d in deltas]
     variance = torch.empty_like(flat[0])
     mean, centred = (torch.empty(min(CHUNK, max(variance.numel(), 1)), device=variance.device) for _ in range(2))
-    for s, e in chunks(variance.numel()):
+    for s, e in spans(variance.numel(), CHUNK):
         m, c, v = mean[: e - s].zero_(), centred[: e - s], variance[s:e].zero_()
         for d in flat:
             m.add_(d[s:e])
