@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import experiment as exp  # noqa: E402
 import smol  # noqa: E402
+import sweep  # noqa: E402
 import train as train_mod  # noqa: E402
 
 LOG = logging.getLogger("minipaper.smol_experiment")
@@ -39,15 +40,9 @@ Z95 = 1.959963984540054
 
 
 def full_settings() -> exp.RunSettings:
-    """The documented run: sized to finish in about 90 minutes on a shared 2-core CPU."""
-    return exp.RunSettings(densities=(0.1, 0.2, 0.9), seeds=2, lambdas=(0.6, 0.9, 1.2, 1.5),
-                           search_max_steps=2)
-
-
-def parallel_table2_settings() -> exp.RunSettings:
-    """Table 2 when run row by row in parallel processes (``--table2``): a 3-value λ grid and one
-    step per factor, what fits the 90-minute budget on a loaded machine."""
-    return dataclasses.replace(full_settings(), lambdas=(0.6, 1.0, 1.4), search_max_steps=1)
+    """The first miniature's protocol (:class:`experiment.RunSettings`: 11 λ values, 3 DARE seeds, up to
+    30 search steps per factor), Table 1's densities in the order they run (the claims' first)."""
+    return exp.RunSettings(densities=(0.2, 0.9, 0.1, 0.5, 0.3, 0.7))
 
 
 def small_settings() -> exp.RunSettings:
@@ -116,25 +111,38 @@ def _save(results: dict[str, Any], work: Path) -> None:
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int,
-                   table1_experts: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Train (cached), diagnostics, Table 2, then Table 1 expert by expert (``table1_experts``: all
-    by default); ``results.json`` is saved after each part."""
-    t0 = time.perf_counter()
-    trained_here = not (smol.SmolPaths(cache, cfg).run / "summary.json").is_file()
+def _counters(sw: sweep.Sweeper) -> dict[str, Any]:
+    """Where a process's time went: real builds, evaluations, in-memory candidates."""
+    ev, models = sw.ev, sw.models
+    return {"builds": ev.builds, "build_seconds": ev.build_seconds, "evaluations": ev.evals,
+            "eval_seconds": ev.eval_seconds, "in_memory_candidates": models.candidates,
+            "in_memory_seconds": models.seconds}
+
+
+def _sweeper(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path) -> sweep.Sweeper:
     summary = smol.run(cfg, cache)
     work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
     work.mkdir(parents=True, exist_ok=True)
     ctx = exp.Context(summary, work)
+    return sweep.Sweeper(ctx, exp.Evaluator(ctx.base, cfg.eval_batch_size), settings)
+
+
+def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int,
+                   table1_experts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Train (cached), diagnostics, Table 2, then Table 1 expert by expert (``table1_experts``: all
+    by default), in one process; ``results.json`` is saved after each part."""
+    t0 = time.perf_counter()
+    trained_here = not (smol.SmolPaths(cache, cfg).run / "summary.json").is_file()
+    sw = _sweeper(cfg, settings, cache)
+    ctx, work = sw.ctx, sw.ctx.work
     results: dict[str, Any] = {
-        "settings": dataclasses.asdict(settings), "threads": threads, "train": summary,
+        "settings": dataclasses.asdict(settings), "threads": threads, "train": ctx.summary,
         "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
         "seconds": {"training": time.perf_counter() - t0, "trained_here": trained_here},
     }
     results["diagnostics"] = delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)
-    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
     t1 = time.perf_counter()
-    results["table2"] = exp.table2(ctx, ev, settings)
+    results["table2"] = sw.table2()
     results["complete"]["table2"] = True
     results["seconds"]["table2"] = time.perf_counter() - t1
     _save(results, work)
@@ -142,47 +150,45 @@ def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path,
     for label, folder in ctx.experts.items():
         if table1_experts is not None and label not in table1_experts:
             continue
-        one = dataclasses.replace(ctx, summary=ctx.summary)  # same paths; restricted to one expert
-        one.experts = {label: folder}
-        results["table1"] |= exp.table1(one, ev, settings)
+        results["table1"] |= sw.table1({label: folder})
         results["complete"]["table1"].append(label)
         results["seconds"]["table1"] = time.perf_counter() - t2
         _save(results, work)
-    results["seconds"] |= {"total": time.perf_counter() - t0, "fixed_builds": ev.builds, "fixed_seconds": ev.seconds}
+    results["checks"] = sw.checks
+    results["seconds"] |= {"total": time.perf_counter() - t0, "processes": 1, **_counters(sw)}
     _save(results, work)
     LOG.info("wrote %s (%.1f min)", work / "results.json", results["seconds"]["total"] / 60)
     return results
 
 
 def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str]) -> None:
-    """Table 1 for ``labels`` only, each written to ``experiment/table1-<label>.json`` (a second
-    process can so run Table 1 while the first runs Table 2; :func:`load_results` merges them)."""
-    summary = smol.run(cfg, cache)
-    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
-    work.mkdir(parents=True, exist_ok=True)
-    ctx = exp.Context(summary, work)
-    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    """Table 1 for ``labels`` only, each written to ``experiment/table1-<label>.json`` after every
+    density (so a second process can run Table 1 while another runs Table 2; :func:`load_results`
+    merges them)."""
+    sw = _sweeper(cfg, settings, cache)
     for label in labels:
-        one = dataclasses.replace(ctx, summary=ctx.summary)
-        one.experts = {label: ctx.experts[label]}
         t0 = time.perf_counter()
-        part = exp.table1(one, ev, settings)
-        (work / f"table1-{label}.json").write_text(json.dumps({"table1": part, "seconds": time.perf_counter() - t0}))
+
+        def write(part: dict[str, Any], label: str = label, t0: float = t0) -> None:
+            (sw.ctx.work / f"table1-{label}.json").write_text(json.dumps(
+                {"table1": part, "seconds": time.perf_counter() - t0, "checks": sw.checks,
+                 "settings": dataclasses.asdict(settings), "counters": _counters(sw)}))
+
+        sw.table1({label: sw.ctx.experts[label]}, done=write)
 
 
 def run_table2_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, rows: list[str]) -> None:
     """Table 2 rows ``rows`` only, each written to ``experiment/table2-<row>.json`` (one process per
     group of rows; :func:`load_results` merges them)."""
-    summary = smol.run(cfg, cache)
-    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
-    work.mkdir(parents=True, exist_ok=True)
-    ctx = exp.Context(summary, work)
-    ev = exp.Evaluator(ctx.base, cfg.eval_batch_size)
+    sw = _sweeper(cfg, settings, cache)
     for row in rows:
         t0 = time.perf_counter()
-        part = exp.table2(ctx, ev, dataclasses.replace(settings, rows=(row,)))
-        (work / f"table2-{row}.json").write_text(json.dumps(
-            {"table2": part, "seconds": time.perf_counter() - t0, "settings": dataclasses.asdict(settings)}))
+        sw.settings = dataclasses.replace(settings, rows=(row,))
+        before = len(sw.checks)
+        part = sw.table2()
+        (sw.ctx.work / f"table2-{row}.json").write_text(json.dumps(
+            {"table2": part, "seconds": time.perf_counter() - t0, "checks": sw.checks[before:],
+             "settings": dataclasses.asdict(settings), "counters": _counters(sw)}))
 
 
 def write_skeleton(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int) -> Path:
@@ -469,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table1", default=None, help="only run Table 1 for these experts (comma-separated), "
                         "into experiment/table1-<expert>.json, e.g. in a second process while Table 2 runs")
     parser.add_argument("--table2", default=None, help="only run these Table 2 rows (comma-separated) with "
-                        "parallel_table2_settings(), into experiment/table2-<row>.json: one process per group of rows")
+                        "the same settings, into experiment/table2-<row>.json: one process per group of rows")
     parser.add_argument("--skeleton", action="store_true", help="only write results.json without tables (for --table1/2 parts)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","))
         return 0
     if args.table2:
-        run_table2_parts(cfg, parallel_table2_settings(), args.cache_dir, args.table2.split(","))
+        run_table2_parts(cfg, settings, args.cache_dir, args.table2.split(","))
         return 0
     if args.skeleton:
         print(write_skeleton(cfg, settings, args.cache_dir, args.threads))
