@@ -274,18 +274,21 @@ def train_expert(paths: SmolPaths, label: str) -> Path:
     return folder
 
 
-def evaluate_models(paths: SmolPaths, split: str) -> dict[str, dict[str, float]]:
-    """Accuracy and answer log-likelihood of the base and every expert on every task of ``split``."""
+def evaluate_models(paths: SmolPaths) -> dict[str, dict[str, dict[str, float]]]:
+    """``{split: {model: {task: accuracy, task:loglik: mean answer log-likelihood}}}`` of the base and
+    every expert on validation and test (each model loaded once; the experts keep the base's tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tasks = load_tasks(paths.data / f"tasks.{split}.yaml")
-    table: dict[str, dict[str, float]] = {}
+    tokenizer = AutoTokenizer.from_pretrained(paths.base)
+    splits = {split: load_tasks(paths.data / f"tasks.{split}.yaml") for split in ("val", "test")}
+    table: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
     for name, folder in [("base", paths.base)] + [(e.label, paths.expert(e.label)) for e in paths.cfg.experts]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        result = evaluate(model, AutoTokenizer.from_pretrained(folder), tasks, batch_size=paths.cfg.eval_batch_size)
-        table[name] = {t.name: t.accuracy for t in result.tasks}
-        table[name] |= {f"{t.name}:loglik": t.mean_loglik for t in result.tasks}
-        LOG.info("%s on %s: %s", name, split, {t.name: round(t.accuracy, 3) for t in result.tasks})
+        for split, tasks in splits.items():
+            result = evaluate(model, tokenizer, tasks, batch_size=paths.cfg.eval_batch_size)
+            table[split][name] = {t.name: t.accuracy for t in result.tasks}
+            table[split][name] |= {f"{t.name}:loglik": t.mean_loglik for t in result.tasks}
+            LOG.info("%s on %s: %s", name, split, {t.name: round(t.accuracy, 3) for t in result.tasks})
     return table
 
 
@@ -320,7 +323,7 @@ def run(cfg: SmolConfig, cache: Path = train_mod.DEFAULT_CACHE) -> dict[str, Any
     for e in cfg.experts:
         train_expert(paths, e.label)
     t0 = time.perf_counter()
-    accuracy = {split: evaluate_models(paths, split) for split in ("val", "test")}
+    accuracy = evaluate_models(paths)
     eval_seconds = time.perf_counter() - t0
     _write_task_files(paths, accuracy)
 
