@@ -123,9 +123,13 @@ def test_parts_from_parallel_processes_are_merged(tmp_path: Path) -> None:
     path.write_text(json.dumps({"table1": {"sort": {"dp": {"0.2": {}, "0.1": {}}}}, "seconds": 30.0,
                                 "checks": [{"where": "sort"}]}))
     os.utime(path, (1200.0, 1200.0))
+    path = tmp_path / "table1-sort+0.5,0.2.json"  # another process's densities of the same expert
+    path.write_text(json.dumps({"table1": {"sort": {"dp": {"0.5": {"n": 1}, "0.2": {"n": 2}}}}, "seconds": 10.0}))
+    os.utime(path, (1150.0, 1150.0))
     merged = se.load_results(tmp_path / "results.json")
+    assert merged["table1"]["sort"]["dp"] == {"0.2": {}, "0.1": {}, "0.5": {"n": 1}}  # the first part's cells win
     assert list(merged["table2"]) == ["task_arithmetic", "dppa_unit"]  # Table 2's row order
     assert merged["complete"] == {"table2": False, "table2_rows": ["task_arithmetic", "dppa_unit"], "table1": ["sort"],
-                                  "table1_densities": {"sort": ["0.1", "0.2"]}}
+                                  "table1_densities": {"sort": ["0.1", "0.2", "0.5"]}}
     assert merged["settings_table2"] == {"lambdas": [1.0]} and len(merged["checks"]) == 3
     assert merged["seconds"]["wall_parallel"] == pytest.approx(1200.0 - 940.0)  # first start to last write

@@ -50,13 +50,14 @@ class Component:
         """``built - base`` (``built``: the tensors of a save step, in float32)."""
         comp = cls()
         for name, tensor in built.items():
-            delta = tensor.float() - base[name]
-            flat = delta.view(-1)
-            nz = torch.nonzero(flat).view(-1)
-            if nz.numel() == 0:
+            delta = torch.sub(tensor, base[name])
+            count = int(torch.count_nonzero(delta))
+            if count == 0:
                 continue
-            if nz.numel() < SPARSE_BELOW * flat.numel():
-                comp.sparse[name] = (nz.to(torch.int32), flat[nz].clone())
+            if count < SPARSE_BELOW * delta.numel():
+                flat = delta.view(-1)
+                nz = torch.nonzero(flat).view(-1)
+                comp.sparse[name] = (nz.to(torch.int32), flat[nz])
             else:
                 comp.dense[name] = delta
         return comp
@@ -117,8 +118,8 @@ class LinearModels:
         worst = delta_max = 0.0
         for name, tensor in built.items():
             t = tensor.float()
-            worst = max(worst, float((self.params[name] - t).abs().max()))
-            delta_max = max(delta_max, float((t - self.base[name]).abs().max()))
+            worst = max(worst, float(torch.sub(self.params[name], t).abs_().max()))
+            delta_max = max(delta_max, float(torch.sub(t, self.base[name]).abs_().max()))
         return {"max_abs_diff": worst, "max_abs_delta": delta_max,
                 "relative": worst / delta_max if delta_max else 0.0}
 

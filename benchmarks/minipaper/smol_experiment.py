@@ -45,6 +45,12 @@ def full_settings() -> exp.RunSettings:
     return exp.RunSettings(densities=(0.2, 0.9, 0.1, 0.5, 0.3, 0.7))
 
 
+def reduced_settings() -> exp.RunSettings:
+    """A reduced protocol (``--reduced``, into ``experiment-reduced/``): a 3-value λ grid, one search step
+    per factor, two DARE seeds, Table 1 at three densities."""
+    return exp.RunSettings(densities=(0.1, 0.2, 0.9), seeds=2, lambdas=(0.6, 1.0, 1.4), search_max_steps=1)
+
+
 def small_settings() -> exp.RunSettings:
     """The smoke run: one density, two λ values, one search step per factor, one DARE seed; Table 2:
     task arithmetic and DPPA (start at DP); Table 1 (sort only): DP and DP+DPA (start at DP)."""
@@ -120,9 +126,13 @@ def _counters(sw: sweep.Sweeper) -> dict[str, Any]:
             "in_memory_seconds": models.seconds}
 
 
+#: the folder (in the run's cache folder) each protocol writes to
+WORK = {"full": "experiment", "reduced": "experiment-reduced"}
+
+
 def _sweeper(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path) -> sweep.Sweeper:
     summary = smol.run(cfg, cache)
-    work = Path(summary["paths"]["tasks_val"]).parent / "experiment"
+    work = Path(summary["paths"]["tasks_val"]).parent / WORK["reduced" if settings == reduced_settings() else "full"]
     work.mkdir(parents=True, exist_ok=True)
     ctx = exp.Context(summary, work)
     return sweep.Sweeper(ctx, exp.Evaluator(ctx.base, cfg.eval_batch_size), settings)
@@ -162,17 +172,22 @@ def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path,
     return results
 
 
-def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str]) -> None:
+def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str],
+                     densities: tuple[float, ...] | None = None) -> None:
     """Table 1 for ``labels`` only, each written to ``experiment/table1-<label>.json`` after every
     density (so a second process can run Table 1 while another runs Table 2; :func:`load_results`
-    merges them)."""
+    merges them). ``densities``: only these, into ``table1-<label>+<densities>.json`` (another
+    process's share of the same expert)."""
+    if densities is not None:
+        settings = dataclasses.replace(settings, densities=densities)
+    tag = "" if densities is None else "+" + ",".join(f"{d:g}" for d in densities)
     sw = _sweeper(cfg, settings, cache)
     for label in labels:
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), len(sw.checks)
 
-        def write(part: dict[str, Any], label: str = label, t0: float = t0) -> None:
-            (sw.ctx.work / f"table1-{label}.json").write_text(json.dumps(
-                {"table1": part, "seconds": time.perf_counter() - t0, "checks": sw.checks,
+        def write(part: dict[str, Any], label: str = label, t0: float = t0, before: int = before) -> None:
+            (sw.ctx.work / f"table1-{label}{tag}.json").write_text(json.dumps(
+                {"table1": part, "seconds": time.perf_counter() - t0, "checks": sw.checks[before:],
                  "settings": dataclasses.asdict(settings), "counters": _counters(sw)}))
 
         sw.table1({label: sw.ctx.experts[label]}, done=write)
@@ -219,7 +234,7 @@ def load_results(path: Path) -> dict[str, Any]:
     """
     results = json.loads(path.read_text())
     files2 = sorted(path.parent.glob("table2-*.json"))
-    files1 = sorted(path.parent.glob("table1-*.json"))
+    files1 = sorted(path.parent.glob("table1-*.json"), key=lambda f: ("+" in f.stem, f.stem))  # whole parts first
     parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in files2}
     parts1 = {f.stem.removeprefix("table1-"): json.loads(f.read_text()) for f in files1}
     if parts2 and not results["complete"]["table2"]:
@@ -227,11 +242,13 @@ def load_results(path: Path) -> dict[str, Any]:
         results["complete"]["table2"] = len(results["table2"]) == len(exp.MERGES)
         results["complete"]["table2_rows"] = list(results["table2"])
         results["settings_table2"] = next(iter(parts2.values()))["settings"]
-    for label, part in parts1.items():
-        if label in results["complete"]["table1"]:
-            continue
-        results["table1"] |= part["table1"]
-        results["complete"]["table1"].append(label)
+    for name, part in parts1.items():  # table1-<label>.json, then table1-<label>+<densities>.json
+        label = name.split("+")[0]
+        for method, cells in part["table1"][label].items():
+            for d, cell in cells.items():
+                results["table1"].setdefault(label, {}).setdefault(method, {}).setdefault(d, cell)
+        if label not in results["complete"]["table1"]:
+            results["complete"]["table1"].append(label)
     results.setdefault("checks", [])
     for part in [*parts2.values(), *parts1.values()]:
         results["checks"] += part.get("checks", [])
@@ -265,10 +282,10 @@ def _dense_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _merge_table(results: dict[str, Any]) -> list[str]:
+def _merge_table(results: dict[str, Any], t2: dict[str, Any] | None = None) -> list[str]:
     """Table 2 with 95% Wilson intervals per task (DARE-TIES: mean over seeds, interval of the mean's n)."""
     n = results["train"]["config"]["data"]["n_test"]
-    t2 = results["table2"]
+    t2 = results["table2"] if t2 is None else t2
     lines = ["| method | λ (val) | " + " | ".join(smol.TASKS) + " | average | mean relative |",
              "|---|---:|" + "---:|" * (len(smol.TASKS) + 2)]
     for row, e in t2.items():
@@ -378,7 +395,10 @@ def _commands(results: dict[str, Any], command: str) -> list[str]:
     """The commands of the run: one process, or the parallel parts then the report."""
     if "wall_parallel" not in results["seconds"]:
         return [command]
-    return [*(f"{command} {part} &" for part in PARTS), "wait", f"{command} --from-results {RESULTS_HINT}"]
+    reduced = [f"{command} --reduced --table2 {','.join(exp.MERGES)}"] if results.get("reduced") else []
+    report = f"{command} --from-results {RESULTS_HINT}" + (
+        f" --reduced-results {RESULTS_HINT.replace('experiment/', 'experiment-reduced/')}" if reduced else "")
+    return [*(f"{command} {part} &" for part in PARTS), "wait", *reduced, report]
 
 
 def _timing(results: dict[str, Any]) -> str:
@@ -421,6 +441,36 @@ def _sweep_note(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _incomplete(results: dict[str, Any]) -> list[str]:
+    """What of the protocol did not run (Table 2 rows, Table 1 experts and densities)."""
+    done = results["complete"]
+    rows_missing = [exp.MERGES[r][0] for r in exp.MERGES if r not in results["table2"]]
+    wanted = sorted(results["settings"]["densities"])
+    t1 = []
+    for label in results["train"]["paths"]["experts"]:
+        cells = results["table1"].get(label, {})
+        ran = [float(d) for d in next(iter(cells.values()), {})]
+        if label not in done["table1"]:
+            t1.append(f"{label} (not run)")
+        elif len(ran) < len(wanted):
+            t1.append(f"{label} at {', '.join(f'{d:g}' for d in wanted if d not in ran)}")
+    if not rows_missing and not t1:
+        return []
+    return ["**Incomplete run**: Table 2 " + (f"misses {', '.join(rows_missing)}" if rows_missing else "is complete")
+            + "; Table 1 " + (f"misses {'; '.join(t1)}" if t1 else "is complete") + ".", ""]
+
+
+def _reduced(results: dict[str, Any]) -> list[str]:
+    """Table 2 under the reduced protocol (``--reduced``), when its results are given."""
+    red = results.get("reduced")
+    if not red or not red["table2"]:
+        return []
+    s2 = red.get("settings_table2", red["settings"])
+    return [f"Table 2 under the reduced protocol (`--reduced`: λ from {', '.join(f'{x:g}' for x in s2['lambdas'])}, "
+            f"at most {s2['search_max_steps']} search step per factor, {s2['seeds']} DARE seeds; otherwise as above), "
+            "all six rows:", "", *_merge_table(results, red["table2"]), ""]
+
+
 def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str, reading: list[str]) -> str:
     """The second miniature's Markdown section (with its plots written to ``img_dir``)."""
     import os
@@ -431,12 +481,7 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
              "The same two experiments on a real pretrained base. Produced by", "", "```",
              *_commands(results, command), "```", "", _timing(results), "", *_setup(results), "",
              *_sweep_note(results), ""]
-    missing = [label for label in results["train"]["paths"]["experts"] if label not in done["table1"]]
-    rows_missing = [exp.MERGES[r][0] for r in exp.MERGES if r not in results["table2"]]
-    if missing or rows_missing:
-        lines += ["**Incomplete run**: Table 2 " + (f"misses {', '.join(rows_missing)}" if rows_missing else "complete")
-                  + "; Table 1 " + (f"misses {', '.join(missing)}" if missing else "complete")
-                  + " (not run: see the run's settings and budget).", ""]
+    lines += _incomplete(results)
     lines += ["Test accuracy of the base and the dense experts:", "", *_dense_table(results), ""]
     if results["table2"]:
         merge_png = exp.plot_merges(results, img_dir / "minipaper_smol_merge.png")
@@ -446,7 +491,7 @@ def section(results: dict[str, Any], img_dir: Path, doc_dir: Path, command: str,
                   "DP-pruned deltas added; DPPA: DP+DPA deltas added, factors searched on the merged model). λ "
                   "chosen on validation. Test accuracy with 95% Wilson intervals (DARE-TIES: mean of its seeds, "
                   "interval over all its seeds' prompts):", "", *_merge_table(results), "",
-                  f"![merges]({os.path.relpath(merge_png, doc_dir)})", "", *_diagnostics(results), ""]
+                  f"![merges]({os.path.relpath(merge_png, doc_dir)})", "", *_reduced(results), *_diagnostics(results), ""]
     if done["table1"]:
         pruning_png = exp.plot_pruning(results, img_dir / "minipaper_smol_pruning.png")
         lines += ["### Table 1 (second miniature): pruning one expert's delta", "",
@@ -531,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
                         "into experiment/table1-<expert>.json, e.g. in a second process while Table 2 runs")
     parser.add_argument("--table2", default=None, help="only run these Table 2 rows (comma-separated) with "
                         "the same settings, into experiment/table2-<row>.json: one process per group of rows")
+    parser.add_argument("--reduced", action="store_true", help="with --table1/--table2: reduced_settings(), "
+                        "into experiment-reduced/")
+    parser.add_argument("--reduced-results", type=Path, default=None,
+                        help="with --from-results: also report Table 2 of this reduced-protocol results.json")
+    parser.add_argument("--densities", default=None, help="with --table1: only these densities (comma-separated)")
     parser.add_argument("--skeleton", action="store_true", help="only write results.json without tables (for --table1/2 parts)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -538,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mergeengine").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     cfg, settings = (smol.small_config(), small_settings()) if args.small else (smol.SmolConfig(), full_settings())
+    if args.reduced:
+        settings = reduced_settings()
     if args.table1:
-        run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","))
+        densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else None
+        run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","), densities)
         return 0
     if args.table2:
         run_table2_parts(cfg, settings, args.cache_dir, args.table2.split(","))
@@ -549,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_results:
         results = load_results(args.from_results)
+        if args.reduced_results:
+            results["reduced"] = load_results(args.reduced_results)
     else:
         results = run_experiment(cfg, settings, args.cache_dir, args.threads, ("sort",) if args.small else None)
     work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
