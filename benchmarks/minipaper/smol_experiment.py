@@ -1,13 +1,17 @@
 """Tables 1 and 2 of the DPPA paper on three full fine-tunes of SmolLM2-135M-Instruct (CPU).
 
-    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py      # ~90 min, docs/minipaper.md
+    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py      # one process, docs/minipaper.md
+    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py --table1 sort &   # or in parts: PARTS
     .venv/bin/python benchmarks/minipaper/smol_experiment.py --small         # the test suite's smoke run
 
-Models come from :mod:`smol` (cached); the tables are :mod:`experiment`'s (same recipes, same
-protocol: every choice on validation, every number on test). Table 2 runs first, then Table 1
-expert by expert; ``results.json`` is rewritten after each, and ``complete`` says which parts ran.
-The report is the second miniature's section of ``docs/minipaper.md`` (between
-:data:`BEGIN` and :data:`END_MARK`); the rest of that file is :mod:`experiment`'s.
+Models come from :mod:`smol` (cached); the tables are :mod:`experiment`'s recipes and protocol
+(every choice on validation, every number on test), with the λ grids and the DPA searches swept in
+memory by :mod:`sweep` (every choice then built for real and checked). In one process Table 2 runs
+first, then Table 1 expert by expert; ``results.json`` is rewritten after each, and ``complete``
+says which parts ran. In parts (:data:`PARTS`, side by side), each part writes its own file after
+every row or density and ``--from-results`` merges them. The report is the second miniature's
+section of ``docs/minipaper.md`` (between :data:`BEGIN` and :data:`END_MARK`); the rest of that
+file is :mod:`experiment`'s.
 """
 
 from __future__ import annotations
@@ -338,11 +342,18 @@ def _claims(results: dict[str, Any]) -> list[str]:
     def pct(g: float | None) -> str:
         return f"{g * 100:+.0f}%" if g is not None else "undefined (it scores 0)"
 
+    n_all = results["train"]["config"]["data"]["n_test"] * len(smol.TASKS)
+
+    def avg(row: str) -> str:  # a row's average is its accuracy over all test prompts of the three tasks
+        e = t2[row]
+        return _ci(e["average"], n_all * len(e["runs"]))
+
     lines += [f"\"DPPA merging improves ~20% over other methods\": the DPPA row with the better validation score "
-              f"({exp.MERGES[m['best_dppa']][0]}) averages {t2[m['best_dppa']]['average']:.3f} on test; the strongest "
-              f"of the paper's baselines on test ({exp.MERGES[m['best_baseline']][0]}) {t2[m['best_baseline']]['average']:.3f}: "
+              f"({exp.MERGES[m['best_dppa']][0]}) averages {avg(m['best_dppa'])} on test; the strongest "
+              f"of the paper's baselines on test ({exp.MERGES[m['best_baseline']][0]}) {avg(m['best_baseline'])}: "
               f"**{pct(m['gain'])}**" + (f"; vs. DP + TA: {pct(m['gain_over_dp_ta'])}" if "gain_over_dp_ta" in m else "")
-              + f". Binomial standard error of a row's average: at most {m['average_se']:.3f}.", ""]
+              + f" (95% Wilson intervals over the {n_all} test prompts of a run; binomial standard error of a "
+              f"row's average: at most {m['average_se']:.3f}).", ""]
     return lines
 
 
