@@ -1,14 +1,17 @@
 """The second miniature (SmolLM2-135M-Instruct from its GGUF) end to end in --small mode.
 
-A few training steps and prompts: the GGUF is dequantised and saved by a recipe, three experts are
-fine-tuned, the base and experts are scored teacher-forced, Table 2 and Table 1 (sort only) run
-through the engine's recipes and search, and the report section is written.
+A few training steps and prompts on the base's first two layers: the GGUF is dequantised, sliced and
+saved by a recipe, three experts are fine-tuned, the base and experts are scored teacher-forced,
+Table 2 (task arithmetic, DPPA) and Table 1 (sort only: DP, DP+DPA) run through the engine's recipes
+and search with the λ grids and search trials swept in memory, every choice is checked against its
+real build, and the report section is written.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +48,8 @@ def test_base_experts_and_task_files(smoke) -> None:
     mods, results, _, _ = smoke
     summary = results["train"]
     base = Path(summary["paths"]["base"])
-    assert (base / "mergeengine.json").is_file() and json.loads((base / "config.json").read_text())["tie_word_embeddings"]
+    config = json.loads((base / "config.json").read_text())
+    assert (base / "mergeengine.json").is_file() and config["tie_word_embeddings"] and config["num_hidden_layers"] == 2
     acc = summary["accuracy"]["test"]
     assert set(acc) == {"base", "addition", "reverse", "sort"}
     for task in mods["smol"].TASKS:  # one step cannot teach a skill, but it makes its answers likelier
@@ -65,10 +69,23 @@ def test_tables_follow_the_protocol(smoke) -> None:
     assert list(results["table2"]) == list(settings.rows)
     for entry in results["table2"].values():
         assert all(lam in settings.lambdas for lam in entry["lambdas"]) and 0.0 <= entry["average"] <= 1.0
+    dppa = results["table2"]["dppa_unit"]
+    assert dppa["trials"][0]["factors"] == {f"p_{t}": [1.0, 1.0] for t in mods["smol"].TASKS}
+    assert len(dppa["trials"]) > 1 and dppa["lambda_for_search"] in settings.lambdas
     cells = results["table1"]["sort"]
     assert list(cells) == list(settings.methods)
     searched = cells["dpa_unit"]["0.2"]
     assert "tasks.val.sort" in searched["search_tasks"] and searched["trials"][0]["factors"] == [1.0, 1.0]
+
+
+def test_every_choice_matches_its_real_build(smoke) -> None:
+    _, results, _, _ = smoke
+    checks = results["checks"]  # one per Table 2 row (one seed each) and per searched Table 1 cell
+    assert [c["where"].split(" λ")[0] for c in checks] == [
+        "table2 task_arithmetic seed 0", "table2 dppa_unit seed 0", "table1 sort dpa_unit d 0.2"]
+    for c in checks:
+        assert c["max_abs_delta"] > 0 and c["max_abs_diff"] < 1e-5 and c["same_val"], c
+    assert results["seconds"]["in_memory_candidates"] > len(checks)  # the sweeps ran in memory
 
 
 def test_report_section_replaces_itself(smoke) -> None:
@@ -97,11 +114,22 @@ def test_parts_from_parallel_processes_are_merged(tmp_path: Path) -> None:
     results = {"settings": {}, "train": {"paths": {"experts": {"addition": "a", "reverse": "r", "sort": "s"}}},
                "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []}, "seconds": {}}
     (tmp_path / "results.json").write_text(json.dumps(results))
-    for row in ("dppa_unit", "task_arithmetic"):
-        (tmp_path / f"table2-{row}.json").write_text(json.dumps(
-            {"table2": {row: {"average": 0.5}}, "seconds": 60.0, "settings": {"lambdas": [1.0]}}))
-    (tmp_path / "table1-sort.json").write_text(json.dumps({"table1": {"sort": {"dp": {}}}, "seconds": 30.0}))
+    for row, written in (("dppa_unit", 1000.0), ("task_arithmetic", 1100.0)):
+        path = tmp_path / f"table2-{row}.json"
+        path.write_text(json.dumps({"table2": {row: {"average": 0.5}}, "seconds": 60.0, "settings": {"lambdas": [1.0]},
+                                    "checks": [{"where": row}]}))
+        os.utime(path, (written, written))
+    path = tmp_path / "table1-sort.json"
+    path.write_text(json.dumps({"table1": {"sort": {"dp": {"0.2": {}, "0.1": {}}}}, "seconds": 30.0,
+                                "checks": [{"where": "sort"}]}))
+    os.utime(path, (1200.0, 1200.0))
+    path = tmp_path / "table1-sort+0.5,0.2.json"  # another process's densities of the same expert
+    path.write_text(json.dumps({"table1": {"sort": {"dp": {"0.5": {"n": 1}, "0.2": {"n": 2}}}}, "seconds": 10.0}))
+    os.utime(path, (1150.0, 1150.0))
     merged = se.load_results(tmp_path / "results.json")
+    assert merged["table1"]["sort"]["dp"] == {"0.2": {}, "0.1": {}, "0.5": {"n": 1}}  # the first part's cells win
     assert list(merged["table2"]) == ["task_arithmetic", "dppa_unit"]  # Table 2's row order
-    assert merged["complete"] == {"table2": False, "table2_rows": ["task_arithmetic", "dppa_unit"], "table1": ["sort"]}
-    assert merged["settings_table2"] == {"lambdas": [1.0]} and merged["seconds"]["table1_parallel"] == 30.0
+    assert merged["complete"] == {"table2": False, "table2_rows": ["task_arithmetic", "dppa_unit"], "table1": ["sort"],
+                                  "table1_densities": {"sort": ["0.1", "0.2", "0.5"]}}
+    assert merged["settings_table2"] == {"lambdas": [1.0]} and len(merged["checks"]) == 3
+    assert merged["seconds"]["wall_parallel"] == pytest.approx(1200.0 - 940.0)  # first start to last write

@@ -234,6 +234,9 @@ class Evaluator:
     tokenizer: Any = None
     builds: int = 0
     seconds: float = 0.0
+    build_seconds: float = 0.0
+    evals: int = 0
+    eval_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,26 +244,44 @@ class Evaluator:
         self.model = AutoModelForCausalLM.from_pretrained(self.template, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.template)
 
-    def accuracy(self, recipe: dict[str, Any], specs: Sequence[TaskSpec]) -> dict[str, float]:
-        """Build ``recipe``'s save step ``out`` and return ``{task: accuracy}`` on ``specs``.
-
-        Raises:
-            RuntimeError: the built tensors do not fit the template model.
-        """
+    def build(self, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The tensors of ``recipe``'s save step ``out``, built in memory by mergeengine."""
         from mergeengine import api
 
         t0 = time.perf_counter()
         tensors = api.build_in_memory(recipe, "out")
+        self.builds += 1
+        self.build_seconds += time.perf_counter() - t0
+        return tensors
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load built tensors into the model.
+
+        Raises:
+            RuntimeError: the built tensors do not fit the template model.
+        """
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         tied = getattr(self.model.config, "tie_word_embeddings", False) and missing == ["lm_head.weight"]
         if (missing and not tied) or unexpected:
             raise RuntimeError(f"candidate does not fit the model: missing {missing}, unexpected {unexpected}")
         if tied:
             self.model.tie_weights()
+
+    def score(self, specs: Sequence[TaskSpec]) -> dict[str, float]:
+        """``{task: accuracy}`` of the model as it is now on ``specs``."""
+        t0 = time.perf_counter()
         result = evaluate(self.model, self.tokenizer, list(specs), batch_size=self.batch_size, loglik=False)
-        self.builds += 1
-        self.seconds += time.perf_counter() - t0
+        self.evals += 1
+        self.eval_seconds += time.perf_counter() - t0
         return {t.name: t.accuracy for t in result.tasks}
+
+    def accuracy(self, recipe: dict[str, Any], specs: Sequence[TaskSpec]) -> dict[str, float]:
+        """Build ``recipe``'s save step ``out`` and return ``{task: accuracy}`` on ``specs``."""
+        t0 = time.perf_counter()
+        self.load(self.build(recipe))
+        acc = self.score(specs)
+        self.seconds += time.perf_counter() - t0
+        return acc
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

