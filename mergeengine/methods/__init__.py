@@ -136,6 +136,8 @@ class MergeMethod:
         statistics: ``statistics(parameters, tensors)`` -> whole-model reductions whose ``map`` gets
             the method's inputs of one tensor; their results reach ``prepare`` as ``stream.stats``.
         report: ``report(step, stats)`` -> the step's entry of ``dppa_report.json``.
+        chunk_numel: ``chunk_numel(shape)`` -> entries per chunk of a tensor of that shape, for an
+            element-wise method that works on blocks of whole rows (default: the engine's chunk).
     """
 
     name: str
@@ -150,6 +152,7 @@ class MergeMethod:
     provides: tuple[str, ...] = ()
     statistics: Callable[[Mapping[str, Any], list[str]], list[Reduction]] | None = None
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None
+    chunk_numel: Callable[[tuple[int, ...]], int] | None = None
 
     @property
     def wants_generator(self) -> bool:
@@ -172,6 +175,7 @@ def merge_method(
     provides: tuple[str, ...] = (),
     statistics: Callable[[Mapping[str, Any], list[str]], list[Reduction]] | None = None,
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None,
+    chunk_numel: Callable[[tuple[int, ...]], int] | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: register ``function`` as the merge method ``name``.
 
@@ -182,7 +186,7 @@ def merge_method(
         base: ``required``, ``optional`` or ``none``.
         elementwise: output entry i depends only on entry i of the inputs: the engine calls the
             function on flat chunks (padding, fused diffs and the output dtype are its business).
-        compute_bound, validate, prepare, provides, statistics, report: see :class:`MergeMethod`.
+        compute_bound, validate, prepare, provides, statistics, report, chunk_numel: see :class:`MergeMethod`.
 
     Returns:
         A decorator returning the registered :class:`MergeMethod` (callable like the function).
@@ -194,7 +198,7 @@ def merge_method(
     def decorate(function: Callable[..., Any]) -> MergeMethod:
         step = _step_model(name, function, set(provides) | ENGINE_PARAMETERS)
         method = MergeMethod(name, function, inputs, base, elementwise, step, compute_bound, validate, prepare,
-                             tuple(provides), statistics, report)
+                             tuple(provides), statistics, report, chunk_numel)
         register(method)
         return method
 
