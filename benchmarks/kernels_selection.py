@@ -3,10 +3,10 @@
 Compares, on a float32 tensor of a Llama MLP shape (5632x2048 by default):
 
 * the k-th largest magnitude: full ``argsort`` (what mergekit does), ``torch.kthvalue``,
-  ``torch.topk`` and :func:`mergeengine.kernels.selection.kth_smallest_abs` from the other end (radix select);
+  ``torch.topk`` and :func:`mergeengine.kernels.select_exact.kth_smallest_abs` from the other end (radix select);
 * the keep mask of the top-k magnitudes: argsort + scatter (mergekit's ``magnitude``),
   kthvalue + compare (not exactly k on ties), topk + scatter, and
-  :func:`mergeengine.kernels.selection.topk_abs_mask`;
+  :func:`mergeengine.kernels.select_exact.topk_abs_mask`;
 * one stage-1 + stage-2 partial of the model-wide quantile.
 
 Two inputs: Gaussian values (no ties) and a "bf16 delta" (values rounded to bfloat16, 30% exact
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import keep_count, kth_smallest_abs, topk_abs_mask
+from mergeengine.kernels.select_exact import keep_count, kth_smallest_abs, topk_abs_mask
 
 
 def best_ms(function: Callable[[], object], repeats: int) -> float:

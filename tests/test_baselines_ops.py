@@ -187,7 +187,7 @@ def test_tiny_tensors_do_not_crash_any_method(tmp_path):
 
 
 def test_chunked_topk_equals_whole_tensor_mask_with_ties():
-    from mergeengine.kernels.selection import ChunkedTopk, topk_abs_mask
+    from mergeengine.kernels.select_exact import ChunkedTopk, topk_abs_mask
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-3, 4, (70_001,), generator=g).float()  # heavy ties, zeros
@@ -204,14 +204,14 @@ def test_chunked_ties_equals_whole_tensor_ties(tmp_path, models, tensors, monkey
     monkeypatch.setattr(merge_op, "CHUNK_NUMEL", 333)
     chunked = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
                     out="chunked")
-    from mergeengine.kernels import selection  # the sampled window (one selection pass) on every tensor
+    from mergeengine.kernels import select_sampled  # the sampled window (one selection pass) on every tensor
 
-    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
-    monkeypatch.setattr(selection, "SAMPLE_RUNS", 16)
-    monkeypatch.setattr(selection, "SAMPLE_RUN", 8)
-    monkeypatch.setattr(selection, "SAMPLE_MAX_WINDOW", 1.0)  # tiny tensors: the margin is most of the sample
+    monkeypatch.setattr(select_sampled, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUNS", 16)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUN", 8)
+    monkeypatch.setattr(select_sampled, "SAMPLE_MAX_WINDOW", 1.0)  # tiny tensors: the margin is most of the sample
     windows = []
-    monkeypatch.setattr(selection._Window, "finish", lambda self, f=selection._Window.finish: windows.append(f(self))
+    monkeypatch.setattr(select_sampled._Window, "finish", lambda self, f=select_sampled._Window.finish: windows.append(f(self))
                         or windows[-1])
     sampled = merge(tmp_path, models, "method: ties, density: [0.2, 0.5], vote: weighted, weights: [1, 3]",
                     out="sampled")
@@ -261,7 +261,7 @@ def test_model_scope_trim_is_the_masked_fill_in_one_op():
     """``keep_at_least(t)`` (one hardshrink) gives the bytes of ``masked_fill_(abs() < t, 0)`` for
     thresholds 0, subnormal, ordinary, the largest float, inf and NaN, on +-0, subnormals, ties at
     the threshold, inf and NaN."""
-    from mergeengine.kernels.selection import bits_to_float
+    from mergeengine.kernels.select_exact import bits_to_float
     from mergeengine.methods.ties import keep_at_least
 
     g = torch.Generator().manual_seed(2)

@@ -9,7 +9,7 @@ from conftest import load_and_diff_steps, load_tensors, read_folder, write_recip
 from test_kernels_dppa import reference_dp
 
 from mergeengine import api
-from mergeengine.kernels.dppa import dp_keep_mask
+from mergeengine.kernels.dp_density import dp_keep_mask
 
 
 def load(folder):

@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from mergeengine.kernels.dppa import (
+from mergeengine.kernels.chunking import CHUNK_NUMEL
+from mergeengine.kernels.dp_density import (
     DensityClampedWarning,
     DPDensities,
     ModulePartial,
@@ -20,15 +21,13 @@ from mergeengine.kernels.dppa import (
     dp_densities,
     dp_keep_mask,
     dp_prune_tensor,
-    dpa_amplify_magnitude_tensor,
-    dpa_amplify_tensor,
     layer_means,
     layer_outlier_counts,
     layer_outlier_partial,
     module_partial,
     prune_count,
-    release_factors,
 )
+from mergeengine.kernels.dpa_scale import dpa_amplify_magnitude_tensor, dpa_amplify_tensor, release_factors
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 V0 = "model.layers.0.self_attn.v_proj.weight"
@@ -551,10 +550,10 @@ def test_input_validation() -> None:
 
 def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
     """Tensors larger than one chunk: the chunked passes give the whole-tensor floats exactly."""
-    from mergeengine.kernels import dppa as k
+    from mergeengine.kernels import dp_density as k
 
     g = torch.Generator().manual_seed(5)
-    delta = torch.randn(3 * k._CHUNK + 12_345, generator=g) * 1e-3
+    delta = torch.randn(3 * CHUNK_NUMEL + 12_345, generator=g) * 1e-3
     delta[::11] = 4e-4  # ties at thresholds
     m = delta.abs()
     part = k.module_partial(delta, 2.0)
@@ -567,20 +566,20 @@ def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
         kk = k.prune_count(delta.numel(), d)
         threshold = torch.kthvalue(m, kk).values
         expected = torch.where(m > threshold, delta * s, expected)
-    assert torch.equal(k.dpa_amplify_tensor(delta, densities, scales), expected)
+    assert torch.equal(dpa_amplify_tensor(delta, densities, scales), expected)
 
 
 def test_statistics_and_amplify_on_a_model_base_pair_equal_the_materialised_delta():
     """A fused diff (model, base) in bfloat16 gives the floats of model.float() - base."""
-    from mergeengine.kernels import dppa as k
+    from mergeengine.kernels import dp_density as k
 
     g = torch.Generator().manual_seed(6)
-    base = (torch.randn(2 * k._CHUNK + 777, generator=g) * 0.02).bfloat16()
+    base = (torch.randn(2 * CHUNK_NUMEL + 777, generator=g) * 0.02).bfloat16()
     model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
     delta = model.float() - base
     assert k.module_partial((model, base), 3.0) == k.module_partial(delta, 3.0)
     assert k.layer_outlier_partial((model, base), 2e-3) == k.layer_outlier_partial(delta, 2e-3)
-    for fn in (k.dpa_amplify_tensor, k.dpa_amplify_magnitude_tensor):
+    for fn in (dpa_amplify_tensor, dpa_amplify_magnitude_tensor):
         assert torch.equal(fn((model, base), [0.1, 0.2], [1.8, 1.0]), fn(delta, [0.1, 0.2], [1.8, 1.0]))
 
 
@@ -588,25 +587,24 @@ def test_sampled_partition_thresholds_equal_the_histogram_passes(monkeypatch):
     """DPA's thresholds from sample-predicted windows (one read; forced here on a small tensor)
     give the bytes of the two histogram passes, for a delta and for a bf16 (model, base) pair,
     and the windows do settle them."""
-    from mergeengine.kernels import dppa as k
-    from mergeengine.kernels import selection
+    from mergeengine.kernels import select_sampled
 
     g = torch.Generator().manual_seed(8)
-    base = (torch.randn(3 * k._CHUNK + 777, generator=g) * 0.02).bfloat16()
+    base = (torch.randn(3 * CHUNK_NUMEL + 777, generator=g) * 0.02).bfloat16()
     model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
     delta = model.float() - base.float()
     expected = {}
     for name, d in (("delta", delta), ("pair", (model, base))):  # small: the two histogram passes
-        expected[name] = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
-    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
-    monkeypatch.setattr(selection, "SAMPLE_RUNS", 128)
-    monkeypatch.setattr(selection, "SAMPLE_RUN", 16)
+        expected[name] = dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
+    monkeypatch.setattr(select_sampled, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUNS", 128)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUN", 16)
     settled = []
-    monkeypatch.setattr(selection._Window, "finish",
-                        lambda self, f=selection._Window.finish: settled.append(f(self) is not None) or
+    monkeypatch.setattr(select_sampled._Window, "finish",
+                        lambda self, f=select_sampled._Window.finish: settled.append(f(self) is not None) or
                         f(self))
     for name, d in (("delta", delta), ("pair", (model, base))):
-        got = k.dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
+        got = dpa_amplify_tensor(d, [0.1, 0.25], [1.8, 1.0])
         assert torch.equal(got.view(torch.int32), expected[name].view(torch.int32)), name
     assert len(settled) == 4 and all(settled), settled
 
@@ -616,16 +614,16 @@ def test_fused_partition_scaling_gives_the_masked_paths_bytes(scales, monkeypatc
     """The hardshrink band sums (``_scale_bands``) equal the compare-and-mask path bit for bit,
     over several chunks, with ties, +-0, an inf (its chunk falls back) and a zero scale (no
     fused path)."""
-    from mergeengine.kernels import dppa
+    from mergeengine.kernels import dpa_scale
 
     g = torch.Generator().manual_seed(5)
-    n = 3 * dppa._CHUNK + 123
+    n = 3 * CHUNK_NUMEL + 123
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
     model = (base.float() + torch.randn(n, generator=g) * 0.002).bfloat16()
     model[7] = base[7]  # a zero delta
-    model[dppa._CHUNK + 5] = float("inf")
+    model[CHUNK_NUMEL + 5] = float("inf")
     densities = [0.1, 0.3, 0.3][: len(scales)]
-    fused = dppa.dpa_amplify_tensor((model, base), densities, scales)
-    monkeypatch.setattr(dppa, "_bands", lambda thresholds, scales: None)
-    masked = dppa.dpa_amplify_tensor((model, base), densities, scales)
+    fused = dpa_amplify_tensor((model, base), densities, scales)
+    monkeypatch.setattr(dpa_scale, "_bands", lambda thresholds, scales: None)
+    masked = dpa_amplify_tensor((model, base), densities, scales)
     assert torch.equal(fused.view(torch.int32), masked.view(torch.int32))

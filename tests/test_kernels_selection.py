@@ -1,4 +1,4 @@
-"""Exact selection (selection.py) and the streaming model-wide quantile (quantile.py).
+"""Exact and sampled selection (select_exact.py, select_sampled.py) and the streaming model-wide quantile (quantile.py).
 
 Every fast path is compared with a direct implementation: a stable sort of ``|x|`` in float64.
 The histogram path is forced on small tensors by lowering ``HISTOGRAM_MIN_NUMEL``.
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from mergeengine.kernels import selection
+from mergeengine.kernels import select_exact, select_sampled
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import (
+from mergeengine.kernels.select_exact import (
     keep_count,
     kth_smallest_abs,
     select_abs_rank,
@@ -31,8 +31,8 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once per code path: small-tensor kthvalue and the two-pass radix select."""
     if request.param == "histogram_path":
-        monkeypatch.setattr(selection, "HISTOGRAM_MIN_NUMEL", 0)
-        monkeypatch.setattr(selection, "_CHUNK_NUMEL", 7)  # many ragged chunks on small tensors
+        monkeypatch.setattr(select_exact, "HISTOGRAM_MIN_NUMEL", 0)
+        monkeypatch.setattr(select_exact, "_CHUNK_NUMEL", 7)  # many ragged chunks on small tensors
     return request.param
 
 
@@ -237,7 +237,7 @@ def test_model_quantile_of_no_entries() -> None:
 @pytest.mark.parametrize("numel", [5_000, 300_001])
 def test_streamed_selection_equals_whole_tensor_selection(numel: int) -> None:
     """Chunks handed out in one reused buffer (as merges do) select exactly what the whole tensor does."""
-    from mergeengine.kernels.selection import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+    from mergeengine.kernels.select_exact import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(numel, generator=g) * 1e-3
@@ -264,10 +264,9 @@ def test_streamed_selection_and_trim_on_special_values(case: str, monkeypatch: p
     folded into a histogram as they go), +-0, subnormals, inf and NaN, and heavy ties: the
     streamed selection equals the whole-tensor one, and ``trim_`` (a fused hardshrink where it
     can) gives the bytes of ``masked_fill(~mask)`` chunk by chunk."""
-    from mergeengine.kernels import selection
-    from mergeengine.kernels.selection import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+    from mergeengine.kernels.select_exact import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
 
-    monkeypatch.setattr(selection._LowBits, "FOLD_AT", 1000)
+    monkeypatch.setattr(select_exact._LowBits, "FOLD_AT", 1000)
     g = torch.Generator().manual_seed(3)
     numel = 200_003
     x = torch.randn(numel, generator=g) * 1e-3
@@ -325,20 +324,20 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, magnitudes:
     given up). Either way the choosers trim to the bytes of ``masked_fill(~topk_abs_mask)``, and
     the per-chunk tie counts let ``trim_`` keep exactly the first tied entries in flat order.
     ``magnitudes``: the chunks come as ``|x|`` (as TIES makes them), with the same choosers."""
-    from mergeengine.kernels.selection import sample_float32, top_k_streamed
+    from mergeengine.kernels.select_sampled import sample_float32, top_k_streamed
 
-    monkeypatch.setattr(selection, "SAMPLED_MIN_NUMEL", 0)
-    monkeypatch.setattr(selection, "SAMPLE_RUNS", 64)
-    monkeypatch.setattr(selection, "SAMPLE_RUN", 16)
+    monkeypatch.setattr(select_sampled, "SAMPLED_MIN_NUMEL", 0)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUNS", 64)
+    monkeypatch.setattr(select_sampled, "SAMPLE_RUN", 16)
     outcomes: list[bool] = []
-    finish = selection._Window.finish
+    finish = select_sampled._Window.finish
 
     def recorded(self):  # type: ignore[no-untyped-def]
         result = finish(self)
         outcomes.append(result is not None)
         return result
 
-    monkeypatch.setattr(selection._Window, "finish", recorded)
+    monkeypatch.setattr(select_sampled._Window, "finish", recorded)
     g = torch.Generator().manual_seed(5)
     numel, step = 150_001, 4099
     x = torch.randn(numel, generator=g) * 1e-3
@@ -352,7 +351,7 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, magnitudes:
         x[7::1001] = float("inf")
         x[9::2003] = float("nan")
     elif case == "given_up":  # the sample sees a spread; the tensor is one value between its quantiles
-        monkeypatch.setattr(selection, "SAMPLE_MAX_WINDOW", 0.05)
+        monkeypatch.setattr(select_sampled, "SAMPLE_MAX_WINDOW", 0.05)
     y = x.clone()
     if case == "given_up":
         y[:] = torch.quantile(x[: 10_000].abs(), 0.7)
@@ -370,7 +369,7 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, magnitudes:
         expected = y.masked_fill(~topk_abs_mask(y, keep), 0.0)
         got = _trim_all(chooser, y, step)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, keep)
-        assert chooser.bits == selection.ChunkedTopk(y, keep).bits, (case, keep)
+        assert chooser.bits == select_exact.ChunkedTopk(y, keep).bits, (case, keep)
         assert chooser.all_ties or chooser.ties_left == 0, (case, keep)  # every needed tie was kept
     if case in ("normal", "ties", "zeros", "specials"):
         assert outcomes and sum(outcomes) >= len(outcomes) - 1, outcomes  # the window usually hits
@@ -381,7 +380,7 @@ def test_sampled_top_k_is_exact_and_counts_ties_per_chunk(case: str, magnitudes:
 
 
 def test_sample_index_spreads_runs_over_the_tensor() -> None:
-    from mergeengine.kernels.selection import SAMPLE_RUN, SAMPLE_RUNS, sample_float32, sample_index
+    from mergeengine.kernels.select_sampled import SAMPLE_RUN, SAMPLE_RUNS, sample_float32, sample_index
 
     assert torch.equal(sample_index(1000), torch.arange(1000))
     at = sample_index(10_000_019)

@@ -10,7 +10,7 @@ import torch
 from mergeengine.api import run_recipe
 from mergeengine.cli import main
 from mergeengine.errors import RecipeError
-from mergeengine.kernels.selection import keep_count
+from mergeengine.kernels.select_exact import keep_count
 from mergeengine.kernels.sparsify import breadcrumbs
 from mergeengine.kernels.ties import ties_merge, ties_merge_into
 from mergeengine.recipe.loader import load_recipe

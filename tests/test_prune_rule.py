@@ -17,7 +17,7 @@ import torch
 from conftest import SHAPE, read_folder, write_recipe
 
 from mergeengine import api
-from mergeengine.kernels import dppa
+from mergeengine.kernels import dp_density, dpa_scale
 from mergeengine.kernels.prune_rule import pruned_count
 from mergeengine.tiny import make_weights, write_checkpoint
 
@@ -65,7 +65,7 @@ def test_dp_prune_tensor_matches_the_rule_with_ties(rule, shape) -> None:
     delta = quantised(shape, seed=sum(shape))
     for d in (0.0, 0.1, 0.2, 0.5, 0.9, 1.0):
         expected = torch.where(KEEP[rule](delta, d), delta, 0.0)
-        assert torch.equal(dppa.dp_prune_tensor(delta, d, rule), expected), (rule, shape, d)
+        assert torch.equal(dp_density.dp_prune_tensor(delta, d, rule), expected), (rule, shape, d)
 
 
 @pytest.mark.parametrize("rule", ["exact", "release"])
@@ -77,15 +77,15 @@ def test_dpa_partitions_match_the_rule_whole_and_streamed(rule, shape) -> None:
     densities, scales = [0.1, 0.3], [2.0, 0.5]
     k1, k2 = KEEP[rule](delta, densities[0]), KEEP[rule](delta, densities[1])
     expected = torch.where(k1, delta * 2.0, torch.where(k2, delta * 0.5, 0.0))
-    assert torch.equal(dppa.dpa_amplify_tensor(delta, densities, scales, rule=rule), expected)
-    assert torch.equal(dppa.dpa_amplify_tensor((model, base), densities, scales, rule=rule), expected)
-    scaler = dppa.PartitionScaler((model, base), densities, scales, rule=rule)
+    assert torch.equal(dpa_scale.dpa_amplify_tensor(delta, densities, scales, rule=rule), expected)
+    assert torch.equal(dpa_scale.dpa_amplify_tensor((model, base), densities, scales, rule=rule), expected)
+    scaler = dpa_scale.PartitionScaler((model, base), densities, scales, rule=rule)
     flat, out = delta.flatten(), torch.empty(delta.numel())
     for start in range(0, delta.numel(), 1 << 16):  # any chunking: the merge's fused path
         end = min(start + (1 << 16), delta.numel())
         scaler.scale(flat[start:end].clone(), out[start:end])
     assert torch.equal(out.view(shape), expected)
-    magnitude = dppa.dpa_amplify_magnitude_tensor(delta, densities, scales, rule)
+    magnitude = dpa_scale.dpa_amplify_magnitude_tensor(delta, densities, scales, rule)
     assert torch.equal(magnitude, expected)
 
 
@@ -141,8 +141,8 @@ def test_dp_prune_op_follows_the_rule(tmp_path, tied, rule) -> None:
 def test_release_prunes_the_whole_tie_class_at_its_threshold() -> None:
     delta = torch.tensor([1.0, -2.0, 3.0, -3.0, 4.0])
     # exact: k = floor(5 * 0.4) = 2, keep |D| > 2; release: thresh = sort(|D|)[2] = 3, prune |D| <= 3
-    assert dppa.dp_prune_tensor(delta, 0.6).tolist() == [0.0, 0.0, 3.0, -3.0, 4.0]
-    assert dppa.dp_prune_tensor(delta, 0.6, "release").tolist() == [0.0, 0.0, 0.0, 0.0, 4.0]
+    assert dp_density.dp_prune_tensor(delta, 0.6).tolist() == [0.0, 0.0, 3.0, -3.0, 4.0]
+    assert dp_density.dp_prune_tensor(delta, 0.6, "release").tolist() == [0.0, 0.0, 0.0, 0.0, 4.0]
 
 
 def test_release_keeps_one_entry_fewer_per_module_without_ties(tmp_path, models) -> None:

@@ -42,7 +42,7 @@ class DPGroups:
     Attributes:
         units: module key -> (layer key, module name), ordered by layer prefix, layer index
             numerically, then input order (a fused tensor's slices in expert order). This is the
-            ``groups`` argument of :func:`~mergeengine.kernels.dppa.dp_densities`.
+            ``groups`` argument of :func:`~mergeengine.kernels.dp_density.dp_densities`.
         slices: prunable tensor name -> its module keys: ``[name]`` for a 2-D weight, one key per
             expert for a 3-D fused expert tensor.
     """

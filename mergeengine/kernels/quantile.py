@@ -3,7 +3,7 @@
 TIES with ``trim_scope: model`` keeps the top ``density`` fraction of magnitudes over *all* tensors
 of a model. That threshold is an order statistic of a vector nobody may hold in memory, so it is
 computed as an exact two-pass radix select over the float32 bit patterns of ``|x|`` (monotone in
-the value, see :mod:`mergeengine.kernels.selection`):
+the value, see :mod:`mergeengine.kernels.select_exact`):
 
 1. **Stage 1** (map over tensors): :meth:`MagnitudeQuantile.stage1_partial` histograms the high 16
    bits of every bit pattern (65536 int64 bins). Partials add. :meth:`~MagnitudeQuantile.stage1_reduce`
@@ -16,7 +16,7 @@ Each partial is 512 KiB whatever the tensor size, partials can be computed in an
 parallel, and the result equals ``torch.kthvalue`` on the concatenation of all tensors.
 
 Which rank: with ``N`` entries in total and ``k = floor(density * N + 0.5)`` (the same rounding as
-:func:`~mergeengine.kernels.selection.keep_count`), the threshold is the **k-th largest magnitude**,
+:func:`~mergeengine.kernels.select_exact.keep_count`), the threshold is the **k-th largest magnitude**,
 i.e. the ``(N - k + 1)``-th smallest. Keeping ``|x| >= threshold`` (see
 :func:`mergeengine.kernels.sparsify.threshold_prune`) keeps exactly ``k`` entries when no other
 magnitude ties with the threshold, and every tied entry otherwise (more than ``k``). When
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeengine.kernels.selection import (
+from mergeengine.kernels.select_exact import (
     HISTOGRAM_BINS,
     abs_high_histogram,
     abs_low_histogram,

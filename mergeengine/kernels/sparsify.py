@@ -1,9 +1,9 @@
 """Sparsification of a delta tensor: magnitude pruning, DARE, model-breadcrumbs, threshold pruning.
 
 Each function takes one delta (task vector) tensor and returns a new float32 tensor of the same
-shape; the input is never modified. Counts come from :func:`~mergeengine.kernels.selection.keep_count`
+shape; the input is never modified. Counts come from :func:`~mergeengine.kernels.select_exact.keep_count`
 (``k = floor(density * numel + 0.5)``) and rankings from
-:func:`~mergeengine.kernels.selection.topk_abs_mask` (magnitude descending, ties broken by flat
+:func:`~mergeengine.kernels.select_exact.topk_abs_mask` (magnitude descending, ties broken by flat
 index ascending, exactly ``k`` kept). Any shape works, including 0-d, one-element and empty tensors.
 """
 
@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from mergeengine.kernels.selection import check_fraction, keep_count, topk_abs_mask
+from mergeengine.kernels.select_exact import check_fraction, keep_count, topk_abs_mask
 
 RescaleMode = Literal["per_element", "l1", "none"]
 RESCALE_MODES: tuple[str, ...] = ("per_element", "l1", "none")
@@ -24,7 +24,7 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude, zero the rest.
 
     Exactly ``k = floor(density * numel + 0.5)`` entries are kept (ties at the threshold go to the
-    lowest flat indices, see :func:`~mergeengine.kernels.selection.topk_abs_mask`). No rescaling.
+    lowest flat indices, see :func:`~mergeengine.kernels.select_exact.topk_abs_mask`). No rescaling.
     This is also TIES's trim step and the ``magnitude`` baseline of the DPPA paper.
 
     Args:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mergeengine.kernels import sparsify
-from mergeengine.kernels.selection import KeepCount
+from mergeengine.kernels.select_exact import KeepCount
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 
 

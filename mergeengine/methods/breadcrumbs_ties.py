@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from mergeengine.kernels.selection import KeepCount
+from mergeengine.kernels.select_exact import KeepCount
 from mergeengine.kernels.sparsify import breadcrumbs
 from mergeengine.kernels.ties import ZeroVote
 from mergeengine.methods import Density, Fraction, PerInput, merge_method

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mergeengine.kernels.selection import ChunkedTopk, RankSelection, keep_count, select_abs_rank_streamed
+from mergeengine.kernels.select_exact import ChunkedTopk, RankSelection, keep_count, select_abs_rank_streamed
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import Gram

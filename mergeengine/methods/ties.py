@@ -12,7 +12,7 @@
 ```
 Each tensor's deltas are streamed twice in cache-sized chunks: once for their exact top-k
 thresholds (a sample predicts a window around each, see
-:func:`~mergeengine.kernels.selection.top_k_streamed`), once to trim, elect and average.
+:func:`~mergeengine.kernels.select_sampled.top_k_streamed`), once to trim, elect and average.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 
 from mergeengine.kernels.quantile import MagnitudeQuantile
-from mergeengine.kernels.selection import KeepCount, bits_to_float, float_to_bits, top_k_streamed
-from mergeengine.kernels.selection import keep_count as count_kept
+from mergeengine.kernels.select_exact import KeepCount, bits_to_float, float_to_bits
+from mergeengine.kernels.select_exact import keep_count as count_kept
+from mergeengine.kernels.select_sampled import top_k_streamed
 from mergeengine.kernels.ties import ZeroVote, ties_merge, ties_merge_into
 from mergeengine.methods import Density, MergeStep, PerInput, merge_method
 from mergeengine.ops.base import Reduction

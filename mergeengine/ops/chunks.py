@@ -18,7 +18,7 @@ import torch
 
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.selection import sample_float32, samples_help
+from mergeengine.kernels.select_sampled import sample_float32, samples_help
 
 if TYPE_CHECKING:
     from mergeengine.methods import MergeMethod
@@ -154,7 +154,7 @@ class TensorStream:
 
     def samples(self) -> list[np.ndarray] | None:
         """A sample of every input as the method sees it (see
-        :func:`~mergeengine.kernels.selection.sample_float32`), or None where a sample does not help
+        :func:`~mergeengine.kernels.select_sampled.sample_float32`), or None where a sample does not help
         (small tensors, other devices than the CPU) or cannot be taken (fused inputs)."""
         if self.device.type != "cpu" or not samples_help(self.numel) or self.fills:
             return None

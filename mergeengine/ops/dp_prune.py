@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergeengine.kernels import dppa
+from mergeengine.kernels import dp_density as dppa
 from mergeengine.kernels.dp_groups import apply_units
 from mergeengine.kernels.prune_rule import PruneRule
 from mergeengine.ops import register

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mergeengine.kernels import dppa
+from mergeengine.kernels import dp_density as dppa
 from mergeengine.kernels.dp_groups import unit_deltas
 from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.ops.base import Reduction

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mergeengine.kernels import dppa
+from mergeengine.kernels import dpa_scale as dppa
+from mergeengine.kernels.dp_density import DPDensities
 from mergeengine.kernels.dp_groups import apply_units
 from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.ops import register
@@ -124,7 +125,7 @@ class DpaAmplify(DeltaOp):
 
     def _densities(self, key: str, stats: Mapping[str, Any]) -> list[float]:
         """DP's partition densities of module ``key``."""
-        per_target: list[dppa.DPDensities] = stats["layer_outliers"]
+        per_target: list[DPDensities] = stats["layer_outliers"]
         return [d.module_density[key] for d in per_target]
 
     def fusable_into_merge(self, plan: StepPlan) -> bool:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergeengine.kernels.dppa import dp_prune_tensor
+from mergeengine.kernels.dp_density import dp_prune_tensor
 from mergeengine.kernels.sparsify import magnitude_prune
 from mergeengine.ops import register
 from mergeengine.ops.base import StepPlan, TaskContext
