@@ -9,7 +9,7 @@
    over the deltas whose sign agrees (0 where none does).
 
 The engine streams it: passes over the tensor's chunks count the non-zero variances, select the
-k-th largest (two histogram passes, :func:`~mergeengine.kernels.selection.select_abs_rank_streamed`)
+k-th largest (two histogram passes, :func:`~mergeengine.kernels.select_exact.select_abs_rank_streamed`)
 and sum the selected squares, then the merge runs chunk by chunk; no input is held whole in
 float32 and the variance is recomputed per chunk rather than stored.
 
@@ -55,7 +55,7 @@ class Selection:
 
     The rank is selected on the variance streamed chunk by chunk (never held whole); each
     :meth:`restart` gives a fresh pass with the same tie rule (the first tied entries in flat
-    order are kept), as :func:`~mergeengine.kernels.selection.topk_abs_mask` on the whole tensor.
+    order are kept), as :func:`~mergeengine.kernels.select_exact.topk_abs_mask` on the whole tensor.
     """
 
     def __init__(self, stream: Any, select_topk: float) -> None:
