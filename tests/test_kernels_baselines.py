@@ -275,7 +275,7 @@ def test_ties_merge_into_is_bit_identical_to_ties_merge(vote, count):
 def test_dare_l1_gives_the_same_bytes_on_any_thread_count():
     """torch splits one long float32 sum among its threads (its result changed with the count);
     the l1 norms are exact sums of per-block sums instead."""
-    from mergeengine.kernels.sparsify import block_sums, l1_norm
+    from mergeengine.kernels.chunking import block_sums, exact_total
 
     x = torch.randn(300_001, generator=torch.Generator().manual_seed(0)) * 1e-3
     before = torch.get_num_threads()
@@ -288,7 +288,7 @@ def test_dare_l1_gives_the_same_bytes_on_any_thread_count():
         torch.set_num_threads(before)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     exact = float(x.double().abs().sum())
-    assert l1_norm([block_sums(x.abs())]) == pytest.approx(exact, rel=1e-6)
+    assert exact_total([block_sums(x.abs())]) == pytest.approx(exact, rel=1e-6)
     # whole blocks summed in any chunking and order give the same float
     parts = [block_sums(x[i:i + 8192].abs()) for i in range(0, x.numel(), 8192)]
-    assert l1_norm(parts[::-1]) == l1_norm([block_sums(x.abs())])
+    assert exact_total(parts[::-1]) == exact_total([block_sums(x.abs())])

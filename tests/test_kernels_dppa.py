@@ -17,17 +17,45 @@ from mergeengine.kernels.dp_density import (
     DensityClampedWarning,
     DPDensities,
     ModulePartial,
+    count_above,
     decoder_linear_groups,
     dp_densities,
     dp_keep_mask,
     dp_prune_tensor,
     layer_means,
     layer_outlier_counts,
-    layer_outlier_partial,
-    module_partial,
-    prune_count,
+    magnitude_sum,
 )
 from mergeengine.kernels.dpa_scale import dpa_amplify_magnitude_tensor, dpa_amplify_tensor, release_factors
+from mergeengine.kernels.prune_rule import pruned_count
+
+
+def module_partial(delta, module_threshold: float = 5.0) -> ModulePartial:
+    """A tensor's DP statistics as the engine's passes 1 and 2 compute them (``magnitude_sum``,
+    then ``count_above``); a float64 delta in float64 throughout (the reference's precision)."""
+    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
+        magnitudes = delta.detach().reshape(-1).abs()
+        numel = magnitudes.numel()
+        sum_abs = float(magnitudes.sum())
+        outliers = count_above_exactly(magnitudes, module_threshold * sum_abs / numel) if numel else 0
+        return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+    sum_abs, numel = magnitude_sum(delta)
+    outliers = count_above(delta, [module_threshold * sum_abs / numel])[0] if numel else 0
+    return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
+
+
+def layer_outlier_partial(delta, threshold_value: float) -> int:
+    """A tensor's contribution to its layer's outlier count (pass 2)."""
+    return count_above(delta, [threshold_value])[0]
+
+
+def count_above_exactly(values: torch.Tensor, threshold: float) -> int:
+    """``count(values > threshold)`` with ``threshold`` taken exactly, not rounded to values' dtype."""
+    rounded = torch.tensor(threshold, dtype=values.dtype, device=values.device)
+    count = int((values > rounded).sum().item())
+    if rounded.item() > threshold:  # rounded up: entries equal to it are above the true threshold
+        count += int((values == rounded).sum().item())
+    return count
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 V0 = "model.layers.0.self_attn.v_proj.weight"
@@ -437,13 +465,13 @@ def test_dp_masks_nested_across_densities_with_ties() -> None:
 
 
 def test_prune_count() -> None:
-    assert prune_count(10, 0.9) == 1  # 10 * (1 - 0.9) = 0.9999999999999998
-    assert prune_count(10, 0.7) == 3
-    assert prune_count(7, 0.5) == 3
-    assert prune_count(10, 1.0) == 0
-    assert prune_count(10, 0.0) == 10
+    assert pruned_count(10, 0.9) == 1  # 10 * (1 - 0.9) = 0.9999999999999998
+    assert pruned_count(10, 0.7) == 3
+    assert pruned_count(7, 0.5) == 3
+    assert pruned_count(10, 1.0) == 0
+    assert pruned_count(10, 0.0) == 10
     with pytest.raises(ValueError):
-        prune_count(10, 1.5)
+        pruned_count(10, 1.5)
 
 
 def test_prune_extremes_and_dtype() -> None:
@@ -550,20 +578,21 @@ def test_input_validation() -> None:
 
 def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
     """Tensors larger than one chunk: the chunked passes give the whole-tensor floats exactly."""
-    from mergeengine.kernels import dp_density as k
 
     g = torch.Generator().manual_seed(5)
     delta = torch.randn(3 * CHUNK_NUMEL + 12_345, generator=g) * 1e-3
     delta[::11] = 4e-4  # ties at thresholds
     m = delta.abs()
-    part = k.module_partial(delta, 2.0)
-    assert part.sum_abs == k._sum_float64(m)
-    assert part.outlier_count == k._count_above(m, 2.0 * part.sum_abs / m.numel())
-    assert k.layer_outlier_partial(delta, 1.5e-3) == int((m > 1.5e-3).sum())
+    part = module_partial(delta, 2.0)
+    block = 1 << 14  # the whole tensor's float32 block sums and float64 tail, added in float64
+    full = m.numel() // block * block
+    assert part.sum_abs == float(m[:full].view(-1, block).sum(dim=1).double().sum()) + float(m[full:].double().sum())
+    assert part.outlier_count == count_above_exactly(m, 2.0 * part.sum_abs / m.numel())
+    assert layer_outlier_partial(delta, 1.5e-3) == int((m > 1.5e-3).sum())
     densities, scales = [0.1, 0.3], [2.0, 1.0]
     expected = torch.zeros_like(delta)
     for d, s in reversed(list(zip(densities, scales))):
-        kk = k.prune_count(delta.numel(), d)
+        kk = pruned_count(delta.numel(), d)
         threshold = torch.kthvalue(m, kk).values
         expected = torch.where(m > threshold, delta * s, expected)
     assert torch.equal(dpa_amplify_tensor(delta, densities, scales), expected)
@@ -571,14 +600,13 @@ def test_chunked_statistics_and_amplify_equal_whole_tensor_formulas():
 
 def test_statistics_and_amplify_on_a_model_base_pair_equal_the_materialised_delta():
     """A fused diff (model, base) in bfloat16 gives the floats of model.float() - base."""
-    from mergeengine.kernels import dp_density as k
 
     g = torch.Generator().manual_seed(6)
     base = (torch.randn(2 * CHUNK_NUMEL + 777, generator=g) * 0.02).bfloat16()
     model = (base.float() + torch.randn(base.shape, generator=g) * 1e-3).bfloat16()
     delta = model.float() - base
-    assert k.module_partial((model, base), 3.0) == k.module_partial(delta, 3.0)
-    assert k.layer_outlier_partial((model, base), 2e-3) == k.layer_outlier_partial(delta, 2e-3)
+    assert module_partial((model, base), 3.0) == module_partial(delta, 3.0)
+    assert layer_outlier_partial((model, base), 2e-3) == layer_outlier_partial(delta, 2e-3)
     for fn in (dpa_amplify_tensor, dpa_amplify_magnitude_tensor):
         assert torch.equal(fn((model, base), [0.1, 0.2], [1.8, 1.0]), fn(delta, [0.1, 0.2], [1.8, 1.0]))
 

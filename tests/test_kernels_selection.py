@@ -14,12 +14,27 @@ import torch
 from mergeengine.kernels import select_exact, select_sampled
 from mergeengine.kernels.quantile import MagnitudeQuantile
 from mergeengine.kernels.select_exact import (
+    ChunkedTopk,
+    RankSelection,
     keep_count,
     kth_smallest_abs,
     select_abs_rank,
+    select_abs_ranks_streamed_many,
     topk_abs_mask,
 )
 from mergeengine.kernels.sparsify import threshold_prune
+
+
+def select_abs_rank_streamed(chunks, numel: int, k: int) -> RankSelection:
+    """The k-th smallest magnitude of one chunked tensor, by the exact streamed passes."""
+    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [[k]])[0][0]
+
+
+def streamed_topk(chunks, numel: int, k: int) -> ChunkedTopk:
+    """The top-``k`` chooser of one chunked tensor, selected by the exact streamed passes."""
+    if not 0 < k < numel:
+        return ChunkedTopk(None, k, numel=numel, selection=RankSelection(0, 0, 0))
+    return ChunkedTopk(None, k, numel=numel, selection=select_abs_rank_streamed(chunks, numel, numel - k + 1))
 
 
 def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -237,7 +252,7 @@ def test_model_quantile_of_no_entries() -> None:
 @pytest.mark.parametrize("numel", [5_000, 300_001])
 def test_streamed_selection_equals_whole_tensor_selection(numel: int) -> None:
     """Chunks handed out in one reused buffer (as merges do) select exactly what the whole tensor does."""
-    from mergeengine.kernels.select_exact import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+    from mergeengine.kernels.select_exact import topk_abs_mask
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(numel, generator=g) * 1e-3
@@ -253,7 +268,7 @@ def test_streamed_selection_equals_whole_tensor_selection(numel: int) -> None:
     for k in [1, numel // 3, numel - 5, numel]:
         assert select_abs_rank_streamed(chunks, numel, k) == select_abs_rank(x, k)
     for keep in [0, numel // 7, numel // 2, numel]:
-        chooser = ChunkedTopk.streamed(chunks, numel, keep)
+        chooser = streamed_topk(chunks, numel, keep)
         mask = torch.cat([chooser.mask(x[s : s + 4099]) for s in range(0, numel, 4099)])
         assert torch.equal(mask, topk_abs_mask(x, keep)), keep
 
@@ -264,7 +279,7 @@ def test_streamed_selection_and_trim_on_special_values(case: str, monkeypatch: p
     folded into a histogram as they go), +-0, subnormals, inf and NaN, and heavy ties: the
     streamed selection equals the whole-tensor one, and ``trim_`` (a fused hardshrink where it
     can) gives the bytes of ``masked_fill(~mask)`` chunk by chunk."""
-    from mergeengine.kernels.select_exact import ChunkedTopk, select_abs_rank_streamed, topk_abs_mask
+    from mergeengine.kernels.select_exact import topk_abs_mask
 
     monkeypatch.setattr(select_exact._LowBits, "FOLD_AT", 1000)
     g = torch.Generator().manual_seed(3)
@@ -293,7 +308,7 @@ def test_streamed_selection_and_trim_on_special_values(case: str, monkeypatch: p
     for k in [1, 7, numel // 10, numel // 2, numel - 3, numel]:
         assert select_abs_rank_streamed(chunks, numel, k) == select_abs_rank(x, k), k
     for keep in [1, 40, numel // 10, numel // 2, numel - 100, numel - 1]:
-        chooser = ChunkedTopk.streamed(chunks, numel, keep)
+        chooser = streamed_topk(chunks, numel, keep)
         bits, drop = torch.empty(step, dtype=torch.int32), torch.empty(step, dtype=torch.bool)
         parts = []
         for s in range(0, numel, step):

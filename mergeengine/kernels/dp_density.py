@@ -6,14 +6,19 @@ before any module is pruned, so the engine streams over the deltas in three pass
 holds more than one delta at a time; between passes only scalars are kept::
 
     groups = decoder_linear_groups({name: shape for name, shape in ...})   # what DP prunes
-    # pass 1, per tensor in groups: module statistics from that tensor alone
-    partials = {name: module_partial(delta(name), module_threshold=5.0) for name in groups}
-    means = layer_means(partials, groups)
-    # pass 2, per tensor: contribution to its layer's outlier count (L = 3 in the release)
-    counts = {name: layer_outlier_partial(delta(name), 3.0 * means[groups[name][0]]) for name in groups}
-    dens = dp_densities(partials, layer_outlier_counts(counts, groups), groups, density=0.2, lamda=0.08)
+    # pass 1, per tensor in groups: sum |D| and numel
+    sums = {name: magnitude_sum(delta(name)) for name in groups}
+    means = layer_means({n: ModulePartial(s, k, 0) for n, (s, k) in sums.items()}, groups)
+    # pass 2, per tensor, one read: module outliers (M = 5) and layer outliers (L = 3 in the release)
+    counts = {n: count_above(delta(n), [5.0 * s / k, 3.0 * means[groups[n][0]]]) for n, (s, k) in sums.items()}
+    partials = {n: ModulePartial(*sums[n], outlier_count=counts[n][0]) for n in groups}
+    layers = layer_outlier_counts({n: c[1] for n, c in counts.items()}, groups)
+    dens = dp_densities(partials, layers, groups, density=0.2, lamda=0.08)
     # pass 3, per tensor: prune (DP) or partition and rescale (DPA)
     pruned = dp_prune_tensor(delta(name), dens.module_density[name])
+
+(:mod:`mergeengine.ops.dp_stats` runs passes 1 and 2 over the model, :mod:`mergeengine.ops.dp_prune`
+and :mod:`mergeengine.ops.dpa_amplify` pass 3.)
 
 For DPA with partitions ``[(d_1, s_1), (d_2, s_2), ...]`` the engine calls :func:`dp_densities`
 once per ``d_k`` (cheap: scalars only) and passes this module's densities to
@@ -56,7 +61,14 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from mergeengine.kernels.chunking import Delta, abs_chunks, delta_numel, value_chunks
+from mergeengine.kernels.chunking import (
+    DP_SUM_BLOCK,
+    Delta,
+    abs_chunks,
+    block_sums,
+    delta_numel,
+    value_chunks,
+)
 from mergeengine.kernels.dp_groups import dp_module_groups
 from mergeengine.kernels.prune_rule import PruneRule, pruned_count
 from mergeengine.kernels.select_exact import kth_smallest_abs
@@ -75,10 +87,7 @@ __all__ = [
     "dp_prune_tensor",
     "layer_means",
     "layer_outlier_counts",
-    "layer_outlier_partial",
     "magnitude_sum",
-    "module_partial",
-    "prune_count",
 ]
 
 DEFAULT_LAMDA = 0.08
@@ -95,7 +104,7 @@ class DensityClampedWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ModulePartial:
-    """Pass-1 statistics of one prunable tensor, computed from that tensor alone.
+    """DP's statistics of one prunable tensor, from that tensor alone (the sum: pass 1; the count: pass 2).
 
     Attributes:
         sum_abs: sum of ``|D|`` (accumulated in float64).
@@ -173,49 +182,21 @@ def decoder_linear_groups(tensors: Mapping[str, Sequence[int]]) -> dict[str, tup
     return dp_module_groups(two_d).units
 
 
-def module_partial(delta: Delta, module_threshold: float = DEFAULT_MODULE_THRESHOLD) -> ModulePartial:
-    """Pass 1: the statistics DP needs from one prunable tensor.
-
-    Args:
-        delta: the tensor's delta ``F - B`` (float32; half-precision dtypes are upcast), or the
-            pair ``(F, B)`` (the delta is then computed chunk by chunk, never stored).
-        module_threshold: ``M``; an entry is a module outlier when ``|D| > M * mean(|D|)``.
-
-    Returns:
-        ``ModulePartial(sum_abs, numel, outlier_count)``.
-
-    Example:
-        >>> module_partial(torch.tensor([1.0, -1.0, 1.0, 9.0]), module_threshold=2.0)
-        ModulePartial(sum_abs=12.0, numel=4, outlier_count=1)
-    """
-    if isinstance(delta, torch.Tensor) and delta.dtype == torch.float64:
-        magnitudes = delta.detach().reshape(-1).abs()
-        numel = magnitudes.numel()
-        sum_abs = _sum_float64(magnitudes)
-        outliers = _count_above(magnitudes, module_threshold * sum_abs / numel) if numel else 0
-        return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-    sum_abs, numel = magnitude_sum(delta)
-    outliers = count_above(delta, [module_threshold * sum_abs / numel])[0] if numel else 0
-    return ModulePartial(sum_abs=sum_abs, numel=numel, outlier_count=outliers)
-
-
 def magnitude_sum(delta: Delta) -> tuple[float, int]:
-    """``(sum |D|, numel)`` in one read (the first half of :func:`module_partial`).
+    """``(sum |D|, numel)`` in one read (pass 1; with :func:`count_above`, a tensor's :class:`ModulePartial`).
 
-    The sum is that of :func:`_sum_float64` (float32 block sums added in float64).
+    float32 sums of :data:`~mergeengine.kernels.chunking.DP_SUM_BLOCK`-entry blocks, the last
+    partial block summed in float64, all added in float64: relative error ~1e-9, deterministic,
+    ~10x faster than a float64 sum of float32 data. The chunks hold whole blocks, so the sum is
+    the whole tensor's, in any chunking of :func:`~mergeengine.kernels.chunking.value_chunks`.
     """
     numel = delta_numel(delta)
-    block = 1 << 14  # _sum_float64's blocks; chunks hold whole blocks, so the sums are the same floats
-    block_sums: list[torch.Tensor] = []
-    tail = 0.0
-    for chunk in abs_chunks(delta):
-        full = chunk.numel() // block * block
-        if full:
-            block_sums.append(chunk[:full].view(-1, block).sum(dim=1))
-        if full < chunk.numel():
-            tail += float(chunk[full:].double().sum())
-    sum_abs = (float(torch.cat(block_sums).double().sum()) if block_sums else 0.0) + tail
-    return sum_abs, numel
+    sums = [block_sums(chunk, DP_SUM_BLOCK, torch.float64) for chunk in abs_chunks(delta)]
+    if not sums:
+        return 0.0, numel
+    flat = torch.cat(sums)
+    whole = numel // DP_SUM_BLOCK  # the whole blocks, then at most one partial block
+    return float(flat[:whole].sum()) + float(flat[whole:].sum()), numel
 
 
 def count_above(delta: Delta, thresholds: Sequence[float]) -> list[int]:
@@ -259,7 +240,8 @@ def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[s
     """After pass 1: ``mean(|D|)`` over each layer's concatenated modules.
 
     Args:
-        partials: tensor name -> pass-1 statistics, one per tensor of ``groups``.
+        partials: tensor name -> its statistics (only ``sum_abs`` and ``numel`` are read), one per
+            tensor of ``groups``.
         groups: from :func:`decoder_linear_groups`.
 
     Returns:
@@ -278,24 +260,11 @@ def layer_means(partials: Mapping[str, ModulePartial], groups: Groups) -> dict[s
     return {layer: (sums[layer] / numels[layer] if numels[layer] else 0.0) for layer in sums}
 
 
-def layer_outlier_partial(delta: Delta, threshold_value: float) -> int:
-    """Pass 2: this tensor's contribution to its layer's outlier count.
-
-    Args:
-        delta: the tensor's delta.
-        threshold_value: ``L * layer_mean`` for the tensor's layer (see :func:`layer_means`).
-
-    Returns:
-        ``count(|D| > threshold_value)``, compared exactly against the float64 threshold.
-    """
-    return count_above(delta, [threshold_value])[0]
-
-
 def layer_outlier_counts(tensor_counts: Mapping[str, int], groups: Groups) -> dict[str, int]:
     """Sum the pass-2 counts of each layer's tensors.
 
     Args:
-        tensor_counts: tensor name -> :func:`layer_outlier_partial` result, one per tensor of
+        tensor_counts: tensor name -> its count of entries above its layer's threshold (:func:`count_above`), one per tensor of
             ``groups``.
         groups: from :func:`decoder_linear_groups`.
 
@@ -397,7 +366,7 @@ def dp_densities(
     number of elements and nothing is clamped (it is not ``D_l`` layer by layer).
 
     Args:
-        partials: tensor name -> pass-1 statistics (:func:`module_partial`).
+        partials: tensor name -> the tensor's statistics (:class:`ModulePartial`).
         layer_counts: layer key -> pass-2 outlier count (:func:`layer_outlier_counts`).
         groups: from :func:`decoder_linear_groups`; defines the modules and layers.
         density: target keep fraction ``d`` in [0, 1].
@@ -436,30 +405,10 @@ def dp_densities(
     )
 
 
-def prune_count(numel: int, density: float) -> int:
-    """Step 6's rank ``k = floor(numel * (1 - density))``: how many smallest magnitudes are dropped.
-
-    The floor tolerates float rounding just below an integer (1e-6), so that density 0.9 on 10
-    elements gives 1, not 0. With ties at the k-th magnitude more entries are dropped (see
-    :func:`dp_keep_mask`).
-
-    Args:
-        numel: number of elements.
-        density: keep fraction in [0, 1].
-
-    Returns:
-        ``k`` in ``[0, numel]``.
-
-    Raises:
-        ValueError: ``density`` is outside [0, 1].
-    """
-    return pruned_count(numel, density)
-
-
 def dp_keep_mask(delta: torch.Tensor, density: float, rule: PruneRule = "exact") -> torch.Tensor:
     """Step 6's mask: entries whose magnitude is strictly above the k-th smallest magnitude.
 
-    ``k = pruned_count(numel, density, rule)`` (``exact``: :func:`prune_count`; ``release``: the
+    ``k = pruned_count(numel, density, rule)`` (``exact``: step 6's ``floor(numel * (1 - density))``; ``release``: the
     release's count, see :mod:`~mergeengine.kernels.prune_rule`); ``k = 0`` keeps everything. Magnitudes are ranked in
     float32. Masks at increasing density are nested, ties included. NaN entries are kept.
 
@@ -509,30 +458,6 @@ def dp_prune_tensor(delta: torch.Tensor, density: float, rule: PruneRule = "exac
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _sum_float64(values: torch.Tensor) -> float:
-    """Sum of a flat tensor: float32 sums of 16384-entry blocks (vectorised), blocks added in float64.
-
-    Relative error ~1e-9, deterministic, and ~10x faster than a float64 sum of float32 data.
-    """
-    if values.dtype == torch.float64:
-        return float(values.sum())
-    block = 1 << 14
-    full = values.numel() // block * block
-    total = float(values[:full].view(-1, block).sum(dim=1).double().sum()) if full else 0.0
-    if full < values.numel():
-        total += float(values[full:].double().sum())
-    return total
-
-
-def _count_above(values: torch.Tensor, threshold: float) -> int:
-    """``count(values > threshold)`` with ``threshold`` taken exactly, not rounded to values' dtype."""
-    rounded = torch.tensor(threshold, dtype=values.dtype, device=values.device)
-    count = int((values > rounded).sum().item())
-    if rounded.item() > threshold:  # rounded up: entries equal to it are above the true threshold
-        count += int((values == rounded).sum().item())
-    return count
 
 
 def _percent(count: int, numel: int) -> Fraction:

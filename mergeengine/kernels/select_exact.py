@@ -36,6 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mergeengine.kernels.chunking import spans
+
 #: Tensors with at most this many entries are ranked with ``torch.kthvalue`` on the bit patterns:
 #: below this size the 65536-bin histograms cost more than they save. Results are identical.
 HISTOGRAM_MIN_NUMEL = 1 << 16
@@ -243,51 +245,23 @@ def select_abs_rank(x: torch.Tensor, k: int) -> RankSelection:
     )
 
 
-def select_abs_rank_streamed(
-    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int
-) -> RankSelection:
-    """:func:`select_abs_rank` of a tensor that is never materialised: it arrives as chunks.
-
-    ``chunks()`` must yield the tensor's entries as contiguous 1-D float32 chunks, in the same
-    order each time it is called; it is called twice (the two histogram passes). Each chunk is
-    used before the next is requested, so they may all be views of one scratch buffer. A merge so
-    selects on ``model - base`` computed chunk by chunk in cache-sized scratch, instead of
-    building a float32 copy of the whole delta. The result equals ``select_abs_rank`` on the
-    concatenation of the chunks.
-
-    Args:
-        chunks: a function returning an iterable of float32 chunks.
-        numel: total number of entries over all chunks.
-        k: rank from the smallest, ``1 <= k <= numel``.
-
-    Returns:
-        A :class:`RankSelection`.
-
-    Raises:
-        ValueError: when ``k`` is out of range.
-    """
-    return select_abs_ranks_streamed(chunks, numel, [k])[0]
-
-
-def select_abs_ranks_streamed(
-    chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int]
-) -> list[RankSelection]:
-    """Several ranks of one chunked tensor with the same two passes (see :func:`select_abs_rank_streamed`).
-
-    The high-bits histogram is shared by every rank; pass 2 histograms the low bits of each
-    distinct high bin the ranks fall in.
-    """
-    return select_abs_ranks_streamed_many(lambda: ((c,) for c in chunks()), numel, [ks])[0]
-
-
 def select_abs_ranks_streamed_many(
     chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], numel: int, ks: Sequence[Sequence[int]],
 ) -> list[list[RankSelection]]:
-    """Ranks of several chunked tensors of one size, selected in the same two passes.
+    """Ranks of several tensors of one size that are never materialised: they arrive as chunks.
 
-    ``chunks()`` yields, per position, one chunk of every tensor (e.g. the deltas of all the
-    inputs of a merge over one slice of the base, so the base slice is converted once). ``ks[i]``
-    are the ranks wanted from tensor ``i``. Results equal :func:`select_abs_rank` on each tensor.
+    ``chunks()`` yields, per position, one contiguous 1-D float32 chunk of every tensor (e.g. the
+    deltas of all the inputs of a merge over one slice of the base, so the base slice is converted
+    once), in the same order each time it is called; it is called twice (the two histogram
+    passes). Each chunk is used before the next is requested, so they may all be views of one
+    scratch buffer: a merge so selects on ``model - base`` computed chunk by chunk in cache-sized
+    scratch, instead of building a float32 copy of the whole delta. The high-bits histogram is
+    shared by every rank of a tensor; pass 2 histograms the low bits of each distinct high bin
+    the ranks fall in. ``ks[i]`` are the ranks (1-based, from the smallest) wanted from tensor
+    ``i``. Results equal :func:`select_abs_rank` on each tensor (the concatenation of its chunks).
+
+    Raises:
+        ValueError: when a rank is out of range.
     """
     for k in (k for group in ks for k in group):
         if isinstance(k, bool) or not 1 <= k <= numel:
@@ -412,8 +386,7 @@ def topk_abs_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     # Ties at the threshold: keep the first ones in flat order, stopping once enough are found.
     step = _chunk_numel(flat)
     bits_chunk = torch.empty(min(numel, step), dtype=torch.int32, device=flat.device)
-    for start in range(0, numel, step):
-        end = min(start + step, numel)
+    for start, end in spans(numel, step):
         chunk = bits_chunk[: end - start]
         torch.bitwise_and(flat.view(torch.int32)[start:end], ABS_MASK, out=chunk)
         tie_index = torch.nonzero(chunk == selected.bits).view(-1)[:needed_ties]
@@ -436,8 +409,7 @@ def _compare_magnitude_bits(
     out = torch.empty(numel, dtype=torch.bool, device=flat.device)
     step = _chunk_numel(flat)
     bits_chunk = torch.empty(min(numel, step), dtype=torch.int32, device=flat.device)
-    for start in range(0, numel, step):
-        end = min(start + step, numel)
+    for start, end in spans(numel, step):
         chunk = bits_chunk[: end - start]
         torch.bitwise_and(flat.view(torch.int32)[start:end], ABS_MASK, out=chunk)
         compare(chunk, bits, out=out[start:end])
@@ -445,7 +417,11 @@ def _compare_magnitude_bits(
 
 
 def _chunk_numel(flat: torch.Tensor) -> int:
-    """Chunk length for chunked passes: cache-sized on CPU, one chunk on accelerators."""
+    """Chunk length for the mask passes: cache-sized on CPU, one chunk on accelerators.
+
+    Half of :data:`~mergeengine.kernels.chunking.CHUNK_NUMEL`: 256 KiB of float32 input plus its
+    int32 bit patterns stay in cache; these passes sum nothing, so no block alignment is needed.
+    """
     return _CHUNK_NUMEL if flat.device.type == "cpu" else max(1, flat.numel())
 
 
@@ -558,13 +534,6 @@ class ChunkedTopk:
             self.bits = selection.bits
             self.ties_left = k - count_greater
             self.all_ties = self.ties_left == selection.count_equal
-
-    @classmethod
-    def streamed(cls, chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int) -> ChunkedTopk:
-        """The top-``k`` of a tensor given as chunks (see :func:`select_abs_rank_streamed`)."""
-        if not 0 < k < numel:
-            return cls(None, k, numel=numel, selection=RankSelection(0, 0, 0))
-        return cls(None, k, numel=numel, selection=select_abs_rank_streamed(chunks, numel, numel - k + 1))
 
     def trim_(self, chunk: torch.Tensor, bits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         """Zero the entries of the next chunk that are not kept, in place; returns ``chunk``.

@@ -166,7 +166,7 @@ def top_k_streamed(
     compaction of ~1% of the entries instead of a 32768-bin histogram), and it also counts the
     threshold's ties in each chunk, so :meth:`ChunkedTopk.trim_` never searches for them. A tensor
     whose rank falls outside its window takes the two exact passes. The results are exact either
-    way: the same choosers as :meth:`ChunkedTopk.streamed` on each tensor.
+    way: the same choosers as the exact passes give on each tensor.
 
     Args:
         chunks: returns an iterable of per-position groups, one contiguous float32 chunk per
@@ -190,7 +190,7 @@ def top_k_streamed(
 def select_abs_ranks_sampled(
     chunks: Callable[[], Iterable[torch.Tensor]], numel: int, ks: Sequence[int], sample: np.ndarray | None
 ) -> list[RankSelection]:
-    """Several ranks of one chunked tensor (see :func:`select_abs_ranks_streamed`), each usually
+    """Several ranks of one chunked tensor (see :func:`~mergeengine.kernels.select_exact.select_abs_ranks_streamed_many`), each usually
     settled in one pass by a window that ``sample`` (its entries at :func:`sample_index`)
     predicts; see :func:`top_k_streamed`. Exact either way.
     """

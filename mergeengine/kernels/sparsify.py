@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from mergeengine.kernels.chunking import block_sums, exact_total
 from mergeengine.kernels.select_exact import check_fraction, keep_count, topk_abs_mask
 
 RescaleMode = Literal["per_element", "l1", "none"]
@@ -97,39 +98,12 @@ def dare(
             return kept  # nothing survives; avoids 0/0
         return kept.div_(density)
     if rescale == "l1":
-        norm_before = l1_norm([block_sums(values.abs())])
-        norm_after = l1_norm([block_sums(kept.abs())])
+        norm_before = exact_total([block_sums(values.abs())])
+        norm_after = exact_total([block_sums(kept.abs())])
         if norm_after == 0.0 or not math.isfinite(norm_before / norm_after):
             return kept
         return kept.mul_(norm_before / norm_after)
     return kept
-
-
-#: Entries per block of :func:`block_sums`; chunked callers use chunks of a multiple of it.
-SUM_BLOCK = 4096
-
-
-def block_sums(values: torch.Tensor) -> torch.Tensor:
-    """float32 sums of consecutive blocks of :data:`SUM_BLOCK` entries of ``values`` (flat; the
-    last block may be shorter), as a 1-D tensor.
-
-    With :func:`l1_norm` this is DARE's ``l1`` norm. A plain ``tensor.sum()`` is not reproducible:
-    torch splits one long float32 reduction among its threads, so the sum (and DARE's output
-    bytes) changed with the thread count. Here each block is summed by one thread, the blocks'
-    sums are added exactly, and chunks that are whole blocks give the whole tensor's floats.
-    """
-    flat = values.reshape(-1)
-    full = flat.numel() // SUM_BLOCK * SUM_BLOCK
-    parts = [flat[:full].view(-1, SUM_BLOCK).sum(dim=1)] if full else []
-    if full < flat.numel():
-        parts.append(flat[full:].sum().reshape(1))
-    return torch.cat(parts) if parts else flat.new_zeros(0)
-
-
-def l1_norm(sums: list[torch.Tensor]) -> float:
-    """The exactly rounded sum (``math.fsum``) of :func:`block_sums` results: independent of their
-    order and of how a tensor was chunked (at block boundaries)."""
-    return math.fsum(torch.cat(sums).double().tolist()) if sums else 0.0
 
 
 def dare_mask(

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 
 from mergeengine.kernels import survivors
+from mergeengine.kernels.chunking import block_sums, exact_total
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.sparsify import block_sums, l1_norm
 from mergeengine.ops.chunks import PerChunk, TensorStream
 
 Rescale = Literal["per_element", "l1", "none"]
@@ -54,7 +54,7 @@ def _l1_pass(stream: TensorStream, draws: survivors.Survivors, numpy: bool) -> t
             before[i].append(block_sums(d.abs_()))
             after[i].append(block_sums(survivors.keep_survivors(d, kept, numpy=numpy)))
         kept_masks.append(keeps)
-    norms = [(l1_norm(b), l1_norm(a)) for b, a in zip(before, after, strict=True)]
+    norms = [(exact_total(b), exact_total(a)) for b, a in zip(before, after, strict=True)]
     return kept_masks, [b / a if a > 0 and math.isfinite(b / a) else 1.0 for b, a in norms]
 
 

@@ -2,38 +2,23 @@
 
 A plain ``torch.dot`` or ``tensor.sum()`` splits one long float32 reduction among threads, so
 its last bits change with ``torch.set_num_threads`` (and with them SLERP's coefficients and the
-output bytes). Here products are summed in blocks of :data:`BLOCK` entries, each block by one
+output bytes). Here products are summed in blocks of ``SUM_BLOCK`` entries, each block by one
 thread, and the block sums are added exactly (``math.fsum``), chunk by chunk so the temporary
-stays small.
+stays small: :func:`~mergeengine.kernels.chunking.block_sums` and
+:func:`~mergeengine.kernels.chunking.exact_total` over :func:`~mergeengine.kernels.chunking.spans`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 
-BLOCK = 4096
-CHUNK = 16 * BLOCK
+from mergeengine.kernels.chunking import SUM_BLOCK, block_sums, exact_total, spans
 
-
-def chunks(numel: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` of consecutive chunks of :data:`CHUNK` entries (a multiple of :data:`BLOCK`)."""
-    for start in range(0, numel, CHUNK):
-        yield start, min(start + CHUNK, numel)
-
-
-def _block_sums(values: torch.Tensor) -> torch.Tensor:
-    full = values.numel() // BLOCK * BLOCK
-    parts = [values[:full].view(-1, BLOCK).sum(dim=1)] if full else []
-    if full < values.numel():
-        parts.append(values[full:].sum().reshape(1))
-    return torch.cat(parts)
-
-
-def _exact_total(parts: list[torch.Tensor]) -> float:
-    return math.fsum(torch.cat(parts).double().tolist()) if parts else 0.0
+#: Entries per chunk of the reductions: a multiple of ``SUM_BLOCK``, so chunked sums are the
+#: whole tensor's floats; 256 KiB of float32 temporaries.
+CHUNK = 16 * SUM_BLOCK
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +33,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
     buf = torch.empty(min(CHUNK, max(fa.numel(), 1)), dtype=torch.float32, device=fa.device)
-    return _exact_total([_block_sums(torch.mul(fa[s:e], fb[s:e], out=buf[: e - s])) for s, e in chunks(fa.numel())])
+    return exact_total([block_sums(torch.mul(fa[s:e], fb[s:e], out=buf[: e - s])) for s, e in spans(fa.numel(), CHUNK)])
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,15 +41,15 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     fa, fb = a.reshape(-1), b.reshape(-1)
     buf = torch.empty(min(CHUNK, max(fa.numel(), 1)), dtype=torch.float32, device=fa.device)
     parts = []
-    for s, e in chunks(fa.numel()):
+    for s, e in spans(fa.numel(), CHUNK):
         diff = torch.sub(fa[s:e], fb[s:e], out=buf[: e - s])
-        parts.append(_block_sums(diff.mul_(diff)))
-    return math.sqrt(_exact_total(parts))
+        parts.append(block_sums(diff.mul_(diff)))
+    return math.sqrt(exact_total(parts))
 
 
 class Gram:
     """All dot products ``<x_i, x_j>`` of a few tensors, accumulated chunk by chunk (chunks of a
-    whole number of :data:`BLOCK` entries, in order, as the engine's merge chunks are): the same
+    whole number of ``SUM_BLOCK`` entries, in order, as the engine's merge chunks are): the same
     floats as :func:`gram` on the whole tensors."""
 
     def __init__(self, count: int) -> None:
@@ -79,14 +64,14 @@ class Gram:
         if self._buf is None or self._buf.numel() < n:
             self._buf = torch.empty(n, dtype=torch.float32, device=chunk[0].device)
         for i, j in self.pairs:
-            for s, e in chunks(n):
-                self.parts[i, j].append(_block_sums(torch.mul(chunk[i][s:e], chunk[j][s:e], out=self._buf[: e - s])))
+            for s, e in spans(n, CHUNK):
+                self.parts[i, j].append(block_sums(torch.mul(chunk[i][s:e], chunk[j][s:e], out=self._buf[: e - s])))
 
     def matrix(self) -> list[list[float]]:
         """The symmetric matrix of exactly summed dot products."""
         out = [[0.0] * self.count for _ in range(self.count)]
         for (i, j), ps in self.parts.items():
-            out[i][j] = out[j][i] = _exact_total(ps)
+            out[i][j] = out[j][i] = exact_total(ps)
         return out
 
 
@@ -95,7 +80,7 @@ def gram(tensors: list[torch.Tensor]) -> list[list[float]]:
     (see :func:`dot`)."""
     flat = [x.reshape(-1) for x in tensors]
     acc = Gram(len(flat))
-    for s, e in chunks(flat[0].numel()):
+    for s, e in spans(flat[0].numel(), CHUNK):
         acc.add([x[s:e] for x in flat])
     return acc.matrix()
 
@@ -115,8 +100,7 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fa, fb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     rows = max(2, CHUNK // max(fa.shape[1], 1))
     out = torch.empty(fa.shape[0], dtype=torch.float64, device=fa.device)
-    for start in range(0, fa.shape[0], rows):
-        end = min(start + rows, fa.shape[0])
+    for start, end in spans(fa.shape[0], rows):  # spans of rows
         if end - start == 1:  # a one-row sum is one long reduction: split among threads
             out[start] = dot(fa[start], fb[start])
         else:
@@ -133,7 +117,6 @@ def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.tensor([dot(a, b)], dtype=torch.float64)
     out = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     rows = max(1, CHUNK // max(a.shape[1], 1))
-    for start in range(0, a.shape[0], rows):
-        end = min(start + rows, a.shape[0])
+    for start, end in spans(a.shape[0], rows):  # spans of rows
         out += (a[start:end] * b[start:end]).sum(dim=0, dtype=torch.float64)
     return out

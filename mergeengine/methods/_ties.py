@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from mergeengine.errors import ExecutionError
+from mergeengine.kernels.chunking import spans
 from mergeengine.kernels.ties import ties_merge, ties_merge_into
-from mergeengine.methods._reduce import CHUNK, chunks
+from mergeengine.methods._reduce import CHUNK
 
 
 def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, vote: str = "unweighted",
@@ -37,7 +38,7 @@ def elect_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
     size = min(CHUNK, max(fb.numel(), 1))
     scratch = [torch.empty(size, dtype=fb.dtype, device=fb.device) for _ in range(2 + (len(flat) if mask is not None else 0))]
     zero = torch.zeros((), dtype=fb.dtype, device=fb.device)
-    for s, e in chunks(fb.numel()):
+    for s, e in spans(fb.numel(), CHUNK):
         chunk = out[s:e]
         if mask is None:
             parts = [d[s:e] for d in flat]

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from mergeengine.kernels.chunking import spans
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_inputs, labelled, require_finite
 from mergeengine.methods._reduce import CHUNK
@@ -34,10 +35,10 @@ def row_kl(rows_m: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
     divergence of two close models is a small difference of large terms, which float32 loses."""
     out = torch.empty(rows_b.shape[0], 1, dtype=torch.float32, device=rows_b.device)
     step = max(1, CHUNK // max(rows_b.shape[1], 1))
-    for start in range(0, rows_b.shape[0], step):
-        p = torch.softmax(rows_m[start:start + step].double(), dim=-1).add_(SOFTMAX_EPS)
-        q = torch.softmax(rows_b[start:start + step].double(), dim=-1).add_(SOFTMAX_EPS)
-        out[start:start + step] = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    for start, end in spans(rows_b.shape[0], step):  # spans of rows
+        p = torch.softmax(rows_m[start:end].double(), dim=-1).add_(SOFTMAX_EPS)
+        q = torch.softmax(rows_b[start:end].double(), dim=-1).add_(SOFTMAX_EPS)
+        out[start:end] = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     return out
 
 

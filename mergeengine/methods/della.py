@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
+from mergeengine.kernels.chunking import SUM_BLOCK, block_sums
+from mergeengine.kernels.chunking import exact_total as l1_norm
 from mergeengine.kernels.rng import tensor_generator
-from mergeengine.kernels.sparsify import SUM_BLOCK, block_sums, l1_norm
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge

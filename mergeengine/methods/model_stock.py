@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mergeengine.errors import NonFiniteError
+from mergeengine.kernels.chunking import spans
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_at_least, labelled, require_finite
 from mergeengine.methods._reduce import Gram, gram, row_dots
@@ -71,8 +72,7 @@ def _ratio(stream: Any, *, filter_wise: bool, **_: Any) -> dict[str, Any]:
         t = stock_ratio([d.reshape(-1, rows) for d in deltas]).float().reshape(-1)
 
         def per_entry() -> Iterator[torch.Tensor]:
-            for start in range(0, stream.numel, merge_chunk()):
-                end = min(start + merge_chunk(), stream.numel)
+            for start, end in spans(stream.numel, merge_chunk()):
                 yield t[torch.arange(start, end, device=t.device) // rows]
         return {"ratio": PerChunk(per_entry())}
     acc = Gram(n)

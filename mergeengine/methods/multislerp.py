@@ -25,9 +25,10 @@ import torch
 from pydantic import Field
 
 from mergeengine.errors import ExecutionError
+from mergeengine.kernels.chunking import spans
 from mergeengine.methods import PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
-from mergeengine.methods._reduce import CHUNK, chunks, distance, norm
+from mergeengine.methods._reduce import CHUNK, distance, norm
 
 
 def _weights(weights: list[float], normalize: bool) -> list[float]:
@@ -46,7 +47,7 @@ def _accumulate(base: torch.Tensor | None, models: list[torch.Tensor], coefs: li
     fb = base.reshape(-1) if base is not None else None
     out = torch.zeros_like(flat[0])
     buf = torch.empty(min(out.numel(), CHUNK) or 1, dtype=out.dtype, device=out.device)
-    for s, e in chunks(out.numel()):
+    for s, e in spans(out.numel(), CHUNK):
         for c, x in zip(coefs, flat, strict=True):
             term = buf[: e - s]
             torch.sub(x[s:e], fb[s:e], out=term) if fb is not None else term.copy_(x[s:e])

@@ -9,7 +9,7 @@
    over the deltas whose sign agrees (0 where none does).
 
 The engine streams it: passes over the tensor's chunks count the non-zero variances, select the
-k-th largest (two histogram passes, :func:`~mergeengine.kernels.select_exact.select_abs_rank_streamed`)
+k-th largest (two histogram passes, :func:`~mergeengine.kernels.select_exact.select_abs_ranks_streamed_many`)
 and sum the selected squares, then the merge runs chunk by chunk; no input is held whole in
 float32 and the variance is recomputed per chunk rather than stored.
 
@@ -24,7 +24,12 @@ from typing import Any
 
 import torch
 
-from mergeengine.kernels.select_exact import ChunkedTopk, RankSelection, keep_count, select_abs_rank_streamed
+from mergeengine.kernels.select_exact import (
+    ChunkedTopk,
+    RankSelection,
+    keep_count,
+    select_abs_ranks_streamed_many,
+)
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import Gram
@@ -68,8 +73,8 @@ class Selection:
         self.rank = RankSelection(0, 0, 0)
         if 0 < self.k < self.numel:
             def chunks() -> Any:
-                return (self.variance(chunk) for _, _, _, chunk in stream.chunks())
-            self.rank = select_abs_rank_streamed(chunks, self.numel, self.numel - self.k + 1)
+                return ((self.variance(chunk),) for _, _, _, chunk in stream.chunks())
+            self.rank = select_abs_ranks_streamed_many(chunks, self.numel, [[self.numel - self.k + 1]])[0][0]
         self.restart()
 
     def restart(self) -> None:

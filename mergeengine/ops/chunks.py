@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
+from mergeengine.kernels.chunking import spans
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.kernels.select_sampled import sample_float32, samples_help
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 # Elements per chunk of elementwise merge work: 512 KiB of float32, so the few float32
 # temporaries of a chunk stay in a core's L2 cache (1M-element chunks ran 2-3x slower here).
-CHUNK_NUMEL = 1 << 17  # a multiple of sparsify.SUM_BLOCK (DARE's l1 norms sum whole blocks)
+CHUNK_NUMEL = 1 << 17  # a multiple of chunking.SUM_BLOCK (DARE's l1 norms sum whole blocks)
 
 #: How one recipe input becomes what the method takes: as it is, minus the base (a model given
 #: to a deltas method), plus the base (a delta given to a models method), or amplified in the
@@ -123,17 +124,20 @@ class TensorStream:
 
     def lengths(self) -> list[int]:
         """The length of every chunk, in order."""
-        step = self.step
-        return [min(step, self.numel - start) for start in range(0, self.numel, step)]
+        return [end - start for start, end in spans(self.numel, self.step)]
 
     def chunks(self) -> Iterator[tuple[int, int, torch.Tensor | None, list[torch.Tensor]]]:
-        """``(start, end, base chunk, input chunks)`` in float32 scratch, valid until the next chunk."""
+        """``(start, end, base chunk, input chunks)`` in float32 scratch, valid until the next chunk.
+
+        The spans of :func:`~mergeengine.kernels.chunking.spans`, like the kernels'
+        :func:`~mergeengine.kernels.chunking.value_chunks`, but every input gets its own scratch
+        (copied even when already float32): a method may overwrite its chunks in place, which
+        must never reach the input tensors.
+        """
         b = self.buffer() if self.base is not None else None
         ds = [self.buffer() for _ in self.inputs]
         tmp = self.buffer() if self.fills else None
-        step = self.step
-        for start in range(0, self.numel, step):
-            end = min(start + step, self.numel)
+        for start, end in spans(self.numel, self.step):
             n = end - start
             base = b[:n].copy_(self.base[start:end]) if b is not None else None
             chunk = [self._convert(k, start, end, base, d[:n], tmp) for k, d in enumerate(ds)]

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from mergeengine.errors import ShapeError
+from mergeengine.kernels.chunking import spans
 from mergeengine.ops import register
 from mergeengine.ops.base import Op, PlanInputs, StepKind, StepModel, StepPlan, TaskContext, same_tensors
 from mergeengine.ops.chunks import merge_chunk
@@ -92,8 +93,7 @@ def chunked_diff(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     numel = flat_m.numel()
     out = torch.empty(numel, dtype=torch.float32, device=model.device)
     scratch = torch.empty(min(numel, merge_chunk()), dtype=torch.float32, device=model.device)
-    for start in range(0, numel, merge_chunk()):
-        end = min(start + merge_chunk(), numel)
+    for start, end in spans(numel, merge_chunk()):
         b = scratch[: end - start]
         b.copy_(flat_b[start:end])
         out[start:end].copy_(flat_m[start:end]).sub_(b)

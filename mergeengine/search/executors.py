@@ -61,9 +61,9 @@ def portable_trial(job: TrialJob) -> TrialOutcome:
 
 
 def _init_worker(threads: int, devices: Any) -> None:
-    import torch
+    from mergeengine.runtime import set_threads
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     if devices is not None:
         trial_mod.WORKER_DEVICE = devices.get()
 
