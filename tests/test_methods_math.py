@@ -6,6 +6,7 @@ step, stacked and whole-tensor, in numpy or plain torch) and never calls mergeen
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -26,8 +27,23 @@ from mergeengine.methods.nuslerp import nuslerp
 from mergeengine.methods.passthrough import passthrough
 from mergeengine.methods.sce import sce
 from mergeengine.methods.slerp import slerp, slerp_coefficients
+from mergeengine.ops.base import TaskContext
+from mergeengine.ops.chunks import TensorStream, run_method
 
 SHAPES = [(12, 20), (33,)]
+
+
+def run_whole(method, base, inputs, *, seed=0, step="m", tensor="w", **params):
+    """A streamed method on whole tensors, through the engine's driver (prepare, then chunks), as
+    step ``step`` merging tensor ``tensor`` with recipe seed ``seed``."""
+    sig = inspect.signature(method.function)
+    full = {n: p.default for n, p in sig.parameters.items()
+            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and n not in method.provides}
+    full.update(params)
+    ctx = TaskContext(step, tensor, seed, torch.device("cpu"), {}, plan=None)
+    stream = TensorStream(base.reshape(-1), [x.reshape(-1) for x in inputs], ["as_is"] * len(inputs), {}, ctx,
+                          tuple(base.shape))
+    return run_method(method, full, stream, torch.float32, base.shape)
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -306,13 +322,11 @@ def test_della_matches_reference(shape, rescale):
     base, models = fine_tunes(shape, 2)
     deltas = [m - base for m in models]
     density, eps, w = [0.4, 0.6], [0.1, 0.2], [1.0, 0.5]
-    out = della(base, deltas, density=density, epsilon=eps, weights=w, lambda_=0.8, rescale=rescale,
-                generator=tensor_generator(0, "m", "w"))
+    out = run_whole(della, base, deltas, density=density, epsilon=eps, weights=w, lambda_=0.8, rescale=rescale)
     draws = input_draws(tensor_generator(0, "m", "w"), shape, len(deltas))
     pruned = [magprune_ref(d, p, e, u, rescale) for d, p, e, u in zip(deltas, density, eps, draws)]
     close(out, base.double() + 0.8 * ties_ref(pruned, w))
-    lin = della_linear(base, deltas, density=density, epsilon=eps, weights=w, rescale=rescale,
-                       generator=tensor_generator(0, "m", "w"))
+    lin = run_whole(della_linear, base, deltas, density=density, epsilon=eps, weights=w, rescale=rescale)
     close(lin, base.double() + sum(wi * p.double() for wi, p in zip(w, pruned)))
 
 
@@ -320,8 +334,8 @@ def test_della_keep_rate_is_density_and_per_element_is_unbiased():
     delta = rand(200, 500)
     kept = []
     for seed in range(8):
-        out = della(torch.zeros_like(delta), [delta], density=[0.3], epsilon=[0.1], weights=[1.0],
-                generator=tensor_generator(seed, "m", "w"))
+        out = run_whole(della, torch.zeros_like(delta), [delta], density=[0.3], epsilon=[0.1], weights=[1.0],
+                        seed=seed)
         kept.append(out)
     rate = sum(float((k != 0).float().mean()) for k in kept) / len(kept)
     assert abs(rate - 0.3) < 0.005
@@ -333,13 +347,12 @@ def test_della_keep_rate_is_density_and_per_element_is_unbiased():
 def test_della_zero_deltas_density_one_and_bad_epsilon():
     base = rand(4, 9)
     zero = [torch.zeros(4, 9), torch.zeros(4, 9)]
-    one = {"epsilon": [0.15], "weights": [1.0], "generator": tensor_generator(0, "m", "w")}
-    close(della(base, zero, density=[0.5, 0.5], epsilon=[0.15, 0.15], weights=[1.0, 1.0],
-                generator=tensor_generator(0, "m", "w")), base)
+    one = {"epsilon": [0.15], "weights": [1.0]}
+    close(run_whole(della, base, zero, density=[0.5, 0.5], epsilon=[0.15, 0.15], weights=[1.0, 1.0]), base)
     d = rand(4, 9, seed=2)
-    close(della(base, [d], density=[1.0], **one), base + d)
+    close(run_whole(della, base, [d], density=[1.0], **one), base + d)
     with pytest.raises(ExecutionError, match="density ± epsilon"):
-        della(base, [d], density=[0.1], **one)
+        run_whole(della, base, [d], density=[0.1], **one)
 
 
 # ----------------------------------------------------------------------------- breadcrumbs_ties, SCE
@@ -386,18 +399,18 @@ def sce_ref(base, models, select_topk):
 @pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
 def test_sce_matches_reference(shape, select_topk):
     base, models = fine_tunes(shape, 3)
-    out = sce(base, [m - base for m in models], select_topk=select_topk)
+    out = run_whole(sce, base, [m - base for m in models], select_topk=select_topk)
     close(out, sce_ref(base, models, select_topk))
 
 
 def test_sce_and_breadcrumbs_ties_zero_and_identical_deltas():
     base = rand(5, 5)
     zero = [torch.zeros(5, 5), torch.zeros(5, 5)]
-    close(sce(base, zero, select_topk=0.5), base)
+    close(run_whole(sce, base, zero, select_topk=0.5), base)
     close(breadcrumbs_ties(base, zero, density=[0.5, 0.5], gamma=[0.01, 0.01], weights=[1.0, 1.0]), base)
     d = rand(5, 5, seed=8)
-    close(sce(base, [d, d.clone()]), base + d)  # identical: weights 1/2 each, all agree
-    close(sce(base, [d, d.clone()], select_topk=0.5), base)  # no variance: nothing selected
+    close(run_whole(sce, base, [d, d.clone()]), base + d)  # identical: weights 1/2 each, all agree
+    close(run_whole(sce, base, [d, d.clone()], select_topk=0.5), base)  # no variance: nothing selected
 
 
 # ----------------------------------------------------------------------------- nearswap, passthrough, arcee_fusion
@@ -452,9 +465,8 @@ def _every_method(base, models):
         multislerp(base, models, weights=two),
         karcher(None, models),
         model_stock_tensor(base, deltas),
-        della(base, deltas, density=[0.4, 0.4], epsilon=[0.1, 0.1], weights=two, rescale="l1",
-              generator=tensor_generator(0, "m", "w")),
-        sce(base, deltas, select_topk=0.5),
+        run_whole(della, base, deltas, density=[0.4, 0.4], epsilon=[0.1, 0.1], weights=two, rescale="l1"),
+        run_whole(sce, base, deltas, select_topk=0.5),
     ]
 
 
@@ -482,8 +494,23 @@ def test_sign_elections_reject_negative_weights():
 def test_della_row_blocks_give_the_whole_tensor_bytes(monkeypatch, rescale):
     import mergeengine.methods.della as della_module
 
-    delta = rand(300, 96)
-    whole = della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w"))
+    base, (model,) = fine_tunes((300, 96), 1)
+    params = {"density": [0.4], "epsilon": [0.1], "weights": [1.0], "rescale": rescale}
+    whole = run_whole(della, base, [model - base], **params)  # one block
     monkeypatch.setattr(della_module, "BLOCK_ENTRIES", 4096)  # blocks of 128 rows: 3 blocks, the last short
     assert della_module.block_rows(96) == 128
-    assert torch.equal(della_module.magprune(delta, 0.4, 0.1, rescale, tensor_generator(0, "m", "w")), whole)
+    assert della_module.chunk_entries((300, 96)) == 128 * 96
+    assert torch.equal(run_whole(della, base, [model - base], **params), whole)
+
+
+@pytest.mark.parametrize("select_topk", [0.5, 0.1])
+def test_sce_chunks_give_the_whole_tensor_bytes(monkeypatch, select_topk):
+    """Selection, weights and merge streamed over many ragged chunks: the bytes of one chunk,
+    ties at the threshold included (a bf16-like grid of deltas makes many variances equal)."""
+    from mergeengine.ops import chunks
+
+    base, models = fine_tunes((300, 96), 3)
+    deltas = [((m - base) * 64).round() / 64 for m in models]
+    whole = run_whole(sce, base, deltas, select_topk=select_topk)
+    monkeypatch.setattr(chunks, "CHUNK_NUMEL", 4096 * 3)  # 3 chunks, the last short
+    assert torch.equal(run_whole(sce, base, deltas, select_topk=select_topk), whole)

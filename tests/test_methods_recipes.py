@@ -237,3 +237,29 @@ def test_slerp_per_layer_t_follows_mergekit_filters_and_gradients(tmp_path, mode
     check(out, lambda n: slerp_ref(t_of(n), b[n], m[n]), b)
     gradient = run(tmp_path, models, "method: slerp, base: base, inputs: [math], t: [0, 0.5, 1]", out="g")
     check(gradient, lambda n: slerp_ref(float(".layers.1." in n) if ".layers." in n else 0.0, b[n], m[n]), b)
+
+
+@pytest.mark.parametrize("merge", [
+    "method: slerp, base: base, inputs: [math], t: 0.5",
+    "method: model_stock, base: base, inputs: [math, code]",
+    "method: della, base: base, inputs: [d_math, d_code], density: 0.4, epsilon: 0.1, rescale: l1",
+    "method: sce, base: base, inputs: [d_math, d_code], select_topk: 0.5",
+])
+def test_streamed_methods_plan_peak_is_exact_on_bf16_models(tmp_path, models, merge):
+    """The benchmark's shape of recipe: bf16 models, diffs fused into the merge, a bf16 save. The
+    methods stream (their float32 work is chunk-sized scratch, outside the live values), so the
+    plan's peak is exact and no larger than the read-ahead window plus a few bf16 tensors."""
+    r = write_recipe(tmp_path, "seed: 0\nsteps:\n"
+                     f"  - {{id: base, op: load, model: {models['base']}}}\n"
+                     f"  - {{id: math, op: load, model: {models['math']}}}\n"
+                     f"  - {{id: code, op: load, model: {models['code']}}}\n"
+                     "  - {id: d_math, op: diff, model: math, base: base}\n"
+                     "  - {id: d_code, op: diff, model: code, base: base}\n"
+                     f"  - {{id: m, op: merge, {merge}}}\n"
+                     "  - {id: out, op: save, input: m, path: out, dtype: bfloat16}\n")
+    result = api.run_recipe(r, overwrite=True)
+    assert result.plan.estimate.peak_live_bytes == result.stats.peak_live_bytes
+    largest = result.plan.estimate.largest_tensor_bytes  # a bf16 tensor: the embedding
+    assert result.stats.peak_live_bytes <= result.plan.prefetch_bytes + 4 * largest
+    if "d_math" in merge:  # the diffs are fused: no float32 delta is stored
+        assert set(result.plan.step_plans["m"].read_from) == {"d_math", "d_code"}

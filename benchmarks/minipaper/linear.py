@@ -161,7 +161,7 @@ def recipe_terms(recipe: dict[str, Any], components: dict[tuple[str, tuple[float
     Raises:
         ValueError: the recipe has another shape, or a step's components were not built.
     """
-    from mergeengine.kernels.dppa import release_factors
+    from mergeengine.kernels.dpa_scale import release_factors
 
     steps = {s["id"]: s for s in recipe["steps"]}
     save = next(s for s in recipe["steps"] if s["op"] == "save")

@@ -21,8 +21,6 @@ LOG = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Linux 5.14+: fault a mapping's pages in with one call (the read-ahead thread pays, not the math).
-MADV_POPULATE_READ = 22
 
 
 #: safetensors' own limit on the JSON header (100 MB).
@@ -208,10 +206,11 @@ class SafetensorsCheckpoint(FolderCheckpoint):
     def read(self, name: str) -> torch.Tensor:
         """Map one tensor's bytes (copy-on-write) and return a tensor over them: no copy.
 
-        Each tensor gets its own mapping, faulted in at once (``MADV_POPULATE_READ``, so the
-        read-ahead thread pays for the page faults) and unmapped when the tensor is freed: mapped
-        input pages count in the process's RSS only while a task still needs them. Writes to the
-        tensor go to private pages, never to the file.
+        Each tensor gets its own mapping, unmapped when the tensor is freed. The kernel is asked
+        to read the bytes into the page cache ahead of use (``MADV_WILLNEED``, asynchronous), but
+        the pages join the process only as the math touches them (page-cache hits): a tensor
+        read ahead costs no RSS until its turn, and an input counts in the RSS only from its first
+        use until it is freed. Writes to the tensor go to private pages, never to the file.
         """
         file = self._file_of.get(name)
         if file is None:
@@ -227,8 +226,8 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read tensor '{name}': {exc}", file=str(file)) from None
         try:
-            mapped.madvise(MADV_POPULATE_READ)
-        except (OSError, ValueError):  # older kernels: pages fault in on first touch
+            mapped.madvise(mmap.MADV_WILLNEED)
+        except (OSError, ValueError, AttributeError):  # no madvise here: pages are read on first touch
             pass
         itemsize = torch.empty((), dtype=info.dtype).element_size()
         count = (end - begin) // itemsize

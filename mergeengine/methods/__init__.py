@@ -137,6 +137,8 @@ class MergeMethod:
             gets the method's inputs of one tensor; their results reach ``prepare`` as
             ``stream.stats``. ``parameters_of(tensor)`` is the parameters as scheduled for that tensor.
         report: ``report(step, stats)`` -> the step's entry of ``dppa_report.json``.
+        chunk_numel: ``chunk_numel(shape)`` -> entries per chunk of a tensor of that shape, for an
+            element-wise method that works on blocks of whole rows (default: the engine's chunk).
     """
 
     name: str
@@ -151,6 +153,7 @@ class MergeMethod:
     provides: tuple[str, ...] = ()
     statistics: Callable[[Callable[[str], Mapping[str, Any]], list[str]], list[Reduction]] | None = None
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None
+    chunk_numel: Callable[[tuple[int, ...]], int] | None = None
 
     @property
     def wants_generator(self) -> bool:
@@ -173,6 +176,7 @@ def merge_method(
     provides: tuple[str, ...] = (),
     statistics: Callable[[Callable[[str], Mapping[str, Any]], list[str]], list[Reduction]] | None = None,
     report: Callable[[MergeStep, Mapping[str, Any]], dict[str, Any]] | None = None,
+    chunk_numel: Callable[[tuple[int, ...]], int] | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: register ``function`` as the merge method ``name``.
 
@@ -183,7 +187,7 @@ def merge_method(
         base: ``required``, ``optional`` or ``none``.
         elementwise: output entry i depends only on entry i of the inputs: the engine calls the
             function on flat chunks (padding, fused diffs and the output dtype are its business).
-        compute_bound, validate, prepare, provides, statistics, report: see :class:`MergeMethod`.
+        compute_bound, validate, prepare, provides, statistics, report, chunk_numel: see :class:`MergeMethod`.
 
     Returns:
         A decorator returning the registered :class:`MergeMethod` (callable like the function).
@@ -195,7 +199,7 @@ def merge_method(
     def decorate(function: Callable[..., Any]) -> MergeMethod:
         step = _step_model(name, function, set(provides) | ENGINE_PARAMETERS)
         method = MergeMethod(name, function, inputs, base, elementwise, step, compute_bound, validate, prepare,
-                             tuple(provides), statistics, report)
+                             tuple(provides), statistics, report, chunk_numel)
         register(method)
         return method
 

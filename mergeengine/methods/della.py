@@ -13,8 +13,10 @@ Then ``della`` is ``base + lambda · ties(pruned, weights)`` (sign election ``vo
 the paper, or ``weighted``, mergekit; divide by the agreeing weights unless ``normalize:
 false``), and ``della_linear`` is ``base + lambda · Σ w_i pruned_i`` (``/ Σ w_i`` with
 ``normalize: true``). Each input draws from its own generator, seeded by one draw of the
-engine's per-(step, tensor) generator (in recipe order); pruning and merging run a block of rows
-at a time, so no whole pruned delta is ever held.
+engine's per-(step, tensor) generator (in recipe order). The engine hands the method blocks of
+whole rows (about a million entries), pruned and merged one block at a time: no input is held
+whole in float32 and no pruned delta exists beyond its block (``rescale: l1`` keeps each
+delta's survivors from a first pass, one bit per entry).
 
 ```yaml
 - {id: m, op: merge, method: della, base: base, inputs: [d_math, d_code], density: 0.4, epsilon: 0.1}
@@ -24,7 +26,7 @@ at a time, so no whole pruned delta is ever held.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ import torch
 from mergeengine.errors import ExecutionError
 from mergeengine.kernels.chunking import SUM_BLOCK, block_sums
 from mergeengine.kernels.chunking import exact_total as l1_norm
+from mergeengine.kernels.rng import tensor_generator
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
@@ -95,26 +98,38 @@ def block_rows(columns: int) -> int:
     return max(align, BLOCK_ENTRIES // max(columns, 1) // align * align)
 
 
+def row_width(shape: tuple[int, ...]) -> int:
+    """Entries per MAGPRUNE row: the last dimension (a 0-D or 1-D tensor is one row)."""
+    return shape[-1] if len(shape) > 1 else max(math.prod(shape), 1)
+
+
+def chunk_entries(shape: tuple[int, ...]) -> int:
+    """The engine's chunk for DELLA: one block of whole rows (see :func:`block_rows`)."""
+    columns = row_width(shape)
+    return block_rows(columns) * columns
+
+
 class Pruner:
     """MAGPRUNE of one delta (see the module docstring), a block of rows at a time, drawing in row
     order from its own generator: any blocking gives the bytes of one whole-tensor draw.
 
-    With ``rescale: l1`` the survivors of every block are drawn (and kept, 1 byte per entry) up
-    front, since the L1 factor needs the whole tensor.
+    Blocks come in row order, through :meth:`prune_`. With ``rescale: l1`` the L1 factor needs
+    the whole tensor: a first pass (:meth:`observe` on every block, then :meth:`finish`) draws
+    the survivors and keeps them packed, one bit per entry.
     """
 
-    def __init__(self, delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
+    def __init__(self, columns: int, density: float, epsilon: float, rescale: Rescale,
                  generator: torch.Generator) -> None:
         if density < 1.0 and not (0.0 < density - epsilon and density + epsilon <= 1.0):
             raise ExecutionError(f"della: density ± epsilon must lie in (0, 1]; got density {density}, "
                                  f"epsilon {epsilon}")
-        self.rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
-        self.density, self.epsilon, self.rescale, self.generator = density, epsilon, rescale, generator
-        self.step = block_rows(self.rows.shape[1])
-        self.masks: dict[int, torch.Tensor] = {}
+        self.columns, self.density, self.epsilon, self.rescale = columns, density, epsilon, rescale
+        self.generator = generator
+        self.two_pass = rescale == "l1" and density < 1.0
+        self.masks: list[np.ndarray] = []
         self.factor = 1.0
-        if rescale == "l1" and density < 1.0:
-            self._l1_pass()
+        self._sums: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._next = 0
 
     def _draw(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep probabilities, 1.0 where the entry survives) of one block of rows."""
@@ -122,61 +137,63 @@ class Pruner:
         survive = torch.rand(block.shape, generator=self.generator, device=self.generator.device).to(block.device)
         return keep, survive.lt_(keep)
 
-    def _l1_pass(self) -> None:
-        before, after = [], []
-        for start in range(0, self.rows.shape[0], self.step):
-            block = self.rows[start:start + self.step]
-            scratch, survive = self._draw(block)
-            self.masks[start] = survive.bool()
-            before.append(block_sums(torch.abs(block, out=scratch)))
-            after.append(block_sums(torch.mul(block, survive, out=scratch).abs_()))
-        kept = l1_norm(after)
-        self.factor = l1_norm(before) / kept if kept > 0 else 1.0
+    def observe(self, flat: torch.Tensor) -> None:
+        """First pass of ``rescale: l1``: draw the next block's survivors, add its L1 norms."""
+        block = flat.view(-1, self.columns)
+        scratch, survive = self._draw(block)
+        self.masks.append(np.packbits(survive.bool().cpu().numpy()))
+        self._sums[0].append(block_sums(torch.abs(block, out=scratch)))
+        self._sums[1].append(block_sums(torch.mul(block, survive, out=scratch).abs_()))
 
-    def block(self, start: int, out: torch.Tensor) -> torch.Tensor:
-        """The pruned rows ``[start, start + len(out))`` into ``out`` (2-D, float32); returns it."""
-        block = self.rows[start:start + out.shape[0]]
+    def finish(self) -> None:
+        """After :meth:`observe` on every block: the factor that restores the L1 norm."""
+        before, after = (l1_norm(sums) for sums in self._sums)
+        self.factor = before / after if after > 0 else 1.0
+        self._sums = ([], [])
+
+    def prune_(self, flat: torch.Tensor) -> torch.Tensor:
+        """The next block of rows (flat float32 scratch, whole rows), pruned in place; returns it."""
         if self.density >= 1.0:
-            return out.copy_(block)
-        if self.rescale == "l1":
-            return torch.where(self.masks[start], block, block.new_zeros(()), out=out).mul_(self.factor)
+            return flat
+        block = flat.view(-1, self.columns)
+        if self.two_pass:
+            packed = self.masks[self._next]
+            self._next += 1
+            survive = torch.from_numpy(np.unpackbits(packed, count=flat.numel()).view(np.bool_)).to(flat.device)
+            return flat.masked_fill_(survive.logical_not_(), 0.0).mul_(self.factor)
         keep, survive = self._draw(block)
         if self.rescale == "per_element":
-            return torch.div(block, keep, out=out).mul_(survive)
-        return torch.mul(block, survive, out=out)
+            return block.div_(keep).mul_(survive).view(-1)
+        return block.mul_(survive).view(-1)
 
 
-def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale,
-             generator: torch.Generator) -> torch.Tensor:
-    """One whole delta, MAGPRUNEd; a new float32 tensor of its shape."""
-    pruner = Pruner(delta, density, epsilon, rescale, generator)
-    out = torch.empty_like(pruner.rows)
-    for start in range(0, out.shape[0], pruner.step):
-        pruner.block(start, out[start:start + pruner.step])
-    return out.view(delta.shape)
+def _pruners(stream: Any, *, density: list[float], epsilon: list[float], rescale: Rescale,
+             **_: Any) -> dict[str, Any]:
+    """Per tensor, before its blocks: one :class:`Pruner` per delta, each with its own generator
+    seeded by one draw of the engine's per-(step, tensor) generator (in recipe order); with
+    ``rescale: l1``, their survivors and factors from a first pass over the blocks."""
+    ctx = stream.ctx
+    generator = tensor_generator(ctx.seed, ctx.step, ctx.tensor)
+    seeds = torch.randint(0, 1 << 62, (len(stream.inputs),), generator=generator).tolist()
+    columns = row_width(stream.shape)
+    pruners = [Pruner(columns, p, e, rescale, torch.Generator().manual_seed(seed))
+               for p, e, seed in zip(density, epsilon, seeds, strict=True)]
+    if any(p.two_pass for p in pruners):
+        for _, _, _, chunk in stream.chunks():
+            require_finite("della", labelled(chunk, kind="delta"))
+            for pruner, delta in zip(pruners, chunk, strict=True):
+                if pruner.two_pass:
+                    pruner.observe(delta)
+        for pruner in pruners:
+            if pruner.two_pass:
+                pruner.finish()
+    return {"pruners": pruners}
 
 
-def merge_pruned(base: torch.Tensor, deltas: list[torch.Tensor], params: Mapping[str, Any],
-                 generator: torch.Generator, combine: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
-                 ) -> torch.Tensor:
-    """``combine(base rows, pruned rows)`` block of rows by block: no whole pruned delta is kept.
-
-    Each input draws from its own generator, seeded from the engine's per-(step, tensor) one
-    (one 62-bit seed per input, in recipe order).
-    """
+def _pruned(deltas: list[torch.Tensor], pruners: list[Pruner]) -> list[torch.Tensor]:
+    """One block of every delta, checked and pruned in place."""
     require_finite("della", labelled(deltas, kind="delta"))
-    seeds = torch.randint(0, 1 << 62, (len(deltas),), generator=generator, device=generator.device).tolist()
-    pruners = [Pruner(d, p, e, params["rescale"], torch.Generator(device=generator.device).manual_seed(seed))
-               for d, p, e, seed in zip(deltas, params["density"], params["epsilon"], seeds, strict=True)]
-    base_rows = base.reshape(pruners[0].rows.shape)
-    out = torch.empty_like(base_rows)
-    step = pruners[0].step
-    scratch = [torch.empty((min(step, out.shape[0]), out.shape[1]), device=out.device) for _ in pruners]
-    for start in range(0, out.shape[0], step):
-        end = min(start + step, out.shape[0])
-        blocks = [p.block(start, b[: end - start]) for p, b in zip(pruners, scratch, strict=True)]
-        out[start:end] = combine(base_rows[start:end], blocks)
-    return out.view(base.shape)
+    return [p.prune_(d) for p, d in zip(pruners, deltas, strict=True)]
 
 
 def check_parameters(params: Mapping[str, Any]) -> None:
@@ -188,7 +205,8 @@ def check_parameters(params: Mapping[str, Any]) -> None:
         raise ValueError("weights must be >= 0 for sign election (use della_linear to subtract a delta)")
 
 
-@merge_method(name="della", inputs="deltas", validate=check_parameters)
+@merge_method(name="della", inputs="deltas", validate=check_parameters, elementwise=True, prepare=_pruners,
+              provides=("pruners",), chunk_numel=chunk_entries)
 def della(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -201,7 +219,7 @@ def della(
     normalize: bool = True,
     vote: Literal["unweighted", "weighted"] = "unweighted",
     int8_mask: bool = False,
-    generator: torch.Generator,
+    pruners: list[Pruner],
 ) -> torch.Tensor:
     """DELLA: MAGPRUNE, elect signs, disjoint mean.
 
@@ -216,18 +234,16 @@ def della(
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
         int8_mask: accepted for mergekit configs; no effect.
-        generator: the engine's per-(step, tensor) generator.
+        pruners: each delta's pruner for this tensor (from the prepare pass).
 
     Returns:
         The merged tensor.
     """
-    def combine(b: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
-        return elect_and_merge(b, pruned, weights, vote=vote, normalize=normalize, lambda_=lambda_)
-
-    return merge_pruned(base, deltas, {"density": density, "epsilon": epsilon, "rescale": rescale}, generator, combine)
+    return elect_and_merge(base, _pruned(deltas, pruners), weights, vote=vote, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method(name="della_linear", inputs="deltas", validate=check_parameters)
+@merge_method(name="della_linear", inputs="deltas", validate=check_parameters, elementwise=True,
+              prepare=_pruners, provides=("pruners",), chunk_numel=chunk_entries)
 def della_linear(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -239,7 +255,7 @@ def della_linear(
     rescale: Rescale = "per_element",
     normalize: bool = False,
     int8_mask: bool = False,
-    generator: torch.Generator,
+    pruners: list[Pruner],
 ) -> torch.Tensor:
     """DELLA's pruning, then a weighted sum of the pruned deltas.
 
@@ -253,7 +269,7 @@ def della_linear(
         rescale: ``per_element`` (the paper), ``l1`` (mergekit) or ``none``.
         normalize: divide by the sum of the weights (when it is not about 0).
         int8_mask: accepted for mergekit configs; no effect.
-        generator: the engine's per-(step, tensor) generator.
+        pruners: each delta's pruner for this tensor (from the prepare pass).
 
     Returns:
         The merged tensor.
@@ -261,10 +277,7 @@ def della_linear(
     total = sum(weights)
     scale = lambda_ / total if normalize and abs(total) > 1e-8 else lambda_
 
-    def combine(b: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
-        merged = torch.zeros_like(b)
-        for w, d in zip(weights, pruned, strict=True):
-            merged.add_(d, alpha=w)
-        return merged.mul_(scale).add_(b)
-
-    return merge_pruned(base, deltas, {"density": density, "epsilon": epsilon, "rescale": rescale}, generator, combine)
+    merged = torch.zeros_like(base)
+    for w, d in zip(weights, _pruned(deltas, pruners), strict=True):
+        merged.add_(d, alpha=w)
+    return merged.mul_(scale).add_(base)

@@ -10,7 +10,7 @@ padding happens before either, so no method ever sees it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -86,6 +86,8 @@ class TensorStream:
         fills: amplifiers of the fused inputs, by position.
         ctx: the task (step, tensor, seed, device, statistics).
         shape: the tensor's shape (the inputs are flat), for methods whose statistics are per row.
+        chunk_numel: entries per chunk (0: :func:`merge_chunk`); a method's ``chunk_numel`` hook
+            sets it, e.g. to whole rows.
     """
 
     base: torch.Tensor | None
@@ -94,6 +96,12 @@ class TensorStream:
     fills: Mapping[int, Fill]
     ctx: TaskContext
     shape: tuple[int, ...] = ()
+    chunk_numel: int = 0
+
+    @property
+    def step(self) -> int:
+        """Entries per chunk."""
+        return self.chunk_numel or merge_chunk()
 
     @property
     def numel(self) -> int:
@@ -112,11 +120,11 @@ class TensorStream:
 
     def buffer(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new scratch buffer of one chunk's length (slice it to the chunk); float32 by default."""
-        return torch.empty(min(merge_chunk(), max(self.numel, 1)), dtype=dtype or torch.float32, device=self.device)
+        return torch.empty(min(self.step, max(self.numel, 1)), dtype=dtype or torch.float32, device=self.device)
 
     def lengths(self) -> list[int]:
         """The length of every chunk, in order."""
-        return [end - start for start, end in spans(self.numel, merge_chunk())]
+        return [end - start for start, end in spans(self.numel, self.step)]
 
     def chunks(self) -> Iterator[tuple[int, int, torch.Tensor | None, list[torch.Tensor]]]:
         """``(start, end, base chunk, input chunks)`` in float32 scratch, valid until the next chunk.
@@ -129,7 +137,7 @@ class TensorStream:
         b = self.buffer() if self.base is not None else None
         ds = [self.buffer() for _ in self.inputs]
         tmp = self.buffer() if self.fills else None
-        for start, end in spans(self.numel, merge_chunk()):
+        for start, end in spans(self.numel, self.step):
             n = end - start
             base = b[:n].copy_(self.base[start:end]) if b is not None else None
             chunk = [self._convert(k, start, end, base, d[:n], tmp) for k, d in enumerate(ds)]
@@ -185,6 +193,8 @@ def run_method(method: MergeMethod, params: Mapping[str, Any], stream: TensorStr
     Raises:
         ExecutionError: the method returned something of the wrong size.
     """
+    if method.chunk_numel is not None:
+        stream = replace(stream, chunk_numel=max(1, method.chunk_numel(tuple(shape))))
     prepared = dict(method.prepare(stream, **params)) if method.prepare is not None else {}
     if method.wants_generator:
         prepared["generator"] = tensor_generator(stream.ctx.seed, stream.ctx.step, stream.ctx.tensor)
