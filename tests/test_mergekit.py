@@ -120,7 +120,8 @@ def test_dare_ties_defaults_follow_mergekit(models: dict[str, Path], tmp_path: P
 def test_della_defaults_follow_mergekit(models: dict[str, Path], tmp_path: Path) -> None:
     body = TIES.replace("merge_method: ties", "merge_method: della").replace("density: 0.3}", "density: 0.3, epsilon: 0.1}")
     step = load_recipe(_config(tmp_path, models, body)).recipe.steps[3]
-    assert (step.method, step.rescale, step.normalize, step.vote) == ("della", "l1", True, "weighted")  # type: ignore[union-attr]
+    assert (step.method, step.rescale, step.normalize, step.vote, step.zero_vote) == (  # type: ignore[union-attr]
+        "della", "l1", True, "weighted", "positive")
     assert (step.density, step.epsilon, step.weights) == ([0.5, 0.3], [0.15, 0.1], [1.0, 0.5])  # type: ignore[union-attr]
     body = TIES.replace("merge_method: ties", "merge_method: della_linear")
     step = load_recipe(_config(tmp_path, models, body, "b.yml")).recipe.steps[3]
@@ -128,6 +129,28 @@ def test_della_defaults_follow_mergekit(models: dict[str, Path], tmp_path: Path)
     text = (tmp_path / "della.yaml")
     assert main(["convert", str(tmp_path / "mk.yml"), "-o", str(text)]) == 0
     assert "MAGPRUNE draws from mergeengine's seeded generators" in text.read_text()
+
+
+@pytest.mark.parametrize(("method", "models_body", "field", "value", "comment"), [
+    ("model_stock", "  - model: MATH\n  - model: CODE\n", "negative_cos", "extrapolate",
+     "negative_cos: extrapolate: mergekit's ratio where the mean cosine is negative"),
+    ("arcee_fusion", "  - model: MATH\n", "kl_dtype", "float32", "kl_dtype: float32: mergekit's KL divergence precision"),
+    ("sce", "  - model: MATH\n  - model: CODE\n", "zero_vote", "positive",
+     "zero_vote: positive: mergekit's sign election on the plain sum"),
+])
+def test_convert_sets_mergekit_switches_with_a_comment(models: dict[str, Path], tmp_path: Path, method: str,
+                                                       models_body: str, field: str, value: str,
+                                                       comment: str) -> None:
+    """model_stock, arcee_fusion and sce get mergekit's behaviour where mergeengine's default differs."""
+    body = f"models:\n  - model: BASE\n{models_body}merge_method: {method}\nbase_model: BASE\ndtype: float32\n"
+    cfg = _config(tmp_path, models, body)
+    step = load_recipe(cfg).recipe.steps[-2]
+    assert getattr(step, field) == value
+    out = tmp_path / "recipe.yaml"
+    assert main(["convert", str(cfg), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert comment in text and f"{field}: {value}" in text
+    assert load_recipe(out).recipe.steps[-2].model_dump() == step.model_dump()
 
 
 @pytest.mark.parametrize(("method", "extra", "message"), [

@@ -479,14 +479,14 @@ def _karcher(_root: Path, cfg: dict[str, Any], _base: None, inputs: Inputs) -> d
 
 def _model_stock(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
     """base + t (mean - base), t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the offsets (per row).
-    A negative mean cosine counts as 0 (mergeengine's rule; mergekit extrapolates, see docs/mergekit.md)."""
+    A negative mean cosine is kept (mergekit extrapolates; the converted recipe says negative_cos: extrapolate)."""
     assert (cfg.get("parameters") or {}).get("filter_wise") is True
     out = {}
     for name, b in base.items():
         w0, ws = _rows(b), [_rows(x[name]) for _, x in inputs]
         offsets = [w - w0 for w in ws]
         cos = torch.stack([(offsets[i] * offsets[j]).sum(-1) / (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
-                           for i in range(len(ws)) for j in range(i + 1, len(ws))]).mean(0).unsqueeze(-1).clamp(min=0)
+                           for i in range(len(ws)) for j in range(i + 1, len(ws))]).mean(0).unsqueeze(-1)
         t = len(ws) * cos / (1 + (len(ws) - 1) * cos)
         out[name] = (t * sum(ws) / len(ws) + (1 - t) * w0).reshape(b.shape)
     return out
@@ -504,13 +504,15 @@ def _nearswap(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], i
 
 def _arcee_fusion(_root: Path, cfg: dict[str, Any], base: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, torch.Tensor]:
     """The model's changes whose importance |delta| * KL(softmax(model) + eps || softmax(base) + eps) (per row)
-    reaches median + 1.5 IQR (quantile q: the sorted scores' entry int(q (n - 1)))."""
+    reaches median + 1.5 IQR (quantile q: the sorted scores' entry int(q (n - 1))); the KL in float32, as mergekit
+    (the converted recipe says kl_dtype: float32)."""
     (_, model), = inputs
     out = {}
     for name, b in base.items():
         x = model[name]
-        p, q = torch.softmax(_rows(x), -1) + 1e-8, torch.softmax(_rows(b), -1) + 1e-8
-        scores = ((_rows(x) - _rows(b)).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).reshape(b.shape)
+        p, q = (torch.softmax(_rows(v).float(), -1) + 1e-8 for v in (x, b))
+        kl = (p * torch.log(p / q)).sum(-1, keepdim=True).double()
+        scores = ((_rows(x) - _rows(b)).abs() * kl).reshape(b.shape)
         ranked = scores.reshape(-1).sort().values
         median, q1, q3 = (ranked[int(f * (ranked.numel() - 1))] for f in (0.5, 0.25, 0.75))
         out[name] = b + (x - b) * (scores >= median + 1.5 * (q3 - q1))

@@ -230,7 +230,7 @@ def test_karcher_identical_zero_and_one_input():
 
 # ----------------------------------------------------------------------------- Model Stock
 
-def model_stock_ref(w0, ws, filter_wise=False):
+def model_stock_ref(w0, ws, filter_wise=False, negative_cos="clamp"):
     shape = w0.shape
     if filter_wise:
         if w0.dim() == 1:
@@ -243,7 +243,9 @@ def model_stock_ref(w0, ws, filter_wise=False):
         for j in range(i + 1, len(off)):
             prod = off[i].norm(dim=-1) * off[j].norm(dim=-1)
             cos.append(((off[i] * off[j]).sum(-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
-    c = torch.stack(cos).mean(0).unsqueeze(-1).clamp(min=0)
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    if negative_cos == "clamp":
+        c = c.clamp(min=0)
     n = len(ws)
     t = n * c / (1 + (n - 1) * c)
     avg = sum(w.double() for w in ws) / n
@@ -282,6 +284,19 @@ def test_model_stock_identical_zero_and_opposed_deltas():
         model_stock_tensor(base, [d])
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_negative_cos_extrapolate_matches_reference(filter_wise):
+    base = rand(8, 16)
+    d = rand(8, 16, seed=5, scale=0.1)
+    opposed = -0.4 * d + rand(8, 16, seed=6, scale=0.03)  # antipodal-ish: mean cosine about -0.8
+    models = [base + d, base + opposed]
+    out = run_whole(model_stock, base, [d, opposed], filter_wise=filter_wise, negative_cos="extrapolate")
+    close(out, model_stock_ref(base, models, filter_wise, negative_cos="extrapolate"))
+    clamped = run_whole(model_stock, base, [d, opposed], filter_wise=filter_wise)
+    close(clamped, base)  # the default: a negative mean cosine is t = 0, the base
+    assert float((out - base).abs().max()) > 0.01  # extrapolated away from the base
+
+
 # ----------------------------------------------------------------------------- DELLA
 
 def magprune_ref(delta, density, epsilon, draws, rescale):
@@ -306,8 +321,10 @@ def input_draws(generator, shape, n):
     return [torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
 
 
-def ties_ref(ds, ws, normalize=True):
+def ties_ref(ds, ws, normalize=True, zero_vote="zero"):
     sign = torch.sign(sum(ds))
+    if zero_vote == "positive":  # mergekit: a vote of exactly 0 elects +
+        sign = torch.where(sign == 0, 1.0, sign)
     agree = [((torch.sign(d) == sign) & (sign != 0)).double() for d in ds]
     num = sum(w * d.double() * a for w, d, a in zip(ws, ds, agree))
     den = sum(w * a for w, a in zip(ws, agree))
@@ -355,6 +372,27 @@ def test_della_zero_deltas_density_one_and_bad_epsilon():
         run_whole(della, base, [d], density=[0.1], **one)
 
 
+def tied_deltas(shape):
+    """Two deltas whose sum is exactly 0 on every other entry (a tied vote there), not elsewhere."""
+    a, b = rand(*shape, seed=11, scale=0.1), rand(*shape, seed=12, scale=0.1)
+    tie = (torch.arange(a.numel()) % 2 == 0).reshape(shape)
+    return [a, torch.where(tie, -a, b)], tie
+
+
+@pytest.mark.parametrize("zero_vote", ["zero", "positive"])
+def test_della_zero_vote_on_a_tied_vote_matches_reference(zero_vote):
+    base = rand(6, 10)
+    deltas, tie = tied_deltas((6, 10))
+    out = run_whole(della, base, deltas, density=[1.0, 1.0], epsilon=[0.1, 0.1], weights=[1.0, 1.0],
+                    zero_vote=zero_vote)
+    close(out, base.double() + ties_ref(deltas, [1.0, 1.0], zero_vote=zero_vote))
+    tied = (out - base)[tie]
+    if zero_vote == "zero":
+        assert torch.equal(tied, torch.zeros_like(tied))  # nothing agrees: the base
+    else:
+        close(tied, deltas[0].abs()[tie])  # + elected: the positive one of each pair
+
+
 # ----------------------------------------------------------------------------- breadcrumbs_ties, SCE
 
 def band_ref(d, density, gamma):
@@ -381,7 +419,7 @@ def test_breadcrumbs_ties_matches_reference(shape):
     close(out, base.double() + ties_ref(masked, w, normalize=False))
 
 
-def sce_ref(base, models, select_topk):
+def sce_ref(base, models, select_topk, zero_vote="zero"):
     tv = torch.stack([m.double() - base.double() for m in models])
     if select_topk < 1:
         var = tv.var(dim=0, unbiased=False).flatten()
@@ -392,7 +430,7 @@ def sce_ref(base, models, select_topk):
         tv = tv * mask.view(tv.shape[1:])
     w = (tv ** 2).reshape(tv.shape[0], -1).mean(-1)
     w = w / w.sum()
-    return base.double() + ties_ref(list(tv), list(w))
+    return base.double() + ties_ref(list(tv), list(w), zero_vote=zero_vote)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -401,6 +439,18 @@ def test_sce_matches_reference(shape, select_topk):
     base, models = fine_tunes(shape, 3)
     out = run_whole(sce, base, [m - base for m in models], select_topk=select_topk)
     close(out, sce_ref(base, models, select_topk))
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5])
+def test_sce_zero_vote_positive_on_a_tied_vote_matches_reference(select_topk):
+    base = rand(6, 10)
+    deltas, tie = tied_deltas((6, 10))
+    models = [base + d for d in deltas]
+    out = run_whole(sce, base, [m - base for m in models], select_topk=select_topk, zero_vote="positive")
+    close(out, sce_ref(base, models, select_topk, zero_vote="positive"))
+    default = run_whole(sce, base, [m - base for m in models], select_topk=select_topk)
+    close(default, sce_ref(base, models, select_topk))
+    assert not torch.equal(out, default)
 
 
 def test_sce_and_breadcrumbs_ties_zero_and_identical_deltas():
@@ -430,10 +480,10 @@ def test_passthrough_scales():
     close(passthrough(None, [a]), a)
 
 
-def arcee_ref(base, model):
+def arcee_ref(base, model, kl_dtype=torch.float64):
     diff = (model - base).abs()
-    p = torch.softmax(model.double(), dim=-1) + 1e-8
-    q = torch.softmax(base.double(), dim=-1) + 1e-8
+    p = torch.softmax(model.to(kl_dtype), dim=-1) + 1e-8
+    q = torch.softmax(base.to(kl_dtype), dim=-1) + 1e-8
     imp = diff * torch.sum(p * torch.log(p / q), dim=-1).unsqueeze(-1).float()
     s = torch.sort(imp.flatten()).values
 
@@ -452,6 +502,14 @@ def test_arcee_fusion_matches_reference(shape):
     close(out, arcee_ref(base, model))
     assert 0 < int((out != base).sum()) < base.numel() // 2
     close(arcee_fusion(base, [base.clone()]), base)  # identical
+
+
+def test_arcee_fusion_kl_float32_matches_reference():
+    base = rand(64, 128, seed=40)
+    model = base + rand(64, 128, seed=41, scale=1e-3)  # close models: the KL is a small difference
+    out = arcee_fusion(base, [model], kl_dtype="float32")
+    close(out, arcee_ref(base, model, kl_dtype=torch.float32))
+    assert not torch.equal(out, arcee_fusion(base, [model]))  # float64 keeps other entries
 
 
 # ----------------------------------------------------------------------------- thread independence

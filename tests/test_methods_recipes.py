@@ -81,6 +81,27 @@ def test_model_stock_recipe(tmp_path, models, weights, filter_wise):
     check(out, lambda n: model_stock_ref(b[n], [m[n], c[n]], filter_wise), b)
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_negative_cos_extrapolate_recipe(tmp_path, models, weights, filter_wise):
+    b, m, c = weights
+    out = run(tmp_path, models, f"method: model_stock, base: base, inputs: [math, code], filter_wise: {filter_wise}, "
+                                "negative_cos: extrapolate")
+    check(out, lambda n: model_stock_ref(b[n], [m[n], c[n]], filter_wise, negative_cos="extrapolate"), b)
+    clamped = {n: model_stock_ref(b[n], [m[n], c[n]], filter_wise).float() for n in b}
+    assert any(not torch.allclose(out[n], clamped[n]) for n in b)  # some tensor (or row) has a negative cosine
+
+
+def test_mergekit_switches_of_della_sce_and_arcee_fusion_recipes(tmp_path, models, weights):
+    b, m, c = weights
+    out = run(tmp_path, models, "method: della, base: base, inputs: [math, code], density: 1, zero_vote: positive")
+    check(out, lambda n: b[n].double() + ties_ref([m[n] - b[n], c[n] - b[n]], [1.0, 1.0], zero_vote="positive"), b)
+    out = run(tmp_path, models, "method: sce, base: base, inputs: [math, code], select_topk: 0.5, zero_vote: positive",
+              out="o2")
+    check(out, lambda n: sce_ref(b[n], [m[n], c[n]], 0.5, zero_vote="positive"), b)
+    out = run(tmp_path, models, "method: arcee_fusion, base: base, inputs: [math], kl_dtype: float32", out="o3")
+    check(out, lambda n: arcee_ref(b[n], m[n], kl_dtype=torch.float32), b)
+
+
 def della_expected(b, m, c, seed, density, epsilon, weights, rescale):
     def expected(n):
         deltas = [m[n] - b[n], c[n] - b[n]]
@@ -171,6 +192,10 @@ def test_nan_in_an_input_names_the_step_and_tensor(tmp_path, models, merge):
     ("method: breadcrumbs_ties, base: base, inputs: [math, code], density: 0.3, weights: [1, -1]", ">= 0"),
     ("method: sce, base: base, inputs: [math, code], select_topk: 1.5", "select_topk"),
     ("method: karcher, inputs: [math, code], max_iter: 0", "max_iter"),
+    ("method: model_stock, base: base, inputs: [math, code], negative_cos: keep", "negative_cos"),
+    ("method: arcee_fusion, base: base, inputs: [math], kl_dtype: float16", "kl_dtype"),
+    ("method: sce, base: base, inputs: [math, code], zero_vote: plus", "zero_vote"),
+    ("method: della, base: base, inputs: [math, code], density: 0.5, zero_vote: plus", "zero_vote"),
     ("method: slerp, base: base, inputs: [math], t: .nan", "t"),
     ("method: slerp, base: base, inputs: [math]", "t"),
     ("method: nuslerp, base: base, inputs: [math, code], weights: [1, 2, 3]", "weights has 3 entries"),

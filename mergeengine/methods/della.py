@@ -37,6 +37,7 @@ from mergeengine.errors import ExecutionError
 from mergeengine.kernels.chunking import SUM_BLOCK, block_sums
 from mergeengine.kernels.chunking import exact_total as l1_norm
 from mergeengine.kernels.rng import tensor_generator
+from mergeengine.kernels.ties import ZeroVote
 from mergeengine.methods import Density, Fraction, PerInput, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._ties import elect_and_merge
@@ -219,6 +220,7 @@ def della(
     normalize: bool = True,
     vote: Literal["unweighted", "weighted"] = "unweighted",
     int8_mask: bool = False,
+    zero_vote: ZeroVote = "zero",
     pruners: list[Pruner],
 ) -> torch.Tensor:
     """DELLA: MAGPRUNE, elect signs, disjoint mean.
@@ -234,12 +236,14 @@ def della(
         normalize: divide by the summed weights of the agreeing inputs.
         vote: sign election on the plain (``unweighted``) or weighted sum.
         int8_mask: accepted for mergekit configs; no effect.
+        zero_vote: What a vote of exactly 0 elects: zero (nothing agrees), or positive (mergekit).
         pruners: each delta's pruner for this tensor (from the prepare pass).
 
     Returns:
         The merged tensor.
     """
-    return elect_and_merge(base, _pruned(deltas, pruners), weights, vote=vote, normalize=normalize, lambda_=lambda_)
+    return elect_and_merge(base, _pruned(deltas, pruners), weights, vote=vote, normalize=normalize, lambda_=lambda_,
+                           zero_vote=zero_vote)
 
 
 @merge_method(name="della_linear", inputs="deltas", validate=check_parameters, elementwise=True,

@@ -6,9 +6,10 @@ mean over pairs ``i < j`` of ``<D_i, D_j> / max(|D_i| |D_j|, 1e-6)``::
 
     t = N cos θ / (1 + (N − 1) cos θ)        model_stock = base + t · (Σ D_i / N)
 
-The paper's ratio assumes ``cos θ >= 0`` (fine-tunes of one base); a negative mean cosine is
-taken as 0 (the base: nothing the fine-tunes agree on), where mergekit extrapolates with a
-negative ``t`` (keeping the base only at the singular ``cos θ = −1/(N − 1)``).
+The paper's ratio assumes ``cos θ >= 0`` (fine-tunes of one base); with ``negative_cos: clamp``
+(the default) a negative mean cosine is taken as 0 (the base: nothing the fine-tunes agree on);
+``negative_cos: extrapolate`` keeps it, as mergekit does, giving a negative ``t`` (the ratio
+formula as it is, singular at ``cos θ = −1/(N − 1)``).
 
 ```yaml
 - {id: m, op: merge, method: model_stock, base: base, inputs: [math, code], filter_wise: false}
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +33,8 @@ from mergeengine.ops.chunks import PerChunk, merge_chunk
 
 NORM_PRODUCT_FLOOR = 1e-6
 
+NegativeCos = Literal["clamp", "extrapolate"]
+
 
 def _row_gram(rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``<D_i, D_j>`` per row (float64 ``[rows]``); one pass over the deltas when there is one row."""
@@ -40,28 +43,31 @@ def _row_gram(rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [[row_dots(a, b) for b in rows] for a in rows]
 
 
-def stock_ratio_of_gram(g: list[list[float]]) -> float:
-    """``t`` from the dot products of the deltas (one vector each)."""
+def stock_ratio_of_gram(g: list[list[float]], negative_cos: NegativeCos = "clamp") -> float:
+    """``t`` from the dot products of the deltas (one vector each); a negative mean cosine taken as 0
+    unless ``negative_cos`` is ``extrapolate``."""
     n = len(g)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     cos = sum(max(-1.0, min(1.0, g[i][j] / max(math.sqrt(g[i][i] * g[j][j]), NORM_PRODUCT_FLOOR)))
               for i, j in pairs) / len(pairs)
-    cos = max(cos, 0.0)
+    if negative_cos == "clamp":
+        cos = max(cos, 0.0)
     return n * cos / (1 + (n - 1) * cos)
 
 
-def stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """``t`` per row of the 2-D ``deltas`` (float64, shape ``[rows, 1]``)."""
+def stock_ratio(deltas: list[torch.Tensor], negative_cos: NegativeCos = "clamp") -> torch.Tensor:
+    """``t`` per row of the 2-D ``deltas`` (float64, shape ``[rows, 1]``); see :func:`stock_ratio_of_gram`."""
     g = _row_gram(deltas)
     pairs = [(i, j) for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
     cos = sum((g[i][j] / (g[i][i].sqrt() * g[j][j].sqrt()).clamp(min=NORM_PRODUCT_FLOOR)).clamp(-1, 1)
               for i, j in pairs) / len(pairs)
-    cos = cos.clamp(min=0.0)
+    if negative_cos == "clamp":
+        cos = cos.clamp(min=0.0)
     n = len(deltas)
     return (n * cos / (1 + (n - 1) * cos)).reshape(-1, 1)
 
 
-def _ratio(stream: Any, *, filter_wise: bool, **_: Any) -> dict[str, Any]:
+def _ratio(stream: Any, *, filter_wise: bool, negative_cos: NegativeCos = "clamp", **_: Any) -> dict[str, Any]:
     """A first pass over the tensor: the ratio ``t`` (one number, or per row a chunk of per-entry values)."""
     n = len(stream.inputs)
     expect_at_least("model_stock", stream.inputs, 2)
@@ -69,7 +75,7 @@ def _ratio(stream: Any, *, filter_wise: bool, **_: Any) -> dict[str, Any]:
         _, deltas = stream.whole()
         require_finite("model_stock", labelled(deltas, kind="delta"))
         rows = stream.shape[-1]
-        t = stock_ratio([d.reshape(-1, rows) for d in deltas]).float().reshape(-1)
+        t = stock_ratio([d.reshape(-1, rows) for d in deltas], negative_cos).float().reshape(-1)
 
         def per_entry() -> Iterator[torch.Tensor]:
             for start, end in spans(stream.numel, merge_chunk()):
@@ -82,18 +88,20 @@ def _ratio(stream: Any, *, filter_wise: bool, **_: Any) -> dict[str, Any]:
     for i in range(n):
         if not math.isfinite(g[i][i]):
             raise NonFiniteError(f"model_stock: delta {i + 1} has NaN or Inf values")
-    return {"ratio": float(stock_ratio_of_gram(g))}
+    return {"ratio": float(stock_ratio_of_gram(g, negative_cos))}
 
 
 @merge_method(name="model_stock", inputs="deltas", elementwise=True, prepare=_ratio, provides=("ratio",))
 def model_stock(base: torch.Tensor, deltas: list[torch.Tensor], *, filter_wise: bool = False,
-                ratio: Any) -> torch.Tensor:
+                negative_cos: NegativeCos = "clamp", ratio: Any) -> torch.Tensor:
     """``base + t · mean(deltas)`` with Model Stock's angle-based ratio ``t``, chunk by chunk.
 
     Args:
         base: a chunk of the base.
         deltas: the same chunk of two or more deltas.
         filter_wise: one ratio per row (output filter) instead of one per tensor.
+        negative_cos: clamp: a negative mean cosine is taken as 0, the base (paper); extrapolate: kept,
+            a negative ratio (mergekit).
         ratio: ``t`` for this tensor, or for each entry of the chunk (from the prepare pass).
 
     Returns:

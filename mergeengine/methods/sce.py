@@ -30,6 +30,7 @@ from mergeengine.kernels.select_exact import (
     keep_count,
     select_abs_ranks_streamed_many,
 )
+from mergeengine.kernels.ties import ZeroVote
 from mergeengine.methods import Fraction, merge_method
 from mergeengine.methods._checks import labelled, require_finite
 from mergeengine.methods._reduce import Gram
@@ -110,7 +111,8 @@ def _prepare(stream: Any, *, select_topk: float, **_: Any) -> dict[str, Any]:
 
 @merge_method(name="sce", inputs="deltas", elementwise=True, prepare=_prepare, provides=("eta", "selection"))
 def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction = 1.0,
-        int8_mask: bool = False, eta: list[float], selection: Selection | None) -> torch.Tensor:
+        int8_mask: bool = False, zero_vote: ZeroVote = "zero", eta: list[float],
+        selection: Selection | None) -> torch.Tensor:
     """Select by variance, calculate weights by squared magnitude, erase minority signs, chunk by chunk.
 
     Args:
@@ -118,6 +120,7 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction
         deltas: the same chunk of the deltas.
         select_topk: fraction of entries (by variance across inputs) kept, in [0, 1].
         int8_mask: accepted for mergekit configs; no effect.
+        zero_vote: What a vote of exactly 0 elects: zero (nothing agrees), or positive (mergekit).
         eta: the deltas' weights for this tensor (from the prepare pass).
         selection: the tensor's variance selection (None: ``select_topk: 1``, all kept).
 
@@ -125,4 +128,4 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], *, select_topk: Fraction
         The merged chunk.
     """
     keep = selection.mask(deltas) if selection is not None else None
-    return elect_and_merge(base, deltas, eta, keep=keep)
+    return elect_and_merge(base, deltas, eta, keep=keep, zero_vote=zero_vote)

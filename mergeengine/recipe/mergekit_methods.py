@@ -9,7 +9,7 @@ mergekit, by appending the global value as the last entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mergeengine.recipe.mergekit_schema import MergekitConfig
@@ -28,16 +28,16 @@ class MethodSpec:
         normalize: mergekit's default of ``normalize`` (None: the method has no such parameter).
         our_normalize: mergeengine's default of its ``normalize`` field (None: it has none).
         rescale: mergekit's default of ``rescale`` (None: none).
-        sign_vote: the method elects a sign (mergekit: weighted by the model weights, + on a tie).
+        sign_vote: the method elects a sign weighted by the model weights (mergekit), + on a vote of exactly 0.
         top_k: the method keeps a top-k by magnitude (mergekit counts ``int(density * n)``).
         needs_base: the method needs ``base_model`` (and merges every other model).
         optional_base: ``base_model``, when given, is the origin the models are taken from (left out
             of the merged models, as in mergekit's ``nuslerp`` and ``multislerp``).
         base_merged: ``base_model`` is merged as one more model (mergekit adds it to the inputs of
             ``karcher``, which has no base); the merge step gets no ``base``.
-        zero_vote: the method has a ``zero_vote`` switch (mergekit elects + on a vote of exactly 0).
         note: a comment the recipe carries for every merge of the method.
         count: how many models (besides the base) the method merges, where it is fixed.
+        fixed: fields set to mergekit's behaviour where mergeengine's default differs (``note`` says why).
     """
 
     ours: str
@@ -51,9 +51,9 @@ class MethodSpec:
     needs_base: bool = True
     optional_base: bool = False
     base_merged: bool = False
-    zero_vote: bool = True
     note: str | None = None
     count: int | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
 
 
 _W = {"weight": ("weights", None)}
@@ -75,20 +75,24 @@ METHODS: dict[str, MethodSpec] = {
                                    top_k=True),
     "slerp": MethodSpec("slerp", {}, shared=("t",)),
     "della": MethodSpec("della", _WDE, normalize=True, our_normalize=True, rescale=True, sign_vote=True,
-                        zero_vote=False, note=_DELLA_NOTE),
+                        note=_DELLA_NOTE),
     "della_linear": MethodSpec("della_linear", _WDE, normalize=False, our_normalize=False, rescale=True,
                                note=_DELLA_NOTE),
-    "sce": MethodSpec("sce", {}, shared=("select_topk", "int8_mask"),
-                      note="sce elects signs on the plain sum of the deltas, as mergekit does; where that sum is "
-                           "exactly 0 mergekit elects + and mergeengine 0 (sce has no zero_vote switch)"),
+    "sce": MethodSpec("sce", {}, shared=("select_topk", "int8_mask"), fixed={"zero_vote": "positive"},
+                      note="zero_vote: positive: mergekit's sign election on the plain sum of the deltas elects + "
+                           "where that sum is exactly 0 (mergeengine's default: 0)"),
     "nuslerp": MethodSpec("nuslerp", _W, shared=("nuslerp_flatten", "nuslerp_row_wise"), needs_base=False,
                           optional_base=True, count=2),
     "multislerp": MethodSpec("multislerp", _W, shared=("normalize_weights", "eps"), needs_base=False,
                              optional_base=True),
     "karcher": MethodSpec("karcher", {}, shared=("max_iter", "tol"), needs_base=False, base_merged=True),
-    "model_stock": MethodSpec("model_stock", {}, shared=("filter_wise",)),
+    "model_stock": MethodSpec("model_stock", {}, shared=("filter_wise",), fixed={"negative_cos": "extrapolate"},
+                              note="negative_cos: extrapolate: mergekit's ratio where the mean cosine is negative "
+                                   "(mergeengine's default clamps it to 0, the base)"),
     "nearswap": MethodSpec("nearswap", {}, shared=("t",), count=1),
-    "arcee_fusion": MethodSpec("arcee_fusion", {}, shared=(), count=1),
+    "arcee_fusion": MethodSpec("arcee_fusion", {}, shared=(), count=1, fixed={"kl_dtype": "float32"},
+                               note="kl_dtype: float32: mergekit's KL divergence precision (mergeengine's default: "
+                                    "float64)"),
     "passthrough": MethodSpec("passthrough", {}, shared=(), needs_base=False),
 }
 
@@ -203,6 +207,7 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
         if key in (config.parameters or {}):
             fields[key] = _as_list(config.parameters[key])  # type: ignore[index]
             origins[(key,)] = ("parameters", key)
+    fields.update(spec.fixed)
     _normalize(spec, config, fields, notes)
     _rescale(spec, config, fields, notes)
     _selection(spec, fields, notes)
@@ -215,14 +220,10 @@ def merge_fields(spec: MethodSpec, config: MergekitConfig, base: str | None,
 
 def _selection(spec: MethodSpec, fields: dict[str, Any], notes: list[str]) -> None:
     """mergekit's sign election and top-k count, written out where mergeengine's defaults differ."""
-    if spec.sign_vote and spec.zero_vote:
+    if spec.sign_vote:
         fields["vote"], fields["zero_vote"] = "weighted", "positive"
         notes.append("vote: weighted, zero_vote: positive: mergekit's sign election (the sign of the weighted "
                      "sum, + where it is exactly 0; mergeengine's defaults: unweighted, 0)")
-    elif spec.sign_vote:
-        fields["vote"] = "weighted"
-        notes.append("vote: weighted: mergekit's sign election on the weighted sum (mergeengine's default: "
-                     f"unweighted); where that sum is exactly 0 mergekit elects + and {spec.ours} 0 (no zero_vote switch)")
     if spec.top_k:
         fields["keep_count"] = "truncate"
         notes.append("keep_count: truncate: mergekit's top-k count int(density * n) (mergeengine's default rounds)")
