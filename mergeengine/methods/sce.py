@@ -6,7 +6,8 @@
 2. **Calculate**: ``η_i = mean(D_i²) / Σ_j mean(D_j²)`` over the selected deltas (equal when all
    are zero).
 3. **Erase**: elect ``sign(Σ D_i)`` per entry; ``sce = base + Σ η_i D_i [agree_i] / Σ η_i [agree_i]``
-   over the deltas whose sign agrees (0 where none does).
+   over the deltas whose sign agrees (0 where none does). A sum of exactly 0 elects 0
+   (``zero_vote: zero``) or + (``zero_vote: positive``, mergekit).
 
 The engine streams it: passes over the tensor's chunks count the non-zero variances, select the
 k-th largest (two histogram passes, :func:`~mergeengine.kernels.select_exact.select_abs_ranks_streamed_many`)
