@@ -383,12 +383,18 @@ def _setup(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _as_list(value: Any) -> Any:
+    """A grid as a list (results.json holds lists, RunSettings tuples), anything else as it is."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _budget(results: dict[str, Any]) -> str:
     """The grid sizes each table ran with, and how they compare with the first miniature's."""
     t1 = results["settings"]
     t2 = results.get("settings_table2", t1)
     first = dataclasses.asdict(exp.RunSettings())
-    same = all(t[k] == first[k] for t in (t1, t2) for k in ("lambdas", "search_max_steps", "seeds", "search_step"))
+    same = all(_as_list(t[k]) == _as_list(first[k]) for t in (t1, t2)
+               for k in ("lambdas", "search_max_steps", "seeds", "search_step"))
     text = (f"Table 1: densities {', '.join(f'{x:g}' for x in sorted(t1['densities']))}, at most "
             f"{t1['search_max_steps']} search steps per factor. Table 2: merges keep {t2['merge_density']:g} of each "
             f"delta; λ grid {', '.join(f'{x:g}' for x in t2['lambdas'])}; at most {t2['search_max_steps']} search "
@@ -534,13 +540,11 @@ READING: list[str] = [
     "Numbers are test accuracies (Table 1: relative to the dense expert). One accuracy rests on 100 test "
     "prompts (95% Wilson interval about ±0.10 at 0.5); a Table 2 average on 300 (about ±0.06).",
     "",
-    "- *What did not run, and why.* Measured process CPU time: a dense Table 2 row about 3 min, a DPPA row "
-    "about 10 min, one Table 1 density of one expert about 1.5 min. The whole protocol is therefore about "
-    "65 CPU-minutes, some 35 minutes on the two cores alone, inside the 90-minute budget; but this machine "
-    "was shared with five other jobs throughout (load average 11-23), the parts got 0.5-1.2 cores between "
-    "them, and they were stopped at the time limit: DARE-TIES and DPPA from DP's start are missing from "
-    "Table 2 (the reduced-protocol table has them), and Table 1 has densities 0.1, 0.2, 0.5 and 0.9 for "
-    "addition, 0.2 and 0.9 for reverse and sort.",
+    "- *Time.* Measured process CPU time: a dense Table 2 row about 3 min, a DPPA row about 10 min, one "
+    "Table 1 density of one expert about 1.5 min: the whole protocol is about 65 CPU-minutes, some 35 minutes "
+    "on the two cores alone. On this machine, shared with five other jobs throughout (load average 6-23), its "
+    "parts took 121 minutes of wall time side by side (the figure above); a run on an unshared machine was not "
+    "measured.",
     "- *The experts are real and distinct, and merging has signal.* Each expert solves its own skill (0.91, "
     "0.96, 0.71) and none of the others (at most 0.07); the base solves none. Under the first miniature's "
     "protocol, task arithmetic keeps addition (0.84) and half of reverse (0.58) but loses sort (0.16): merges "
@@ -550,7 +554,7 @@ READING: list[str] = [
     "are small and flat (‖Δ‖/‖W‖ 0.0009-0.0016; max |Δ| 4-5× the mean |Δ|), so magnitude ranks little: at "
     "d = 0.2 DARE keeps 0.99-1.00 of every expert, magnitude pruning 0.58-0.86, and DP exactly what magnitude "
     "keeps on reverse and sort (0.84, 0.58) and 0.02 less on addition: with deltas this even, DP's per-module "
-    "densities stay at the target. At d = 0.1 (addition) DARE still keeps 0.99, magnitude 0.70, DP 0.69. "
+    "densities stay at the target. At d = 0.1 DARE still keeps 0.99-1.00, magnitude 0.06-0.70, DP 0.04-0.69. "
     "No expert here has the large delta the claim is about.",
     "- *Claim 2, DP/DPA keeping 20% performs like DARE keeping 90%: for DPA, roughly; for DP, no.* DARE at "
     "0.9 keeps 1.00 everywhere; DP at 0.2 keeps 0.58-0.84, and DP+DPA from the release's start 0.92-0.98 "
@@ -562,9 +566,9 @@ READING: list[str] = [
     "- *Claim 3, DPPA merging improves ~20% over other methods: not here.* The DPPA row (release start) averages "
     "0.50 [0.44, 0.56] against 0.53 [0.47, 0.58] for dense task arithmetic: 5% below, well inside the "
     "intervals; DP + TA, the same pruning without amplification, scores 0.49. Its merged-model search (13 "
-    "trials at λ = 1.1) moved two of six factors by 0.1-0.2 from the release's (1.8, 1.0). Under the "
-    "reduced protocol, which ran all six rows, the rows other than TIES lie within 0.03 of each other "
-    "(0.48-0.51). DARE-TIES and DPPA from DP's start did not fit the full protocol's time on this machine.",
+    "trials at λ = 1.1) moved two of six factors by 0.1-0.2 from the release's (1.8, 1.0). Every row but "
+    "TIES lies within 0.04 of the others (0.49-0.53: DARE-TIES 0.49 ± 0.02, DPPA from DP's start 0.50), as "
+    "under the reduced protocol (0.48-0.51).",
     "- *Why the methods cannot be told apart:* the deltas are nearly orthogonal (cosines 0.07-0.12), 45-48% "
     "of their entries have opposite signs, as for independent deltas, and the top 20% of two experts overlap "
     "on 4.1% of the weights, the 0.2 × 0.2 of independent choices (table above). There is little interference "
