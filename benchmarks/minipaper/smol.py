@@ -306,6 +306,18 @@ def _write_task_files(paths: SmolPaths, accuracy: dict[str, dict[str, dict[str, 
         (folder / f"tasks.{split}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def prepare(cfg: SmolConfig, cache: Path = train_mod.DEFAULT_CACHE) -> float:
+    """Data, task files and the base conversion (all cached): what expert training needs.
+
+    Returns the seconds the base's conversion took (about 0 when cached)."""
+    paths = SmolPaths(cache, cfg)
+    write_data(paths)
+    _write_task_files(paths, None)
+    t0 = time.perf_counter()
+    convert_base(paths)
+    return time.perf_counter() - t0
+
+
 def run(cfg: SmolConfig, cache: Path = train_mod.DEFAULT_CACHE) -> dict[str, Any]:
     """Data, base conversion, expert training and dense evaluation (all cached). Returns the summary.
 
@@ -315,11 +327,7 @@ def run(cfg: SmolConfig, cache: Path = train_mod.DEFAULT_CACHE) -> dict[str, Any
     summary_path = paths.run / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
-    write_data(paths)
-    _write_task_files(paths, None)
-    t0 = time.perf_counter()
-    convert_base(paths)
-    convert_seconds = time.perf_counter() - t0
+    convert_seconds = prepare(cfg, cache)
     for e in cfg.experts:
         train_expert(paths, e.label)
     t0 = time.perf_counter()
@@ -357,4 +365,5 @@ def _load(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
-__all__ = ["SmolConfig", "SmolData", "chat", "example", "make_splits", "run", "small_config"]
+__all__ = ["SmolConfig", "SmolData", "chat", "example", "make_splits", "prepare", "run", "small_config",
+           "train_expert"]

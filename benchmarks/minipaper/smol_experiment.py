@@ -1,17 +1,17 @@
 """Tables 1 and 2 of the DPPA paper on three full fine-tunes of SmolLM2-135M-Instruct (CPU).
 
-    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py      # one process, docs/minipaper.md
-    nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py --table1 sort &   # or in parts: PARTS
-    .venv/bin/python benchmarks/minipaper/smol_experiment.py --small         # the test suite's smoke run
+    .venv/bin/python benchmarks/minipaper/smol_experiment.py --jobs 2         # the whole experiment, docs/minipaper.md
+    .venv/bin/python benchmarks/minipaper/smol_experiment.py --small --jobs 2 # the test suite's smoke run
 
 Models come from :mod:`smol` (cached); the tables are :mod:`experiment`'s recipes and protocol
 (every choice on validation, every number on test), with the λ grids and the DPA searches swept in
-memory by :mod:`sweep` (every choice then built for real and checked). In one process Table 2 runs
-first, then Table 1 expert by expert; ``results.json`` is rewritten after each, and ``complete``
-says which parts ran. In parts (:data:`PARTS`, side by side), each part writes its own file after
-every row or density and ``--from-results`` merges them. The report is the second miniature's
-section of ``docs/minipaper.md`` (between :data:`BEGIN` and :data:`END_MARK`); the rest of that
-file is :mod:`experiment`'s.
+memory by :mod:`sweep` (every choice then built for real and checked). :func:`run_all` runs the
+whole experiment as processes (:mod:`jobs`): the experts are trained side by side, the dense models
+evaluated, then every part of :func:`experiment_parts` (a Table 2 row, half of an expert's Table 1
+densities, half of the reduced protocol) runs ``--jobs`` at a time, each writing its own file after
+every row or density; :func:`load_results` merges them and ``timing.json`` records where the wall
+time went. The report is the second miniature's section of ``docs/minipaper.md`` (between
+:data:`BEGIN` and :data:`END_MARK`); the rest of that file is :mod:`experiment`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import experiment as exp  # noqa: E402
+import jobs  # noqa: E402
 import smol  # noqa: E402
 import sweep  # noqa: E402
 import train as train_mod  # noqa: E402
@@ -142,38 +145,87 @@ def _sweeper(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path) -> sw
     return sweep.Sweeper(ctx, exp.Evaluator(ctx.base, cfg.eval_batch_size), settings)
 
 
-def run_experiment(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, threads: int,
-                   table1_experts: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Train (cached), diagnostics, Table 2, then Table 1 expert by expert (``table1_experts``: all
-    by default), in one process; ``results.json`` is saved after each part."""
-    t0 = time.perf_counter()
-    trained_here = not (smol.SmolPaths(cache, cfg).run / "summary.json").is_file()
-    sw = _sweeper(cfg, settings, cache)
-    ctx, work = sw.ctx, sw.ctx.work
-    results: dict[str, Any] = {
-        "settings": dataclasses.asdict(settings), "threads": threads, "train": ctx.summary,
-        "table1": {}, "table2": {}, "complete": {"table2": False, "table1": []},
-        "seconds": {"training": time.perf_counter() - t0, "trained_here": trained_here},
-    }
-    results["diagnostics"] = delta_diagnostics(ctx.base, ctx.merge_experts, settings.merge_density)
-    t1 = time.perf_counter()
-    results["table2"] = sw.table2()
-    results["complete"]["table2"] = True
-    results["seconds"]["table2"] = time.perf_counter() - t1
-    _save(results, work)
-    t2 = time.perf_counter()
-    for label, folder in ctx.experts.items():
-        if table1_experts is not None and label not in table1_experts:
-            continue
-        results["table1"] |= sw.table1({label: folder})
-        results["complete"]["table1"].append(label)
-        results["seconds"]["table1"] = time.perf_counter() - t2
-        _save(results, work)
-    results["checks"] = sw.checks
-    results["seconds"] |= {"total": time.perf_counter() - t0, "processes": 1, **_counters(sw)}
-    _save(results, work)
-    LOG.info("wrote %s (%.1f min)", work / "results.json", results["seconds"]["total"] / 60)
+#: Table 1's densities, split in two parts per expert (so the pool's last parts are short)
+DENSITY_HALVES: tuple[tuple[float, ...], ...] = ((0.2, 0.9, 0.1), (0.5, 0.3, 0.7))
+#: estimated minutes of each Table 2 row (its measured share of an earlier run; only the order matters)
+ROW_COST = {"dppa_release": 62, "dare_ties": 37, "dppa_unit": 34, "dp_ta": 25, "ties": 24, "task_arithmetic": 21}
+
+
+def experiment_parts(small: bool, threads: int = 1) -> list[jobs.Part]:
+    """The processes of the whole protocol: every Table 2 row, every expert's Table 1 in two density
+    halves, and the reduced protocol's Table 2 (``--small``: the smoke run's two parts)."""
+    me = [sys.executable, str(Path(__file__).resolve()), "-q", "--threads", str(threads)]
+    if small:
+        rows = ",".join(small_settings().rows)
+        return [jobs.Part("table2", (*me, "--small", "--table2", rows), 2),
+                jobs.Part("table1-sort", (*me, "--small", "--table1", "sort"), 1)]
+    parts = [jobs.Part(f"table2-{row}", (*me, "--table2", row), cost) for row, cost in ROW_COST.items()]
+    for label in smol.TASKS:
+        for half in DENSITY_HALVES:
+            ds = ",".join(f"{d:g}" for d in half)
+            parts.append(jobs.Part(f"table1-{label}+{ds}", (*me, "--table1", label, "--densities", ds), 40))
+    red = sorted(ROW_COST, key=ROW_COST.get, reverse=True)
+    for name, rows in (("reduced-a", red[:2]), ("reduced-b", red[2:])):
+        parts.append(jobs.Part(name, (*me, "--reduced", "--table2", ",".join(rows)), sum(ROW_COST[r] for r in rows) / 2))
+    return parts
+
+
+def _training_parts(cfg: smol.SmolConfig, cache: Path, small: bool) -> list[jobs.Part]:
+    me = [sys.executable, str(Path(__file__).resolve()), "-q", "--threads", "1", "--cache-dir", str(cache)]
+    return [jobs.Part(f"train-{e.label}", (*me, *(["--small"] if small else []), "--train-expert", e.label), 1)
+            for e in cfg.experts]
+
+
+def run_all(cfg: smol.SmolConfig, cache: Path, n_jobs: int, small: bool) -> dict[str, Any]:
+    """The whole experiment, timed: data and base, the experts trained side by side (one process
+    each), the dense evaluation (``n_jobs`` torch threads), then every part of
+    :func:`experiment_parts`, ``n_jobs`` at a time (one thread each). Returns the merged results,
+    with ``seconds["run_all"]`` (wall time per stage, from an empty cache or not, CPU seconds,
+    load averages) also written to ``experiment/timing.json``."""
+    t0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
+    paths = smol.SmolPaths(cache, cfg)
+    fresh = not (paths.run / "summary.json").is_file()
+    stages = {"prepare": smol.prepare(cfg, cache)}
+    logs = paths.run / "logs"
+    t = time.perf_counter()
+    trained = jobs.run_parts(_training_parts(cfg, cache, small), len(cfg.experts), logs)
+    stages["training"] = time.perf_counter() - t
+    torch.set_num_threads(n_jobs)
+    t = time.perf_counter()
+    results_file = write_skeleton(cfg, small_settings() if small else full_settings(), cache, 1)
+    stages["dense_evaluation"] = time.perf_counter() - t
+    torch.set_num_threads(1)
+    extra = ["--cache-dir", str(cache)]
+    parts = [dataclasses.replace(p, argv=(*p.argv, *extra)) for p in experiment_parts(small)]
+    pool = jobs.run_parts(parts, n_jobs, logs)
+    stages["tables"] = pool.wall
+    timing = {"jobs": n_jobs, "from_empty_cache": fresh, "stages": stages, "parts": {**trained.spans, **pool.spans},
+              "total": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0, "cores": os.cpu_count(),
+              "loadavg_before": load0[0], "loadavg_after": os.getloadavg()[0]}
+    (results_file.parent / "timing.json").write_text(json.dumps(timing, indent=2))
+    LOG.info("whole experiment: %.1f min", timing["total"] / 60)
+    return _merged(results_file, small)
+
+
+def _merged(results_file: Path, small: bool) -> dict[str, Any]:
+    """The full protocol's results with its parts, its timing and (full runs) the reduced protocol's."""
+    results = load_results(results_file)
+    timing = results_file.parent / "timing.json"
+    if timing.is_file():
+        results["seconds"]["run_all"] = json.loads(timing.read_text())
+    reduced = results_file.parent.parent / WORK["reduced"] / "results.json"
+    if not small and (results_file.parent.parent / WORK["reduced"]).is_dir():
+        if not reduced.is_file():
+            reduced.write_text(json.dumps({**json.loads(results_file.read_text()), "settings": dataclasses.asdict(
+                reduced_settings())}))
+        results["reduced"] = load_results(reduced)
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_table1_parts(cfg: smol.SmolConfig, settings: exp.RunSettings, cache: Path, labels: list[str],
@@ -402,36 +454,35 @@ def _budget(results: dict[str, Any]) -> str:
     return text + (" (the first miniature's protocol)" if same else " (a reduced protocol)")
 
 
-#: how the documented run splits into processes run side by side (each writes its part files)
-PARTS: tuple[str, ...] = ("--skeleton", "--table2 task_arithmetic,ties,dp_ta,dare_ties",
-                          "--table2 dppa_release,dppa_unit", "--table1 addition", "--table1 reverse",
-                          "--table1 sort")
-
-
 def _commands(results: dict[str, Any], command: str) -> list[str]:
-    """The commands of the run: one process, or the parallel parts then the report."""
-    if "wall_parallel" not in results["seconds"]:
-        return [command]
-    reduced = [f"{command} --reduced --table2 {','.join(exp.MERGES)}"] if results.get("reduced") else []
-    report = f"{command} --from-results {RESULTS_HINT}" + (
-        f" --reduced-results {RESULTS_HINT.replace('experiment/', 'experiment-reduced/')}" if reduced else "")
-    return [*(f"{command} {part} &" for part in PARTS), "wait", *reduced, report]
+    """The command of the run (``--jobs``: the whole experiment), then the report's if it was rewritten."""
+    timing = results["seconds"].get("run_all")
+    return [f"{command} --jobs {timing['jobs'] if timing else 2}"]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
 
 
 def _timing(results: dict[str, Any]) -> str:
-    """Where the run's time went (measured), on this shared machine."""
-    sec = results["seconds"]
-    head = (f"on this 2-core CPU machine, shared with other jobs throughout, niced, {results['threads']} torch "
-            "thread per process. Training and the dense evaluation: "
-            + (f"{sec['training'] / 60:.0f} min" if sec.get("trained_here") else "served from the cache")
-            + f" (training the three experts took {sum(results['train']['train_seconds'].values()) / 60:.0f} min, "
-            f"the dense evaluation {results['train']['eval_seconds'] / 60:.0f} min). ")
-    if "wall_parallel" in sec:
-        parts = ", ".join(f"{name.split('-', 1)[1]} {t / 60:.0f}" for name, t in sec["parts"].items())
-        return head + (f"Tables 1 and 2: **{sec['wall_parallel'] / 60:.0f} min wall** from the first part's start "
-                       f"to the last part's end, {len(PARTS) - 1} processes side by side (minutes per row or "
-                       f"expert: {parts}).")
-    return head + f"Tables 1 and 2: **{(sec['total'] - sec['training']) / 60:.0f} min** in one process."
+    """Where the run's time went (measured by ``--jobs``), stage by stage."""
+    timing = results["seconds"].get("run_all")
+    if timing is None:
+        return "(no timing: this report was written from parts run by hand)"
+    st, spans = timing["stages"], timing["parts"]
+    train = [f"{k.removeprefix('train-')} {_minutes(e - b)}" for k, (b, e) in spans.items() if k.startswith("train-")]
+    tables = {k: e - b for k, (b, e) in spans.items() if not k.startswith("train-")}
+    slowest = sorted(tables.items(), key=lambda kv: -kv[1])
+    per_part = ", ".join(f"{k} {_minutes(v)}" for k, v in slowest)
+    where = "from an empty cache" if timing["from_empty_cache"] else "with the experts served from the cache"
+    return (f"in **{_minutes(timing['total'])} min wall** on this {timing['cores']}-core CPU machine, {where}, "
+            f"load average {timing['loadavg_before']:.1f} before it ({timing['loadavg_after']:.1f} after), "
+            f"{_minutes(timing['cpu_seconds'])} CPU-minutes in all. Data and and the base's conversion "
+            f"{_minutes(st['prepare'])} min; training the three experts {_minutes(st['training'])} min, one process "
+            f"each side by side ({', '.join(train)}); the dense evaluation {_minutes(st['dense_evaluation'])} min "
+            f"({timing['jobs']} torch threads); Tables 1 and 2 and the reduced protocol {_minutes(st['tables'])} min, "
+            f"{len(tables)} processes, {timing['jobs']} at a time with 1 torch thread each (minutes per part: "
+            f"{per_part}).")
 
 
 def _sweep_note(results: dict[str, Any]) -> list[str]:
@@ -598,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --from-results: also report Table 2 of this reduced-protocol results.json")
     parser.add_argument("--densities", default=None, help="with --table1: only these densities (comma-separated)")
     parser.add_argument("--skeleton", action="store_true", help="only write results.json without tables (for --table1/2 parts)")
+    parser.add_argument("--jobs", type=int, default=2, help="the whole experiment: parts side by side, this many "
+                        "at a time (default 2, one per core)")
+    parser.add_argument("--train-expert", default=None, help=argparse.SUPPRESS)  # one training process of --jobs
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -606,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, settings = (smol.small_config(), small_settings()) if args.small else (smol.SmolConfig(), full_settings())
     if args.reduced:
         settings = reduced_settings()
+    if args.train_expert:
+        smol.train_expert(smol.SmolPaths(args.cache_dir, cfg), args.train_expert)
+        return 0
     if args.table1:
         densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else None
         run_table1_parts(cfg, settings, args.cache_dir, args.table1.split(","), densities)
@@ -617,15 +674,15 @@ def main(argv: list[str] | None = None) -> int:
         print(write_skeleton(cfg, settings, args.cache_dir, args.threads))
         return 0
     if args.from_results:
-        results = load_results(args.from_results)
+        results = _merged(args.from_results, args.small)
         if args.reduced_results:
             results["reduced"] = load_results(args.reduced_results)
     else:
-        results = run_experiment(cfg, settings, args.cache_dir, args.threads, ("sort",) if args.small else None)
+        results = run_all(cfg, args.cache_dir, args.jobs, args.small)
     work = Path(results["train"]["paths"]["tasks_val"]).parent / "experiment"
     report = args.report or (work / "minipaper.md" if args.small else REPO / "docs" / "minipaper.md")
     img_dir = report.parent if args.small else REPO / "docs" / "img"
-    command = "nice -n 10 .venv/bin/python benchmarks/minipaper/smol_experiment.py" + (" --small" if args.small else "")
+    command = ".venv/bin/python benchmarks/minipaper/smol_experiment.py" + (" --small" if args.small else "")
     write_section(report, section(results, img_dir, report.parent, command, READING))
     print(f"wrote {report}")
     return 0
