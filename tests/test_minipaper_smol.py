@@ -38,10 +38,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory):
     report = root / "doc" / "minipaper.md"
     report.parent.mkdir()
     report.write_text("# The first miniature\n\nkept as it is\n")
-    argv = ["--small", "-q", "--cache-dir", str(root / "cache"), "--report", str(report)]
+    argv = ["--small", "-q", "--cache-dir", str(root / "cache"), "--report", str(report), "--jobs", "2"]
     assert mods["smol_experiment"].main(argv) == 0
-    results = json.loads(next((root / "cache").glob("smol-run-*/experiment/results.json")).read_text())
-    return mods, results, report, argv
+    results_file = next((root / "cache").glob("smol-run-*/experiment/results.json"))
+    return mods, mods["smol_experiment"].merged_results(results_file, True), report, argv
 
 
 def test_base_experts_and_task_files(smoke) -> None:
@@ -65,7 +65,8 @@ def test_base_experts_and_task_files(smoke) -> None:
 def test_tables_follow_the_protocol(smoke) -> None:
     mods, results, _, _ = smoke
     settings = mods["smol_experiment"].small_settings()
-    assert results["complete"] == {"table2": True, "table1": ["sort"]}
+    assert results["complete"] == {"table2": True, "table2_rows": list(settings.rows), "table1": ["sort"],
+                                   "table1_densities": {"sort": ["0.2"]}}
     assert list(results["table2"]) == list(settings.rows)
     for entry in results["table2"].values():
         assert all(lam in settings.lambdas for lam in entry["lambdas"]) and 0.0 <= entry["average"] <= 1.0
@@ -95,7 +96,7 @@ def test_report_section_replaces_itself(smoke) -> None:
     assert text.startswith("# The first miniature\n\nkept as it is\n") and text.count(se.BEGIN) == 1
     for heading in ("## Second miniature", "### Table 2 (second miniature)", "### Table 1 (second miniature)"):
         assert heading in text
-    assert "smol_experiment.py --small" in text and "Incomplete run" in text  # Table 1 covers sort only
+    assert "smol_experiment.py --small --jobs 2" in text and "Incomplete run" in text  # Table 1 covers sort only
     for name in ("minipaper_smol_merge.png", "minipaper_smol_pruning.png"):
         assert (report.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results_file = next(Path(argv[3]).glob("smol-run-*/experiment/results.json"))
@@ -133,3 +134,46 @@ def test_parts_from_parallel_processes_are_merged(tmp_path: Path) -> None:
                                   "table1_densities": {"sort": ["0.1", "0.2", "0.5"]}}
     assert merged["settings_table2"] == {"lambdas": [1.0]} and len(merged["checks"]) == 3
     assert merged["seconds"]["wall_parallel"] == pytest.approx(1200.0 - 940.0)  # first start to last write
+
+
+def test_the_whole_run_is_timed_stage_by_stage(smoke) -> None:
+    _, results, report, _ = smoke
+    timing = results["seconds"]["run_all"]
+    assert timing["jobs"] == 2 and timing["from_empty_cache"] is True
+    assert set(timing["stages"]) == {"prepare", "training", "dense_evaluation", "tables"}
+    assert set(timing["parts"]) == {"train-addition", "train-reverse", "train-sort", "table2", "table1-sort"}
+    assert timing["total"] >= timing["stages"]["training"] + timing["stages"]["tables"] > 0
+    assert timing["cpu_seconds"] > 0  # the children's CPU time is counted
+    text = report.read_text()
+    assert f"in **{timing['total'] / 60:.1f} min wall**" in text and "from an empty cache" in text
+
+
+def _jobs_module():
+    sys.path.insert(0, str(MINIPAPER))
+    try:
+        return importlib.import_module("jobs")
+    finally:
+        sys.path.remove(str(MINIPAPER))
+
+
+def test_parts_run_longest_first_and_at_most_jobs_at_a_time(tmp_path: Path) -> None:
+    jobs = _jobs_module()
+    parts = [jobs.Part(f"p{cost}", (sys.executable, "-c", "import time; time.sleep(0.3)"), cost) for cost in (1, 3, 2)]
+    times = jobs.run_parts(parts, 1, tmp_path / "logs", poll=0.02)
+    order = sorted(times.spans, key=lambda n: times.spans[n][0])
+    assert order == ["p3", "p2", "p1"]
+    for a, b in zip(order, order[1:]):
+        assert times.spans[b][0] >= times.spans[a][1]  # one at a time
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["p1.log", "p2.log", "p3.log"]
+
+
+def test_a_failing_part_stops_the_others_and_names_itself(tmp_path: Path) -> None:
+    jobs = _jobs_module()
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    failing = "import sys, time; time.sleep(0.5); print('the part broke'); sys.exit(3)"
+    parts = [jobs.Part("sleeper", (sys.executable, "-c", sleeper), 2), jobs.Part("broken", (sys.executable, "-c", failing), 1)]
+    with pytest.raises(jobs.PartFailed, match=r"part 'broken' exited with status 3[\s\S]*the part broke"):
+        jobs.run_parts(parts, 2, tmp_path / "logs", poll=0.02)
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running
+        os.kill(int(pid_file.read_text()), 0)

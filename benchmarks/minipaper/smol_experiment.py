@@ -204,10 +204,10 @@ def run_all(cfg: smol.SmolConfig, cache: Path, n_jobs: int, small: bool) -> dict
               "loadavg_before": load0[0], "loadavg_after": os.getloadavg()[0]}
     (results_file.parent / "timing.json").write_text(json.dumps(timing, indent=2))
     LOG.info("whole experiment: %.1f min", timing["total"] / 60)
-    return _merged(results_file, small)
+    return merged_results(results_file, small)
 
 
-def _merged(results_file: Path, small: bool) -> dict[str, Any]:
+def merged_results(results_file: Path, small: bool) -> dict[str, Any]:
     """The full protocol's results with its parts, its timing and (full runs) the reduced protocol's."""
     results = load_results(results_file)
     timing = results_file.parent / "timing.json"
@@ -312,6 +312,8 @@ def load_results(path: Path) -> dict[str, Any]:
         stamps = [(f.stat().st_mtime, json.loads(f.read_text())["seconds"]) for f in files1 + files2]
         results["seconds"]["wall_parallel"] = max(t for t, _ in stamps) - min(t - s for t, s in stamps)
         results["seconds"]["parts"] = {f.stem: json.loads(f.read_text())["seconds"] for f in files1 + files2}
+        counters = [json.loads(f.read_text()).get("counters", {}) for f in files1 + files2]
+        results["seconds"]["in_memory_candidates"] = sum(c.get("in_memory_candidates", 0) for c in counters)
     order = list(results["train"]["paths"]["experts"])
     results["table1"] = {k: results["table1"][k] for k in order if k in results["table1"]}
     results["complete"]["table1"] = [k for k in order if k in results["complete"]["table1"]]
@@ -674,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write_skeleton(cfg, settings, args.cache_dir, args.threads))
         return 0
     if args.from_results:
-        results = _merged(args.from_results, args.small)
+        results = merged_results(args.from_results, args.small)
         if args.reduced_results:
             results["reduced"] = load_results(args.reduced_results)
     else:
