@@ -46,6 +46,7 @@ class Measurement:
     others_cpu_cores: float
     samples: int
     log: str
+    stopped: bool = False  # killed at the timeout: wall and CPU are lower bounds, memory the peak so far
 
     @property
     def cpu_s(self) -> float:
@@ -115,8 +116,7 @@ def run_measured(
 ) -> Measurement:
     """Run ``cmd`` (stdout and stderr to ``log_path``) and measure it.
 
-    Raises:
-        subprocess.TimeoutExpired: the run took longer than ``timeout_s`` (the child is killed).
+    A run still going after ``timeout_s`` is killed and returned with ``stopped`` set (rc -9).
     """
     load1 = os.getloadavg()[0]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +142,7 @@ def run_measured(
             peak_file = max(peak_file, file)
             samples += 1
             if timeout_s is not None and time.perf_counter() - start > timeout_s:
-                for p in reversed(_tree(proc.pid)):
-                    try:
-                        os.kill(p, 9)
-                    except ProcessLookupError:
-                        pass
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise subprocess.TimeoutExpired(cmd, timeout_s)
+                return _stop(proc, cmd, log_path, start, busy0, load1, (peak_anon, peak_file, samples))
             time.sleep(poll_s)
         wall = time.perf_counter() - start
         busy = busy_seconds() - busy0
@@ -176,6 +169,40 @@ def run_measured(
         samples=samples,
         log=str(log_path),
     )
+
+
+def _cpu_of_tree(pid: int) -> tuple[float, float]:
+    """(user, sys) seconds of ``pid`` and its descendants so far (/proc/<pid>/stat)."""
+    user = sys_ = 0.0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / CLK_TCK
+            sys_ += int(fields[12]) / CLK_TCK
+        except (OSError, ValueError, IndexError):
+            pass
+    return user, sys_
+
+
+def _stop(proc: subprocess.Popen, cmd: list[str], log_path: Path, start: float, busy0: float, load1: float,
+          peaks: tuple[int, int, int]) -> Measurement:
+    """Kill a run that reached its timeout; what it used so far, marked ``stopped``."""
+    user, sys_ = _cpu_of_tree(proc.pid)
+    for p in reversed(_tree(proc.pid)):
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+    os.wait4(proc.pid, 0)
+    proc.returncode = -9
+    wall = time.perf_counter() - start
+    busy = busy_seconds() - busy0
+    anon, file, samples = peaks
+    return Measurement(cmd=[str(c) for c in cmd], rc=-9, wall_s=wall, user_s=user, sys_s=sys_,
+                       max_rss_bytes=anon + file, peak_anon_bytes=anon, peak_file_bytes=file, load1_before=load1,
+                       others_cpu_cores=max(0.0, (busy - user - sys_) / wall), samples=samples, log=str(log_path),
+                       stopped=True)
 
 
 def wait_for_quiet(max_load: float, max_wait_s: float) -> float:

@@ -19,6 +19,9 @@ GIB = 2**30
 def _best(runs: list[dict]) -> dict | None:
     """Best-of-N summary of one (tool, method): fastest wall; memory as the maximum over runs."""
     ok = [r for r in runs if r["rc"] == 0]
+    stopped = [r for r in runs if r.get("stopped")]
+    if not ok and stopped:  # only runs killed at the timeout: lower bounds of wall, CPU and peak memory
+        return {**_best([{**r, "rc": 0} for r in stopped]), "stopped": True}  # type: ignore[dict-item]
     if not ok:
         return None
     quiet = [r for r in ok if not r.get("busy")]
@@ -66,8 +69,16 @@ def _gb(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "–"
+def _ratio(a: float | None, b: float | None, bound: str = "") -> str:
+    """``a / b``; ``bound`` ("< " or "> ") when one side is a stopped run's lower bound."""
+    return f"{bound}{a / b:.2f}" if a is not None and b else "–"
+
+
+def _bound(b: dict, mk: dict | None) -> str:
+    """The ratio's bound sign: a stopped mergekit run makes mergeengine's ratio an upper bound."""
+    if mk and mk.get("stopped"):
+        return "< "
+    return "> " if b.get("stopped") else ""
 
 
 def _sizes(summary: dict) -> list[str]:
@@ -103,13 +114,15 @@ def size_table(size: str, entry: dict, best: dict[tuple[str, str], dict]) -> lis
             mk = best.get(("mergekit", method)) if tool.startswith("mergeengine") else None
             fl = floors.get(method)
             walls = ", ".join(f"{w:.1f}" for w in b["walls"]) + (" (machine busy)" if b["all_busy"] else "")
+            walls += " (stopped unfinished at the timeout)" if b.get("stopped") else ""
+            bound = _bound(b, mk)
             if tool.startswith("mergeengine") and b["digests"]:
                 walls += f"; engine {', '.join(b['digests'])}"
             lines.append(
                 f"| {method} | {tool} | {b['wall_s']:.1f} s | {b['cpu_s']:.1f} s | {_gb(b['max_rss_bytes'])} | "
-                f"{_gb(b['peak_anon_bytes'])} | {_ratio(b['wall_s'], mk and mk['wall_s'])} | "
-                f"{_ratio(b['max_rss_bytes'], mk and mk['max_rss_bytes'])} | "
-                f"{_ratio(b['peak_anon_bytes'], mk and mk['peak_anon_bytes'])} | "
+                f"{_gb(b['peak_anon_bytes'])} | {_ratio(b['wall_s'], mk and mk['wall_s'], bound)} | "
+                f"{_ratio(b['max_rss_bytes'], mk and mk['max_rss_bytes'], bound)} | "
+                f"{_ratio(b['peak_anon_bytes'], mk and mk['peak_anon_bytes'], bound)} | "
                 f"{_ratio(b['wall_s'], fl and fl['wall_s'])} | {b['sync_after_s']:.1f} s | {walls} |"
             )
     for (tool, roles), b in sorted(best.items()):

@@ -286,7 +286,9 @@ def measured_run(
     rec.update({"others_busy_before": busy_before, "engine_digest": engine_digest(), "sync_after_s": sync_after, "out_bytes": _dir_bytes(out),
                 "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     rec["busy"] = rec["others_cpu_cores"] > args.max_busy
-    if rec["rc"] != 0:
+    if rec.get("stopped"):
+        log(f"  {name}: STOPPED unfinished after {rec['wall_s']:.0f} s (--timeout)")
+    elif rec["rc"] != 0:
         tail = Path(m.log).read_text(errors="replace")[-2000:]
         log(f"  {name}: FAILED rc={rec['rc']}\n{tail}")
     if not args.keep_outputs:
