@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mergeengine.errors import MergeEngineError
+from mergeengine.errors import MergeEngineError, RunInterrupted
 from mergeengine.executor import DictSink, RunStats, Sink, execute
 from mergeengine.graph.plan import Plan, TaskKey, build_plan, restrict
 from mergeengine.graph.steps import StepGraph, build_step_graph
@@ -209,6 +209,7 @@ def _run(full_plan: Plan, loaded: LoadedRecipe, folders: dict[str, OutputFolder]
     opened: list[OutputFolder] = []
     writers: dict[str, ShardedWriter] = {}
     bar: _Progress | None = None
+    outputs: dict[str, Path] = {}
     try:
         writers, plan = _open_writers(full_plan, loaded, folders, hashes, resume, opened)
         bar = _Progress(plan, progress)
@@ -216,7 +217,6 @@ def _run(full_plan: Plan, loaded: LoadedRecipe, folders: dict[str, OutputFolder]
             plan, dict(writers), device=dev, seed=loaded.recipe.seed, allow_nonfinite=allow_nonfinite, progress=bar
         )
         bar.close()
-        outputs = {}
         for s, folder in folders.items():
             writers[s].finish()
             _finish_folder(full_plan, s, folder.tmp)
@@ -227,11 +227,27 @@ def _run(full_plan: Plan, loaded: LoadedRecipe, folders: dict[str, OutputFolder]
         if bar is not None:
             bar.close()
         _keep_progress(exc, writers, opened)
+        if outputs:  # saves committed before this one failed: their folders are complete
+            _name_written(exc, outputs, folders)
         raise
     finally:
         for f in opened:
             f.release()
     return RunResult(plan, stats, outputs)
+
+
+def _name_written(exc: BaseException, outputs: dict[str, Path], folders: dict[str, OutputFolder]) -> None:
+    """Say in the failure which saves were committed before it (complete) and which were not.
+
+    Raises:
+        RunInterrupted: for an interrupt, carrying both lists (the CLI's message names them).
+    """
+    written = {s: str(dest) for s, dest in outputs.items()}
+    unwritten = {s: str(f.dest) for s, f in folders.items() if s not in outputs}
+    if isinstance(exc, MergeEngineError):
+        exc.message += f" ({RunInterrupted(written, unwritten)})"
+    elif isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+        raise RunInterrupted(written, unwritten) from exc
 
 
 def _keep_progress(exc: BaseException, writers: dict[str, ShardedWriter], opened: list[OutputFolder]) -> None:

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from mergeengine import __version__
-from mergeengine.errors import MergeEngineError, RecipeError
+from mergeengine.errors import MergeEngineError, RecipeError, RunInterrupted
 
 LOG = logging.getLogger("mergeengine")
 
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except RunInterrupted as exc:  # some saves had committed: --resume alone would stop at their folders
+        print(f"interrupted: {exc} (rerun with --resume --overwrite to continue)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: nothing was written at the destination (rerun with --resume to continue)",
               file=sys.stderr)

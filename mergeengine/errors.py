@@ -84,3 +84,24 @@ class OutputError(MergeEngineError):
 
 class ExecutionError(MergeEngineError):
     """An op failed while computing a tensor."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after some of a recipe's save steps had committed their folders.
+
+    A :class:`KeyboardInterrupt`, so everything that handles an interrupt still does.
+
+    Args:
+        written: step id -> destination of each save committed before the interrupt (complete).
+        unwritten: step id -> destination of each save that was not (nothing is there).
+    """
+
+    def __init__(self, written: dict[str, str], unwritten: dict[str, str]) -> None:
+        super().__init__(written, unwritten)
+        self.written = written
+        self.unwritten = unwritten
+
+    def __str__(self) -> str:
+        done = ", ".join(f"{dest} (step '{s}')" for s, dest in self.written.items())
+        return (f"{done} {'was' if len(self.written) == 1 else 'were'} written completely; "
+                f"nothing was written at {', '.join(self.unwritten.values())}")

@@ -14,6 +14,7 @@ import torch
 from mergeengine import api
 from mergeengine.cli import main
 from mergeengine.errors import RecipeError
+from mergeengine.recipe.loader import load_recipe
 from mergeengine.tiny import LlamaShape, fine_tune, make_weights, write_checkpoint
 from tests.conftest import load_tensors, read_folder, write_recipe
 
@@ -229,3 +230,44 @@ def test_scheduled_partitions_must_ascend_for_every_tensor(tmp_path: Path, deep:
                                           "scheduled values break a rule: .*strictly ascending"):
         api.plan_recipe(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_partitions_filtered_apart_are_checked_only_as_tensors_get_them(tmp_path: Path, deep: dict[str, Path],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Partition 0's density is scheduled on the MLP weights, partition 1's on attention: the first anchors
+    (0.5, 0.3) are no tensor's pair (MLP: 0.5 < 0.6, attention: 0.1 < 0.3)."""
+    recipe = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {deep['base']}}}
+          - {{id: math, op: load, model: {deep['math']}}}
+          - {{id: d, op: diff, model: math, base: base}}
+          - {{id: x, op: dpa_amplify, input: d, select: magnitude, partitions: [
+              {{density: [{{filter: mlp, value: 0.5}}, {{value: 0.1}}], scale: 2}},
+              {{density: [{{filter: self_attn, value: 0.3}}, {{value: 0.6}}], scale: 1}}]}}
+          - {{id: out, op: save, input: x, path: {tmp_path / 'out'}}}
+        """)
+    assert main(["validate", str(recipe), "-q"]) == 0
+    for tensor, pair in (("model.layers.1.mlp.up_proj.weight", "0.5, 0.6"),
+                         ("model.layers.1.self_attn.q_proj.weight", "0.1, 0.3")):
+        assert main(["plan", str(recipe), "--explain", tensor]) == 0
+        assert f"partition densities {pair} of the tensor's magnitude ranking" in capsys.readouterr().out, tensor
+    api.run_recipe(recipe)
+    kept = json.loads((tmp_path / "out" / "dppa_report.json").read_text())["x"]["kept"]
+    numel = SHAPE.hidden_size * SHAPE.intermediate_size
+    assert kept["model.layers.1.mlp.up_proj.weight"] == [numel // 2, numel - math.floor(numel * 0.4)]
+
+
+def test_unfiltered_partition_schedules_are_still_refused_at_validation(tmp_path: Path, deep: dict[str, Path]) -> None:
+    """Gradients pair anchors by depth, so their last layer's (0.4, 0.3) is refused before tensors are known."""
+    recipe = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {deep['base']}}}
+          - {{id: math, op: load, model: {deep['math']}}}
+          - {{id: d, op: diff, model: math, base: base}}
+          - {{id: x, op: dpa_amplify, input: d, partitions: [{{density: [0.1, 0.4], scale: 2}},
+                                                         {{density: [0.2, 0.3], scale: 1}}]}}
+          - {{id: out, op: save, input: x, path: {tmp_path / 'out'}}}
+        """)
+    with pytest.raises(RecipeError, match=r"recipe.yaml:5:52: step 'x': field 'partitions': "
+                                          r"partition densities must be strictly ascending, got \[0.4, 0.3\]"):
+        load_recipe(recipe)

@@ -107,6 +107,27 @@ def test_every_unsupported_key_is_one_line_naming_it(models: dict[str, Path], tm
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot", "hardlink"])
+def test_convert_refuses_to_write_over_its_own_config(models: dict[str, Path], tmp_path: Path, spelling: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _config(tmp_path, models, TIES)
+    (tmp_path / "x").mkdir()
+    out = {"same": cfg, "symlink": tmp_path / "link.yml", "dotdot": tmp_path / "x" / ".." / "mk.yml",
+           "hardlink": tmp_path / "x" / "hard.yml"}[spelling]
+    if spelling == "symlink":
+        out.symlink_to(cfg)
+    if spelling == "hardlink":
+        out.hardlink_to(cfg)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["convert", str(cfg), "-o", str(out)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {out}: is the mergekit config being converted ({cfg}); "
+                    "write the recipe to another file")
+    assert cfg.read_text() == TIES.replace("BASE", str(models["base32"])).replace(
+        "MATH", str(models["math32"])).replace("CODE", str(models["code32"]))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no temporary left
+
+
 def test_dare_ties_defaults_follow_mergekit(models: dict[str, Path], tmp_path: Path) -> None:
     body = TIES.replace("merge_method: ties", "merge_method: dare_ties")
     step = load_recipe(_config(tmp_path, models, body)).recipe.steps[3]

@@ -3,6 +3,8 @@ independent references of test_methods_math (whole tensors of the loaded checkpo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import load_tensors, read_folder, write_recipe
@@ -89,6 +91,37 @@ def test_model_stock_negative_cos_extrapolate_recipe(tmp_path, models, weights, 
     check(out, lambda n: model_stock_ref(b[n], [m[n], c[n]], filter_wise, negative_cos="extrapolate"), b)
     clamped = {n: model_stock_ref(b[n], [m[n], c[n]], filter_wise).float() for n in b}
     assert any(not torch.allclose(out[n], clamped[n]) for n in b)  # some tensor (or row) has a negative cosine
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_extrapolate_of_cancelling_deltas_is_a_clear_error(tmp_path, capsys, filter_wise):
+    """Deltas D and -D: cos θ = -1 = -1/(N - 1), so t's denominator 1 + (N - 1) cos θ is 0."""
+    from mergeengine.cli import main
+
+    shape = LlamaShape()
+    w = make_weights(shape, seed=3)
+    for name, weights in (("zero", {n: torch.zeros_like(t) for n, t in w.items()}), ("plus", w),
+                          ("minus", {n: -t for n, t in w.items()})):
+        write_checkpoint(tmp_path / name, weights, shape, dtype=torch.float32)
+    r = write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {tmp_path / 'zero'}}}
+          - {{id: plus, op: load, model: {tmp_path / 'plus'}}}
+          - {{id: minus, op: load, model: {tmp_path / 'minus'}}}
+          - {{id: m, op: merge, method: model_stock, base: base, inputs: [plus, minus], filter_wise: {filter_wise},
+              negative_cos: extrapolate}}
+          - {{id: out, op: save, input: m, path: out}}
+        """)
+    assert main(["run", str(r), "-q", "--allow-nonfinite"]) == 1  # stopped before a NaN/Inf is computed
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    row = "row 0: " if filter_wise else ""
+    assert re.fullmatch(rf"error: step 'm': tensor '[\w.]+': model_stock: {row}the interpolation ratio is undefined: "
+                        r"1 \+ \(N - 1\)·cos θ = 0 \(N = 2, cos θ = -1/1: the deltas cancel out\); "
+                        r"use negative_cos: clamp", line), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    r.write_text(r.read_text().replace("negative_cos: extrapolate", "negative_cos: clamp"))
+    assert main(["run", str(r), "-q"]) == 0  # the default: t = 0, the base
+    assert all(not t.any() for t in read_folder(tmp_path / "out").values())
 
 
 def test_mergekit_switches_of_della_sce_and_arcee_fusion_recipes(tmp_path, models, weights):

@@ -373,3 +373,74 @@ def test_a_merge_of_a_larger_vocabulary_says_which_vocab_setting_fixes_it(tmp_pa
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: step 'm': tensor 'lm_head.weight': shape [136, 64] in 'd' vs [128, 64] in 'base'")
     assert line.endswith("the vocabularies differ: set 'vocab: truncate' or 'vocab: pad_base' on this step"), line
+
+
+def _two_saves_recipe(tmp_path: Path, models: dict[str, Path]) -> Path:
+    return write_recipe(tmp_path, f"""
+        steps:
+          - {{id: base, op: load, model: {models['base']}}}
+          - {{id: ft, op: load, model: {models['math']}}}
+          - {{id: m, op: merge, method: task_arithmetic, base: base, inputs: [ft], weights: [0.5]}}
+          - {{id: first, op: save, input: m, path: one}}
+          - {{id: second, op: save, input: ft, path: two}}
+        """)
+
+
+def _before_second_commit(monkeypatch: pytest.MonkeyPatch, act) -> None:
+    """Run ``act(folder)`` just before the save step 'second' moves its finished folder into place."""
+    from mergeengine.io.writer import OutputFolder
+
+    real_commit = OutputFolder.commit
+
+    def commit(self: OutputFolder) -> Path:
+        if self.step == "second":
+            act(self)
+        return real_commit(self)
+
+    monkeypatch.setattr(OutputFolder, "commit", commit)
+
+
+def test_an_interrupt_after_one_of_two_saves_says_which_was_written(tmp_path, models, monkeypatch, capsys):
+    from mergeengine.cli import main
+
+    r = _two_saves_recipe(tmp_path, models)
+
+    def interrupt(folder: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        _before_second_commit(m, interrupt)
+        assert main(["run", str(r), "-q"]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"interrupted: {tmp_path / 'one'} (step 'first') was written completely; nothing was written "
+                    f"at {tmp_path / 'two'} (rerun with --resume --overwrite to continue)")
+    assert (tmp_path / "one" / "model.safetensors").is_file() and not (tmp_path / "two").exists()
+    assert main(["run", str(r), "-q", "--resume", "--overwrite"]) == 0  # what the message says works
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def test_an_interrupt_before_any_save_keeps_the_short_message(tmp_path, models, monkeypatch, capsys):
+    from mergeengine.cli import main
+    from mergeengine.io.writer import OutputFolder
+
+    def interrupt(self: OutputFolder) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputFolder, "commit", interrupt)
+    assert main(["run", str(_two_saves_recipe(tmp_path, models)), "-q"]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "interrupted: nothing was written at the destination (rerun with --resume to continue)"
+    assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
+
+
+def test_a_failure_after_one_of_two_saves_says_which_was_written(tmp_path, models, monkeypatch, capsys):
+    """Another process creates the second destination while the run finishes: the first save is complete."""
+    from mergeengine.cli import main
+
+    _before_second_commit(monkeypatch, lambda folder: folder.dest.mkdir())
+    assert main(["run", str(_two_saves_recipe(tmp_path, models)), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'two'}: step 'second': output path exists; pass --overwrite")
+    assert line.endswith(f" ({tmp_path / 'one'} (step 'first') was written completely; "
+                         f"nothing was written at {tmp_path / 'two'})")
+    assert (tmp_path / "one" / "model.safetensors").is_file() and not any((tmp_path / "two").iterdir())

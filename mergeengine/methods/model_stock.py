@@ -9,7 +9,8 @@ mean over pairs ``i < j`` of ``<D_i, D_j> / max(|D_i| |D_j|, 1e-6)``::
 The paper's ratio assumes ``cos θ >= 0`` (fine-tunes of one base); with ``negative_cos: clamp``
 (the default) a negative mean cosine is taken as 0 (the base: nothing the fine-tunes agree on);
 ``negative_cos: extrapolate`` keeps it, as mergekit does, giving a negative ``t`` (the ratio
-formula as it is, singular at ``cos θ = −1/(N − 1)``).
+formula as it is; at ``cos θ = −1/(N − 1)`` exactly, where ``t`` is undefined, the run stops
+with an error naming the step and the tensor, before anything is written).
 
 ```yaml
 - {id: m, op: merge, method: model_stock, base: base, inputs: [math, code], filter_wise: false}
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from mergeengine.errors import NonFiniteError
+from mergeengine.errors import ExecutionError, NonFiniteError
 from mergeengine.kernels.chunking import spans
 from mergeengine.methods import merge_method
 from mergeengine.methods._checks import expect_at_least, labelled, require_finite
@@ -32,6 +33,8 @@ from mergeengine.methods._reduce import Gram, gram, row_dots
 from mergeengine.ops.chunks import PerChunk, merge_chunk
 
 NORM_PRODUCT_FLOOR = 1e-6
+#: ``|1 + (N − 1) cos θ|`` at or below this is an exact cancellation up to float64 rounding (``t`` undefined).
+SINGULAR_DENOMINATOR = 1e-12
 
 NegativeCos = Literal["clamp", "extrapolate"]
 
@@ -43,6 +46,13 @@ def _row_gram(rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [[row_dots(a, b) for b in rows] for a in rows]
 
 
+def _undefined_ratio(n: int, row: int | None = None) -> str:
+    """The message for a mean cosine of ``-1/(n - 1)`` (to float64 rounding): the ratio's denominator is 0."""
+    where = "" if row is None else f"row {row}: "
+    return (f"model_stock: {where}the interpolation ratio is undefined: 1 + (N - 1)·cos θ = 0 (N = {n}, "
+            f"cos θ = -1/{n - 1}: the deltas cancel out); use negative_cos: clamp")
+
+
 def stock_ratio_of_gram(g: list[list[float]], negative_cos: NegativeCos = "clamp") -> float:
     """``t`` from the dot products of the deltas (one vector each); a negative mean cosine taken as 0
     unless ``negative_cos`` is ``extrapolate``."""
@@ -52,7 +62,10 @@ def stock_ratio_of_gram(g: list[list[float]], negative_cos: NegativeCos = "clamp
               for i, j in pairs) / len(pairs)
     if negative_cos == "clamp":
         cos = max(cos, 0.0)
-    return n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    if abs(denominator) <= SINGULAR_DENOMINATOR:
+        raise ExecutionError(_undefined_ratio(n))
+    return n * cos / denominator
 
 
 def stock_ratio(deltas: list[torch.Tensor], negative_cos: NegativeCos = "clamp") -> torch.Tensor:
@@ -64,7 +77,11 @@ def stock_ratio(deltas: list[torch.Tensor], negative_cos: NegativeCos = "clamp")
     if negative_cos == "clamp":
         cos = cos.clamp(min=0.0)
     n = len(deltas)
-    return (n * cos / (1 + (n - 1) * cos)).reshape(-1, 1)
+    denominator = 1 + (n - 1) * cos
+    singular = (denominator.abs() <= SINGULAR_DENOMINATOR).nonzero()
+    if len(singular):
+        raise ExecutionError(_undefined_ratio(n, int(singular[0])))
+    return (n * cos / denominator).reshape(-1, 1)
 
 
 def _ratio(stream: Any, *, filter_wise: bool, negative_cos: NegativeCos = "clamp", **_: Any) -> dict[str, Any]:

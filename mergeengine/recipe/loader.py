@@ -23,7 +23,7 @@ from mergeengine.errors import RecipeError
 from mergeengine.methods import METHODS
 from mergeengine.ops import OPS
 from mergeengine.recipe.mergekit_schema import is_mergekit_config
-from mergeengine.recipe.schedule import StepSchedules, schedule_probes
+from mergeengine.recipe.schedule import UNPAIRED_STEPS, StepSchedules, schedule_probes, unpaired_steps
 from mergeengine.recipe.schema import Recipe, out_of_range_numbers, recipe_model, step_fields
 
 
@@ -191,9 +191,11 @@ def validate_data(data: dict[str, Any], positions: Positions, path: str, text: s
         RecipeError: one line per problem, each with ``file:line:col``.
     """
     found, probes = schedule_probes(data)  # per-tensor schedules (gradients, filters) out of the fields
+    context = {UNPAIRED_STEPS: unpaired_steps(data.get("steps") or [], found)}
     try:
         model = recipe_model()
-        recipes = [model.model_validate(p) for p in probes]  # each anchor value meets its field's bounds
+        # each anchor value meets its field's bounds
+        recipes = [model.model_validate(p, context=context) for p in probes]
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, data, positions, path)) from None
     recipe = recipes[0]

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mergeengine.errors import RecipeError
+from mergeengine.errors import OutputError, RecipeError
 from mergeengine.io.chat_template import check_chat_template
 from mergeengine.recipe.loader import _BRANCH, _TAGS, LoadedRecipe, Positions, validate_data
 from mergeengine.recipe.mergekit_methods import METHODS, ConvertError, MethodSpec, layer_params, merge_fields
@@ -313,19 +314,35 @@ def mergekit_recipe(data: dict[str, Any], positions: Positions, path: str) -> Lo
     return validate_data(conv.data, MappedPositions(positions.root, conv.origins), path, text)
 
 
+def _refuse_writing_over_the_config(src: Path, dest: Path) -> None:
+    """Raise if ``dest`` names the file ``src`` names, which the translation would replace.
+
+    Raises:
+        OutputError: naming ``dest``.
+    """
+    try:
+        same = os.path.samefile(src, dest)  # any spelling: symlinks, "..", hard links
+    except OSError:
+        return  # one of them does not exist: not the same file (a missing config is reported on reading)
+    if same:
+        raise OutputError(f"is the mergekit config being converted ({src}); "
+                          "write the recipe to another file", file=str(dest))
+
+
 def convert_file(src: Path, dest: Path) -> str:
     """``mergeengine convert``: write the recipe a mergekit config translates to; returns its text.
 
     The recipe is validated before it is written (nothing is written on error), and written whole
-    or not at all.
+    or not at all. ``dest`` may not be ``src`` itself (by any path, symlink or hard link).
 
     Raises:
         RecipeError: the config cannot be read, is not a mergekit config, or cannot be translated.
-        OutputError: the recipe cannot be written (the file is as it was).
+        OutputError: ``dest`` is the config itself, or the recipe cannot be written (the file is as it was).
     """
     from mergeengine.recipe.loader import load_recipe
     from mergeengine.recipe.mergekit_schema import is_mergekit_config
 
+    _refuse_writing_over_the_config(src, dest)
     try:
         text = src.read_text()
         root, data = yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)

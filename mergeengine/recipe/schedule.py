@@ -320,6 +320,32 @@ def _within(loc: tuple[Any, ...], path: tuple[str | int, ...]) -> bool:
 _ADAPTER: Any = None
 
 
+#: Validation context key: ids of the steps whose probes pair values no tensor gets together.
+UNPAIRED_STEPS = "unpaired_steps"
+
+
+def unpaired_steps(steps: list[Any], found: dict[int, StepSchedules]) -> frozenset[str]:
+    """The steps where a probe pairs the k-th anchors of list-entry fields (``partitions.0.density``,
+    ``partitions.1.density``) of which one comes from a filter: the other entry's k-th anchor may
+    belong to another filter, a combination no tensor gets. Rules between a list's entries are
+    checked for those steps per tensor when the plan resolves the schedules, not on the probes."""
+    out = set()
+    for i, fields in found.items():
+        if any(len(fs.path) > 1 and _has_filter(s) for fs in fields.values() for s in fs.schedules):
+            out.add(str(steps[i].get("id")))
+    return frozenset(out)
+
+
+def _has_filter(schedule: Schedule) -> bool:
+    return isinstance(schedule, Filtered) and any(pattern is not None for pattern, _ in schedule.entries)
+
+
+def checks_entry_rules(context: Any, step_id: Any) -> bool:
+    """For a validator of a rule between a list's entries: whether to check it (False on the
+    probes of an :func:`unpaired_steps` step, whose combinations are not real)."""
+    return not (isinstance(context, dict) and step_id in context.get(UNPAIRED_STEPS, ()))
+
+
 def schedule_probes(data: dict[str, Any]) -> tuple[dict[int, StepSchedules], list[dict[str, Any]]]:
     """The schedules of a raw recipe and the recipe data to validate (one probe per anchor position).
 
