@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mergeengine.errors import ModelError
+from mergeengine.io import mapped as mapped_pages
 from mergeengine.io.checkpoint import ST_TO_TORCH, FolderCheckpoint, TensorInfo
 
 LOG = logging.getLogger(__name__)
@@ -211,6 +212,8 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         the pages join the process only as the math touches them (page-cache hits): a tensor
         read ahead costs no RSS until its turn, and an input counts in the RSS only from its first
         use until it is freed. Writes to the tensor go to private pages, never to the file.
+        The mapping is registered in :mod:`mergeengine.io.mapped`, so streaming passes over the
+        tensor release the pages behind their cursor (pages that were written are kept).
         """
         file = self._file_of.get(name)
         if file is None:
@@ -234,7 +237,9 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         if (begin - start) % itemsize:  # unaligned data (old writers): copy once
             raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start, count=end - begin)
             return raw.clone().view(info.dtype).view(info.shape)
-        return torch.frombuffer(mapped, dtype=info.dtype, offset=begin - start, count=count).view(info.shape)
+        tensor = torch.frombuffer(mapped, dtype=info.dtype, offset=begin - start, count=count)
+        mapped_pages.register(tensor, mapped, begin - start)
+        return tensor.view(info.shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -312,15 +312,18 @@ class ShardedWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            if self._error is not None:
-                continue
-            shard, name, tensor = job
-            try:
-                self._write_now(shard, name, tensor)
-            except OSError as exc:
-                self._error = _os_error(exc, self.folder / shard.file)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                self._error = exc
+            if self._error is None:
+                self._write_job(*job)
+            del job  # the written tensor is freed now, not when the next one arrives
+
+    def _write_job(self, shard: Shard, name: str, tensor: torch.Tensor) -> None:
+        """One queued tensor, written; an error is kept for the caller's thread."""
+        try:
+            self._write_now(shard, name, tensor)
+        except OSError as exc:
+            self._error = _os_error(exc, self.folder / shard.file)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
 
     def _write_now(self, shard: Shard, name: str, tensor: torch.Tensor) -> None:
         if shard.names[0] == name:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mergeengine.errors import ExecutionError
+from mergeengine.io.mapped import Cursor
 from mergeengine.kernels.chunking import spans
 from mergeengine.kernels.rng import tensor_generator
 from mergeengine.kernels.select_sampled import sample_float32, samples_help
@@ -132,15 +133,20 @@ class TensorStream:
         The spans of :func:`~mergeengine.kernels.chunking.spans`, like the kernels'
         :func:`~mergeengine.kernels.chunking.value_chunks`, but every input gets its own scratch
         (copied even when already float32): a method may overwrite its chunks in place, which
-        must never reach the input tensors.
+        must never reach the input tensors. Behind the cursor, the pages of inputs the reader
+        mapped are handed back (:class:`~mergeengine.io.mapped.Cursor`): a pass holds a few MiB
+        of each input, not the whole tensor, and a second pass maps them again from the page cache.
         """
         b = self.buffer() if self.base is not None else None
         ds = [self.buffer() for _ in self.inputs]
         tmp = self.buffer() if self.fills else None
+        cursors = [Cursor(x) for x in ([self.base] if self.base is not None else []) + self.inputs]
         for start, end in spans(self.numel, self.step):
             n = end - start
             base = b[:n].copy_(self.base[start:end]) if b is not None else None
             chunk = [self._convert(k, start, end, base, d[:n], tmp) for k, d in enumerate(ds)]
+            for cursor in cursors:
+                cursor.advance(end)
             yield start, end, base, chunk
 
     def _convert(self, k: int, start: int, end: int, base: torch.Tensor | None, d: torch.Tensor,
