@@ -34,9 +34,10 @@ PAGE_BYTES = mmap.PAGESIZE
 #: a streaming pass keeps per input.
 RELEASE_BYTES = 2 << 20
 
-_PRESENT = np.uint64(1 << 63)
-_SWAPPED = np.uint64(1 << 62)
-_FILE = np.uint64(1 << 61)  # a file page (or shared anonymous memory)
+# page map entry bits (plain ints: numpy is imported lazily, only when pages are released)
+_PRESENT = 1 << 63
+_SWAPPED = 1 << 62
+_FILE = 1 << 61  # a file page (or shared anonymous memory)
 _PAGEMAP_ENTRY = 8
 
 
@@ -109,8 +110,8 @@ def release(mapping: Mapping, begin: int, end: int) -> int:
     flags = _page_flags(mapping.address + lo, (hi - lo) // PAGE_BYTES)
     if flags is None:
         return 0
-    present = (flags & _PRESENT) != 0
-    written = (present & ((flags & _FILE) == 0)) | ((flags & _SWAPPED) != 0)  # private anonymous pages
+    present = (flags & np.uint64(_PRESENT)) != 0
+    written = (present & ((flags & np.uint64(_FILE)) == 0)) | ((flags & np.uint64(_SWAPPED)) != 0)  # anonymous
     done = 0
     for first, last in _runs(~written):
         try:  # the mmap clamps the length to its size; the kernel rounds it to the page
