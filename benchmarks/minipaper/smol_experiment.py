@@ -289,15 +289,18 @@ def load_results(path: Path) -> dict[str, Any]:
     densities each expert's part covers (a part is written after every density).
     """
     results = json.loads(path.read_text())
-    files2 = sorted(path.parent.glob("table2-*.json"))
+    order = list(exp.MERGES)
+    files2 = sorted(path.parent.glob("table2-*.json"),  # in Table 2's row order
+                    key=lambda f: order.index(r) if (r := f.stem.removeprefix("table2-")) in order else len(order))
     files1 = sorted(path.parent.glob("table1-*.json"), key=lambda f: ("+" in f.stem, f.stem))  # whole parts first
     parts2 = {f.stem.removeprefix("table2-"): json.loads(f.read_text()) for f in files2}
     parts1 = {f.stem.removeprefix("table1-"): json.loads(f.read_text()) for f in files1}
     if parts2 and not results["complete"]["table2"]:
         results["table2"] = {row: parts2[row]["table2"][row] for row in exp.MERGES if row in parts2}
-        results["complete"]["table2"] = len(results["table2"]) == len(exp.MERGES)
-        results["complete"]["table2_rows"] = list(results["table2"])
         results["settings_table2"] = next(iter(parts2.values()))["settings"]
+        wanted = results["settings_table2"].get("rows", order)  # the rows the parts' protocol asks for
+        results["complete"]["table2"] = set(wanted) <= set(results["table2"])
+        results["complete"]["table2_rows"] = list(results["table2"])
     for name, part in parts1.items():  # table1-<label>.json, then table1-<label>+<densities>.json
         label = name.split("+")[0]
         for method, cells in part["table1"][label].items():
