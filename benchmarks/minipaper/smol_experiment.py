@@ -151,14 +151,19 @@ DENSITY_HALVES: tuple[tuple[float, ...], ...] = ((0.2, 0.9, 0.1), (0.5, 0.3, 0.7
 ROW_COST = {"dare_ties": 12, "dppa_release": 11, "dppa_unit": 10, "dp_ta": 4, "ties": 4, "task_arithmetic": 4}
 
 
-def experiment_parts(small: bool, threads: int = 1) -> list[jobs.Part]:
+def _self_argv(cache: Path, small: bool) -> list[str]:
+    """This script as a part's process: one torch thread, the same cache (and ``--small``)."""
+    return [sys.executable, str(Path(__file__).resolve()), "-q", "--threads", "1", "--cache-dir", str(cache),
+            *(["--small"] if small else [])]
+
+
+def experiment_parts(cache: Path, small: bool) -> list[jobs.Part]:
     """The processes of the whole protocol: every Table 2 row, every expert's Table 1 in two density
     halves, and the reduced protocol's Table 2 (``--small``: the smoke run's two parts)."""
-    me = [sys.executable, str(Path(__file__).resolve()), "-q", "--threads", str(threads)]
+    me = _self_argv(cache, small)
     if small:
         rows = ",".join(small_settings().rows)
-        return [jobs.Part("table2", (*me, "--small", "--table2", rows), 2),
-                jobs.Part("table1-sort", (*me, "--small", "--table1", "sort"), 1)]
+        return [jobs.Part("table2", (*me, "--table2", rows), 2), jobs.Part("table1-sort", (*me, "--table1", "sort"), 1)]
     parts = [jobs.Part(f"table2-{row}", (*me, "--table2", row), cost) for row, cost in ROW_COST.items()]
     for label in smol.TASKS:
         for half in DENSITY_HALVES:
@@ -171,8 +176,7 @@ def experiment_parts(small: bool, threads: int = 1) -> list[jobs.Part]:
 
 
 def _training_parts(cfg: smol.SmolConfig, cache: Path, small: bool) -> list[jobs.Part]:
-    me = [sys.executable, str(Path(__file__).resolve()), "-q", "--threads", "1", "--cache-dir", str(cache)]
-    return [jobs.Part(f"train-{e.label}", (*me, *(["--small"] if small else []), "--train-expert", e.label), 1)
+    return [jobs.Part(f"train-{e.label}", (*_self_argv(cache, small), "--train-expert", e.label), 1)
             for e in cfg.experts]
 
 
@@ -195,9 +199,7 @@ def run_all(cfg: smol.SmolConfig, cache: Path, n_jobs: int, small: bool) -> dict
     results_file = write_skeleton(cfg, small_settings() if small else full_settings(), cache, 1)
     stages["dense_evaluation"] = time.perf_counter() - t
     torch.set_num_threads(1)
-    extra = ["--cache-dir", str(cache)]
-    parts = [dataclasses.replace(p, argv=(*p.argv, *extra)) for p in experiment_parts(small)]
-    pool = jobs.run_parts(parts, n_jobs, logs)
+    pool = jobs.run_parts(experiment_parts(cache, small), n_jobs, logs)
     stages["tables"] = pool.wall
     timing = {"jobs": n_jobs, "from_empty_cache": fresh, "stages": stages, "parts": {**trained.spans, **pool.spans},
               "total": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0, "cores": os.cpu_count(),
